@@ -1,0 +1,71 @@
+"""The golden step of NPNet (arXiv:2411.09502): one DDIM denoising step with strong guidance followed by one
+DDIM inversion step with weak guidance, both at t0 = timesteps[0] of an N-step DDIM schedule."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .diffusion import Conditioning, UNetCounter, predict_noise
+
+
+@dataclass
+class GoldenConfig:
+    """Parameters of the golden step (NPNet's SDXL defaults)."""
+
+    schedule_steps: int = 10            # N: DDIM schedule length; t0 = timesteps[0]
+    denoise_guidance_scale: float = 5.5  # w_l: CFG of the denoising step
+    inversion_guidance_scale: float = 1.0  # w_w: CFG of the inversion step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GoldenStep:
+    """x' = DDIMInverse.step(eps_cfg(x_prev, t0, w_w), t0, x_prev) with x_prev = DDIM.step(eps_cfg(x, t0, w_l), t0, x).
+
+    Algebraically x' = x - c (eps_l - eps_w) with c = sqrt(1-a_t0) - sqrt(a_t0/a_prev) sqrt(1-a_prev).
+    Latents are kept in float32; the UNet runs in its own dtype.
+    """
+
+    def __init__(self, unet, scheduler_config, config: GoldenConfig | None = None):
+        from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+        self.unet = unet
+        self.config = config or GoldenConfig()
+        # clip_sample/thresholding would clip the x0 prediction of unit-variance latents: never wanted here.
+        overrides = {"clip_sample": False, "thresholding": False}
+        self.ddim = DDIMScheduler.from_config(scheduler_config, **overrides)
+        self.inverse = DDIMInverseScheduler.from_config(scheduler_config, clip_sample=False)
+        self.ddim.set_timesteps(self.config.schedule_steps)
+        self.inverse.set_timesteps(self.config.schedule_steps)
+        self.t0 = int(self.ddim.timesteps[0])
+        self.t_prev = self.t0 - self.ddim.config.num_train_timesteps // self.config.schedule_steps
+        self.counter = UNetCounter()
+
+    @property
+    def coefficient(self) -> float:
+        """c of the closed form x' = x - c (eps_l - eps_w)."""
+        a = self.ddim.alphas_cumprod
+        a_t = a[self.t0].item()
+        a_p = a[self.t_prev].item() if self.t_prev >= 0 else self.ddim.final_alpha_cumprod.item()
+        return (1 - a_t) ** 0.5 - (a_t / a_p) ** 0.5 * (1 - a_p) ** 0.5
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One golden step: (B, C, H, W) float32 -> (B, C, H, W) float32."""
+        x = x.float()
+        cfg = self.config
+        eps_l = predict_noise(self.unet, x, self.t0, cond, cfg.denoise_guidance_scale, self.counter)
+        x_prev = self.ddim.step(eps_l, self.t0, x, eta=0.0).prev_sample
+        eps_w = predict_noise(self.unet, x_prev, self.t0, cond, cfg.inversion_guidance_scale, self.counter)
+        return self.inverse.step(eps_w, self.t0, x_prev).prev_sample.float()
+
+    @torch.no_grad()
+    def sequence(self, x: torch.Tensor, cond: Conditioning, n: int) -> torch.Tensor:
+        """Apply the step n times: (B, C, H, W) -> (B, n, C, H, W) holding x'_1 ... x'_n."""
+        out = []
+        for _ in range(n):
+            x = self(x, cond)
+            out.append(x)
+        return torch.stack(out, dim=1)

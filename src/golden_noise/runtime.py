@@ -1,0 +1,87 @@
+"""Devices, dtypes, logging and the CLI wrapper shared by every stage."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+from .io import UserError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
+DEVICE_HELP = "device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name ('float16', 'fp16', ...) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPE_CHOICES)}") from None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; other names are checked for availability."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: {DEVICE_HELP}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but no CUDA GPU is available: use --device auto or cpu")
+    return device
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger that prints 'time level message' to stderr once configured by `setup_logging`."""
+    return logging.getLogger(name)
+
+
+def setup_logging(main_process: bool = True) -> None:
+    """Log INFO on the main process only; others log warnings and errors."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if main_process else logging.WARNING, force=True)
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence the per-component loading bars and info logs of diffusers/transformers/hub."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - the libraries are optional for some stages
+        pass
+
+
+def run_cli(main: Callable, parse_args: Callable, argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run `main(args)`, and turn a UserError into one line on stderr and exit code 2."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0

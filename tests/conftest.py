@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny SDXL-architecture pipeline built offline, and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny random StableDiffusionXLPipeline saved as a diffusers directory (latents 4x16x16, images 16 px)."""
+    from golden_noise.tiny import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_pipeline_dir):
+    """The tiny pipeline loaded through the project's own loader, on CPU in float32."""
+    from golden_noise.diffusion import load_pipeline
+
+    return load_pipeline(str(tiny_pipeline_dir), dtype="float32", device="cpu")
+
+
+def run_cli(script: str, *args, env: dict | None = None, check: bool = False, timeout: int = 600):
+    """Run `python <repo>/<script> args...` and return the CompletedProcess (text stdout/stderr)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=str(ROOT))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
