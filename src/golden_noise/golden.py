@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .diffusion import Conditioning, UNetCounter, predict_noise
+from .io import UserError
 
 
 @dataclass
@@ -40,6 +41,10 @@ class GoldenStep:
         self.ddim.set_timesteps(self.config.schedule_steps)
         self.inverse.set_timesteps(self.config.schedule_steps)
         self.t0 = int(self.ddim.timesteps[0])
+        if self.t0 >= self.ddim.config.num_train_timesteps:
+            raise UserError(f"--schedule_steps {self.config.schedule_steps} puts t0 at {self.t0}, past the model's "
+                            f"{self.ddim.config.num_train_timesteps} training timesteps (steps_offset "
+                            f"{self.ddim.config.steps_offset}): use fewer schedule steps")
         self.t_prev = self.t0 - self.ddim.config.num_train_timesteps // self.config.schedule_steps
         self.counter = UNetCounter()
 

@@ -55,11 +55,17 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """`torch.save` to `path` atomically (tensors and plain containers only; loaded with weights_only)."""
+    """`torch.save` to `path` atomically (tensors and plain containers only; loaded with weights_only).
+
+    Serialised through memory: torch.save names the zip's root folder after the file it writes, so saving to
+    a temporary name directly would make equal tensors give different bytes."""
     import torch
 
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
 
 
 def atomic_save_image(image, path: str | os.PathLike) -> None:

@@ -45,6 +45,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def distributed_state():
+    """accelerate's PartialState, multi-process on CPU too.
+
+    `PartialState()` only forms a CPU process group when asked for the CPU, so ACCELERATE_USE_CPU=1 (or no
+    CUDA under a multi-process launch) is passed on as `cpu=True`; otherwise each process would believe it is
+    rank 0 of 1.
+    """
+    import os
+
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
+        launched and not torch.cuda.is_available())
+    return PartialState(cpu=use_cpu)
+
+
 def get_logger(name: str) -> logging.Logger:
     """A logger that prints 'time level message' to stderr once configured by `setup_logging`."""
     return logging.getLogger(name)

@@ -1,0 +1,188 @@
+"""The shared core: prompt files, atomic writes, pipeline loading, conditioning, CFG and the golden step."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from golden_noise.diffusion import (Conditioning, UNetCounter, encode_prompts, latent_shape, load_pipeline,
+                                    predict_noise, seeded_noise)
+from golden_noise.golden import GoldenConfig, GoldenStep
+from golden_noise.io import UserError, atomic_path, atomic_torch_save, read_prompts
+from golden_noise.tiny import sdxl_scheduler_config
+
+
+# ---------------------------------------------------------------- prompt files and atomic writes
+def test_read_prompts_txt_keeps_line_numbers(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a red  circle\n\n   \n\tblue\tsquare \nlast", encoding="utf-8")
+    got = [(p.index, p.text) for p in read_prompts(f)]
+    assert got == [(0, "a red circle"), (3, "blue square"), (4, "last")]
+
+
+def test_read_prompts_csv_column(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("id,caption,other\n1,first one,x\n2,,y\n3,\"third, quoted\",z\n", encoding="utf-8")
+    assert [(p.index, p.text) for p in read_prompts(f)] == [(0, "first one"), (2, "third, quoted")]
+    with pytest.raises(UserError, match="no column 'prompt_text'.*caption"):
+        read_prompts(f, "prompt_text")
+
+
+def test_read_prompts_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(UserError, match="holds no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    (tmp_path / "bad.txt").write_bytes(b"fine\nalso fine\nbad \xff byte\n")
+    with pytest.raises(UserError, match=r"line 3 is not valid UTF-8"):
+        read_prompts(tmp_path / "bad.txt")
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_torch_save_is_byte_deterministic(tmp_path):
+    t = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    atomic_torch_save(t, tmp_path / "a.pt")
+    atomic_torch_save(t.clone(), tmp_path / "b.pt")
+    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.pt", "b.pt")]
+    assert digest[0] == digest[1]
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True), t)
+
+
+# ---------------------------------------------------------------- pipeline loading and conditioning
+def test_load_pipeline_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="model_index.json missing"):
+        load_pipeline(str(tmp_path / "nope"), device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        load_pipeline("no-such-org/no-such-model", device="cpu")
+
+
+def test_encode_prompts_shapes(tiny_pipeline):
+    cond = encode_prompts(tiny_pipeline, ["a red circle", "a blue square"])
+    assert cond.cond_embeds.shape == (2, 77, 64)      # two text encoders of width 32, concatenated
+    assert cond.cond_pooled.shape == (2, 32)          # text_encoder_2's projection
+    assert cond.time_ids.tolist()[0] == [16, 16, 0, 0, 16, 16]
+    # force_zeros_for_empty_prompt: no negative prompt -> zero unconditional embeddings, as SDXL does
+    assert cond.uncond_embeds.abs().sum() == 0 and cond.uncond_pooled.abs().sum() == 0
+    assert not torch.allclose(cond.cond_pooled[0], cond.cond_pooled[1])
+    neg = encode_prompts(tiny_pipeline, ["a red circle"], negative_prompt="blurry")
+    assert neg.uncond_embeds.abs().sum() > 0
+
+
+def test_seeded_noise_depends_on_seed_only(tiny_pipeline):
+    shape = latent_shape(tiny_pipeline)
+    assert shape == (4, 16, 16)
+    batch = seeded_noise([7, 8, 9], shape)
+    assert torch.equal(batch[1], seeded_noise([8], shape)[0])
+    assert torch.equal(batch[2], torch.randn(shape, generator=torch.Generator().manual_seed(9)))
+    assert abs(batch.std().item() - 1) < 0.1
+
+
+# ---------------------------------------------------------------- CFG and the golden step
+def test_predict_noise_branches_and_guidance(tiny_pipeline):
+    unet = tiny_pipeline.unet
+    cond = encode_prompts(tiny_pipeline, ["a red circle", "a blue square"])
+    x = seeded_noise([0, 1], latent_shape(tiny_pipeline))
+    counter = UNetCounter()
+    eps_c = predict_noise(unet, x, 901, cond, 1.0, counter)
+    assert (counter.calls, counter.evaluations) == (1, 2)
+    eps_u = predict_noise(unet, x, 901, cond, 0.0, counter)
+    assert (counter.calls, counter.evaluations) == (2, 4)
+    eps = predict_noise(unet, x, 901, cond, 5.5, counter)
+    assert (counter.calls, counter.evaluations) == (3, 8)  # both branches in ONE call of batch 2B
+    torch.testing.assert_close(eps, eps_u + 5.5 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
+
+
+def _alphas(config):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**config).alphas_cumprod.double()
+
+
+def test_golden_step_matches_closed_form_with_the_real_unet(tiny_pipeline):
+    """x' = x - c (eps_l - eps_w), eps_l at (x, t0) with w_l, eps_w at (x_prev, t0) with w_w (DESIGN.md)."""
+    pipe = tiny_pipeline
+    step = GoldenStep(pipe.unet, pipe.scheduler.config, GoldenConfig(10, 5.5, 1.0))
+    assert (step.t0, step.t_prev) == (901, 801)
+    a = _alphas(sdxl_scheduler_config())
+    a_t, a_p = a[901].item(), a[801].item()
+    cond = encode_prompts(pipe, ["a small red circle", "a big blue square"])
+    x = seeded_noise([3, 4], latent_shape(pipe))
+    eps_l = predict_noise(pipe.unet, x, 901, cond, 5.5)
+    x0 = (x - math.sqrt(1 - a_t) * eps_l) / math.sqrt(a_t)
+    x_prev = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps_l
+    eps_w = predict_noise(pipe.unet, x_prev, 901, cond, 1.0)
+    c = math.sqrt(1 - a_t) - math.sqrt(a_t / a_p) * math.sqrt(1 - a_p)
+    assert step.coefficient == pytest.approx(c, rel=1e-6)
+    torch.testing.assert_close(step(x, cond), x - c * (eps_l - eps_w), atol=2e-5, rtol=1e-5)
+    assert step.counter.evaluations == 3 * 2  # w_w = 1: one branch for the inversion
+
+
+class ControlledUNet(torch.nn.Module):
+    """eps = a * x + b * (mean of the text embedding): a UNet stand-in whose epsilon we control exactly."""
+
+    dtype = torch.float32
+
+    def forward(self, x, t, encoder_hidden_states, added_cond_kwargs=None, return_dict=False):
+        bias = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return (0.3 * x + 2.0 * bias,)
+
+
+@pytest.mark.parametrize("w_l,w_w,evals", [(5.5, 1.0, 3), (5.5, 0.0, 3), (7.0, 2.0, 4)])
+def test_golden_step_closed_form_with_controlled_epsilon(w_l, w_w, evals):
+    config = sdxl_scheduler_config()
+    step = GoldenStep(ControlledUNet(), config, GoldenConfig(10, w_l, w_w))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = Conditioning(cond_embeds=torch.full((2, 77, 8), 0.5), uncond_embeds=torch.zeros(2, 77, 8))
+
+    def eps(z, w):  # eps_u + w (eps_c - eps_u) with eps_u = 0.3 z, eps_c = 0.3 z + 2 * 0.5
+        return 0.3 * z + w * 1.0
+
+    a = _alphas(config)
+    a_t, a_p = a[901].item(), a[801].item()
+    e_l = eps(x, w_l)
+    x_prev = math.sqrt(a_p) * (x - math.sqrt(1 - a_t) * e_l) / math.sqrt(a_t) + math.sqrt(1 - a_p) * e_l
+    expected = x - step.coefficient * (e_l - eps(x_prev, w_w))
+    torch.testing.assert_close(step(x, cond), expected, atol=1e-5, rtol=1e-5)
+    assert step.counter.evaluations == evals * 2
+
+
+def test_golden_perturbation_size_is_guarded(tiny_pipeline):
+    """The original code used a 1000-step schedule: golden noises 64x too close to the source."""
+    pipe = tiny_pipeline
+    # SDXL's steps_offset=1 puts t0 of a 1000-step schedule at 1000, past the table: the original code's
+    # 1000-step schedule had t0 = 999, as with steps_offset=0.
+    with pytest.raises(UserError, match="--schedule_steps 1000 puts t0 at 1000"):
+        GoldenStep(pipe.unet, pipe.scheduler.config, GoldenConfig(1000))
+    config = {**pipe.scheduler.config, "steps_offset": 0}
+    coefficients = {n: GoldenStep(pipe.unet, config, GoldenConfig(n)).coefficient for n in (10, 50, 1000)}
+    assert coefficients[10] == pytest.approx(0.385, abs=2e-3)
+    assert coefficients[50] == pytest.approx(0.110, abs=2e-3)
+    assert coefficients[1000] == pytest.approx(0.006, abs=1e-3)
+    cond = encode_prompts(pipe, ["a small red circle"])
+    x = seeded_noise([11], latent_shape(pipe))
+    rel = {n: ((GoldenStep(pipe.unet, config, GoldenConfig(n))(x, cond) - x).norm() / x.norm()).item()
+           for n in (10, 1000)}
+    assert 1e-3 < rel[10] < 0.5
+    assert rel[10] / rel[1000] > 20
+
+
+def test_golden_sequence_shape(tiny_pipeline):
+    pipe = tiny_pipeline
+    step = GoldenStep(pipe.unet, pipe.scheduler.config)
+    cond = encode_prompts(pipe, ["a", "b"])
+    x = seeded_noise([0, 1], latent_shape(pipe))
+    seq = step.sequence(x, cond, 3)
+    assert seq.shape == (2, 3, 4, 16, 16)
+    torch.testing.assert_close(seq[:, 1], step(seq[:, 0], cond))
