@@ -67,13 +67,18 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def setup_logging(main_process: bool = True) -> None:
-    """Log INFO on the main process only; others log warnings and errors."""
+def setup_logging(main_process: bool = True, quiet_diffusion_libraries: bool = True) -> None:
+    """Log INFO on the main process only; others log warnings and errors.
+
+    `quiet_diffusion_libraries=False` skips `quiet_libraries()` (which imports diffusers and transformers,
+    ~2 s) for stages that never load a model.
+    """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if main_process else logging.WARNING, force=True)
     for noisy in ("httpx", "urllib3", "huggingface_hub", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    quiet_libraries()
+    if quiet_diffusion_libraries:
+        quiet_libraries()
 
 
 def quiet_libraries() -> None:

@@ -1,0 +1,192 @@
+"""Stage 1 (scripts/extract_prompts.py): prompts from a Pick-a-Pic-shaped parquet, .txt and .csv files; bad inputs."""
+from __future__ import annotations
+
+import random
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from golden_noise.io import UserError, read_prompts
+from golden_noise.prompts_extract import (
+    choose_column, collect_prompts, extract_prompts, resolve_source, split_test,
+)
+from tests.conftest import run_cli
+
+SCRIPT = "scripts/extract_prompts.py"
+UNIQUE = [f"prompt {i}: a {'red' if i % 2 else 'blue'} cat" for i in range(24)]
+
+
+def _pickapic_rows():
+    """Captions like Pick-a-Pic's: repeated prompts, blanks, messy whitespace; plus the expected result."""
+    captions = []
+    for i, text in enumerate(UNIQUE):
+        captions.append(text if i % 3 else f"  {text.replace(' ', '   ')}\n")
+        if i % 2 == 0:
+            captions.append(f"\t{text} ")  # a duplicate once normalised
+        if i % 5 == 0:
+            captions.append(["", "   ", None, "\n\t"][i % 4])
+    empty = sum(1 for c in captions if not (c or "").strip())
+    return captions, {"read": len(captions), "kept": len(UNIQUE), "empty": empty,
+                      "duplicates": len(captions) - empty - len(UNIQUE)}
+
+
+@pytest.fixture(scope="module")
+def pickapic(tmp_path_factory):
+    """A parquet file shaped like yuvalkirstain/pickapic_v1: `caption` beside big `jpg_0`/`jpg_1` image bytes."""
+    captions, counts = _pickapic_rows()
+    rng = random.Random(0)  # incompressible 20 KB "images": reading them would show in the cache size
+    images = [[rng.randbytes(20_000) for _ in captions] for _ in range(2)]
+    table = pa.table({"caption": pa.array(captions, pa.string()), "jpg_0": images[0], "jpg_1": images[1],
+                      "best_image_uid": [str(i) for i in range(len(captions))]})
+    path = tmp_path_factory.mktemp("pickapic") / "train-00000-of-00001.parquet"
+    pq.write_table(table, path, row_group_size=16)
+    return path, counts
+
+
+@pytest.fixture()
+def env(tmp_path):
+    """A private datasets cache per test, so nothing is shared between runs or with the user's cache."""
+    return {"HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+
+
+def _lines(path):
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    return text[:-1].split("\n")
+
+
+def _final_counts(stderr: str) -> dict:
+    """The counts of the final log line: 'Read R rows: kept K ...; dropped E empty and D duplicates'."""
+    m = re.search(r"Read (\d+) rows: kept (\d+) unique prompts .*; dropped (\d+) empty and (\d+) duplicates", stderr)
+    assert m, stderr
+    return dict(zip(("read", "kept", "empty", "duplicates"), map(int, m.groups())))
+
+
+def _assert_user_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0], proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def _dir_size(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_parquet_keeps_unique_normalised_prompts_and_reads_only_the_caption(pickapic, tmp_path, env):
+    path, counts = pickapic
+    proc = run_cli(SCRIPT, "--dataset_name", path, "--split", "train", "--output_dir", tmp_path / "data",
+                   "--output_filename", "prompts.txt", env=env, check=True)
+    assert _lines(tmp_path / "data" / "prompts.txt") == UNIQUE  # first occurrences, in dataset order
+    assert _final_counts(proc.stderr) == counts
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prompts.txt"]  # no temp files, no test file
+    # `columns=["caption"]`: the cache holds the captions only, not the ~2 MB of image bytes
+    assert path.stat().st_size > 1_000_000 and _dir_size(tmp_path / "hf_cache") < 100_000
+
+
+def test_seed_shuffle_is_deterministic_with_max_prompts_and_a_disjoint_test_file(pickapic, tmp_path, env):
+    path, _ = pickapic
+    common = ["--dataset_name", path, "--seed", 3, "--test_size", 4, "--test_filename", "test_prompts.txt"]
+    full = run_cli(SCRIPT, *common, "--output_dir", tmp_path / "full", env=env, check=True)
+    capped = run_cli(SCRIPT, *common, "--max_prompts", 5, "--output_dir", tmp_path / "capped", env=env, check=True)
+    main, test = _lines(tmp_path / "full" / "prompts.txt"), _lines(tmp_path / "full" / "test_prompts.txt")
+    assert len(test) == 4 and not set(main) & set(test) and sorted(main + test) == sorted(UNIQUE)
+    assert test + main != UNIQUE  # shuffled
+    assert _final_counts(full.stderr)["kept"] == len(UNIQUE)
+    # same seed -> same order: the capped run is a prefix of the full one, with the same test prompts
+    assert _lines(tmp_path / "capped" / "test_prompts.txt") == test
+    assert _lines(tmp_path / "capped" / "prompts.txt") == main[:5]
+    assert _final_counts(capped.stderr)["kept"] == 9 and "stopped at --max_prompts" in capped.stderr
+
+
+def test_streaming_reads_the_same_prompts_and_shuffles_deterministically(pickapic, tmp_path, env):
+    path, counts = pickapic
+    # a directory, like a hub repo: datasets infers the parquet builder and the train split from the file name
+    proc = run_cli(SCRIPT, "--dataset_name", path.parent, "--streaming", "--output_dir", tmp_path / "plain", env=env,
+                   check=True)
+    assert _lines(tmp_path / "plain" / "prompts.txt") == UNIQUE
+    assert _final_counts(proc.stderr) == counts
+    assert not (tmp_path / "hf_cache").exists() or _dir_size(tmp_path / "hf_cache") < 100_000  # nothing downloaded
+    args = dict(streaming=True, seed=7, shuffle_buffer_size=1000, test_size=3, max_prompts=6)
+    run_cli(SCRIPT, "--dataset_name", path, "--output_dir", tmp_path / "cli", *[x for k, v in args.items() for x in
+            ([f"--{k}"] if v is True else [f"--{k}", v])], env=env, check=True)
+    extract_prompts(str(path), tmp_path / "lib", cache_dir=str(tmp_path / "hf_cache"), **args)  # same seed, in-process
+    for name in ("prompts.txt", "test_prompts.txt"):
+        assert _lines(tmp_path / "cli" / name) == _lines(tmp_path / "lib" / name)
+    main, test = _lines(tmp_path / "cli" / "prompts.txt"), _lines(tmp_path / "cli" / "test_prompts.txt")
+    assert len(main) == 6 and len(test) == 3 and not set(main) & set(test) and set(main + test) <= set(UNIQUE)
+    assert test + main != UNIQUE[:9]  # shuffled
+
+
+def test_txt_input_uses_the_text_column(tmp_path, env):
+    src = tmp_path / "raw prompts.txt"
+    src.write_text("a café ☕ at  dawn\n\n   \nsecond\tprompt\na café ☕ at dawn\nthird\n", encoding="utf-8")
+    proc = run_cli(SCRIPT, "--dataset_name", src, "--output_dir", tmp_path / "out", env=env, check=True)
+    out = tmp_path / "out" / "prompts.txt"
+    assert _lines(out) == ["a café ☕ at dawn", "second prompt", "third"]
+    assert _final_counts(proc.stderr) == {"read": 6, "kept": 3, "empty": 2, "duplicates": 1}
+    assert [p.text for p in read_prompts(out)] == _lines(out)  # later stages read it back unchanged
+
+
+def test_csv_input_with_a_named_column(tmp_path, env):
+    src = tmp_path / "prompts.csv"
+    src.write_text('id,prompt\n0,"a dog, wearing a hat"\n1,"two\nlines"\n2,\n3,"a dog,  wearing a hat"\n',
+                   encoding="utf-8")
+    proc = run_cli(SCRIPT, "--dataset_name", src, "--prompt_column", "prompt", "--output_dir", tmp_path,
+                   "--output_filename", "out.txt", env=env, check=True)
+    assert _lines(tmp_path / "out.txt") == ["a dog, wearing a hat", "two lines"]
+    assert _final_counts(proc.stderr) == {"read": 4, "kept": 2, "empty": 1, "duplicates": 1}
+
+
+@pytest.mark.parametrize("case", ["unknown_hub_id", "missing_path", "missing_column", "image_column",
+                                  "max_prompts_zero", "test_size_negative", "test_size_too_big"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, pickapic, tmp_path, env):
+    path, _ = pickapic
+    args, needles = {
+        "unknown_hub_id": (["--dataset_name", "nobody-here/no-such-dataset"], ["no-such-dataset", "HF_HUB_OFFLINE"]),
+        "missing_path": (["--dataset_name", tmp_path / "nope" / "prompts.parquet"], ["no such file"]),
+        "missing_column": (["--dataset_name", path, "--prompt_column", "prompt"],
+                           ["'prompt'", "caption, jpg_0, jpg_1, best_image_uid", "--prompt_column"]),
+        "image_column": (["--dataset_name", path, "--prompt_column", "jpg_0"], ["not text"]),
+        "max_prompts_zero": (["--dataset_name", path, "--max_prompts", 0], ["--max_prompts", "positive"]),
+        "test_size_negative": (["--dataset_name", path, "--test_size", -1], ["--test_size", "positive"]),
+        "test_size_too_big": (["--dataset_name", path, "--test_size", len(UNIQUE)], [f"only {len(UNIQUE)} unique"]),
+    }[case]
+    out = tmp_path / "out"
+    _assert_user_error(run_cli(SCRIPT, *args, "--output_dir", out, env=env), *needles)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_collect_prompts_and_split_test():
+    prompts, stats = collect_prompts([" a  b", None, "a b", "", "c", "d", "c"], limit=None)
+    assert prompts == ["a b", "c", "d"]
+    assert (stats.read, stats.kept, stats.empty, stats.duplicates) == (7, 3, 2, 2)
+    prompts, stats = collect_prompts(iter(["x", "x", "y", "z"]), limit=2)
+    assert prompts == ["x", "y"] and stats.read == 3  # stops reading once the limit is reached
+    assert split_test(["a", "b", "c"], 2) == (["c"], ["a", "b"])
+    assert split_test(["a", "b"], None) == (["a", "b"], [])
+    with pytest.raises(UserError, match="--test_size 2"):
+        split_test(["a", "b"], 2)
+
+
+def test_resolve_source_and_choose_column(tmp_path):
+    f = tmp_path / "p.tsv"
+    f.write_text("caption\nx\n")
+    src = resolve_source(str(f), "validation")
+    assert (src.path, src.data_files, src.config_kwargs, src.is_hub) == ("csv", {"validation": str(f)},
+                                                                       {"sep": "\t"}, False)
+    assert resolve_source(str(tmp_path), "train").path == str(tmp_path)
+    assert resolve_source("yuvalkirstain/pickapic_v1", "train", revision="main").is_hub
+    for bad in ("./missing", "missing.jsonl", "a/b/c"):
+        with pytest.raises(UserError, match="no such file"):
+            resolve_source(bad, "train")
+    (tmp_path / "p.xlsx").write_text("x")
+    with pytest.raises(UserError, match="unsupported file type .xlsx"):
+        resolve_source(str(tmp_path / "p.xlsx"), "train")
+    assert choose_column(["text"], "caption", "text", "t.txt") == "text"
+    with pytest.raises(UserError, match=r"no column 'caption' \(columns: text\)"):
+        choose_column(["text"], "caption", "json", "t.jsonl")
