@@ -1,4 +1,11 @@
-"""One interface for every reward model (image-text preference / adherence scorers)."""
+"""One interface for every reward model (image-text preference / adherence scorers).
+
+A scorer module registers a factory with `@register_reward(name)`; `load_reward(name, **options)` calls it
+with keyword options. Every factory accepts `path` (a local file/folder or hub id; None = the default
+weights), `device` ("auto", "cpu", "cuda", ... or a torch.device), `dtype` (None/"auto" = float16 on CUDA,
+float32 elsewhere) and `batch_size`, plus its own (e.g. `version` for hpsv2), and ignores options it does
+not use (`**_`), so one call site can pass the common ones to any scorer.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

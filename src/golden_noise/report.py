@@ -1,0 +1,230 @@
+"""Stage 6 outputs: the per-prompt scores CSV, the summary table, plots and a self-contained HTML report."""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import quote
+
+import numpy as np
+
+from .io import atomic_path, atomic_write_text
+
+NOTES = ("diff = method - baseline per prompt; CI = 95% percentile bootstrap of the mean diff (prompts resampled, "
+         "seeded); win rate = share of prompts where the method scores higher, ties counted as half; p-values are "
+         "two-sided: Wilcoxon signed-rank (zero diffs dropped) and paired t-test. hpsv2 is the raw cosine "
+         "(papers print it x100).")
+
+
+def csv_name(metrics: Sequence[str]) -> str:
+    """'hpsv2_evaluation.csv' for the default metric; '{m1}_{m2}_evaluation.csv' for several."""
+    return "_".join(metrics) + "_evaluation.csv"
+
+
+def score_columns(metrics: Sequence[str], methods: Sequence[str], baseline: str) -> list[str]:
+    """`{metric}_{method}` for every method, then `{metric}_diff_{method}` (method - baseline) per metric."""
+    cols = []
+    for metric in metrics:
+        cols += [f"{metric}_{m}" for m in methods]
+        cols += [f"{metric}_diff_{m}" for m in methods if m != baseline]
+    return cols
+
+
+def write_scores_csv(path: str | os.PathLike, indices: Sequence[int], prompts: dict[int, str],
+                     scores: dict[str, dict[str, np.ndarray]], baseline: str) -> None:
+    """One row per evaluated prompt: index, prompt, the score columns (full float precision)."""
+    metrics = list(scores)
+    methods = list(scores[metrics[0]])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["index", "prompt"] + score_columns(metrics, methods, baseline))
+    for row, index in enumerate(indices):
+        values = []
+        for metric in metrics:
+            values += [repr(float(scores[metric][m][row])) for m in methods]
+            values += [repr(float(scores[metric][m][row] - scores[metric][baseline][row]))
+                       for m in methods if m != baseline]
+        writer.writerow([index, prompts[index]] + values)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _num(x, fmt: str = "{:.4f}", signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return (fmt.replace("{:", "{:+") if signed else fmt).format(x)
+
+
+def _p(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.2e}" if x < 1e-3 else f"{x:.4f}"
+
+
+def table_rows(results: dict, baseline: str) -> list[list[str]]:
+    """The summary as rows of strings: header first."""
+    rows = [["metric", "method", "n", "mean ± std", f"diff vs {baseline} [95% CI]", "win rate", "wilcoxon p",
+             "t-test p"]]
+    for metric, by_method in results.items():
+        for method, r in by_method.items():
+            paired = "diff_mean" in r
+            rows.append([metric, method, str(r["n"]), f"{_num(r['mean'])} ± {_num(r['std'])}",
+                         f"{_num(r['diff_mean'], signed=True)} [{_num(r['ci95_low'], signed=True)}, "
+                         f"{_num(r['ci95_high'], signed=True)}]" if paired else "(baseline)",
+                         f"{100 * r['win_rate']:.1f}%" if paired else "",
+                         _p(r["wilcoxon_p"]) if paired else "", _p(r["ttest_p"]) if paired else ""])
+    return rows
+
+
+def format_table(results: dict, baseline: str) -> str:
+    """A plain-text, column-aligned summary table."""
+    rows = table_rows(results, baseline)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def write_plots(results_dir: str | os.PathLike, scores: dict[str, dict[str, np.ndarray]],
+                baseline: str) -> list[Path]:
+    """Per metric and non-baseline method: a paired scatter (`{metric}_scatter_{method}.png`) and a
+    histogram of the differences (`{metric}_diff_hist_{method}.png`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out, results_dir = [], Path(results_dir)
+    for metric, by_method in scores.items():
+        base = by_method[baseline]
+        for method, values in by_method.items():
+            if method == baseline:
+                continue
+            diff = values - base
+            fig, ax = plt.subplots(figsize=(4.5, 4.5))
+            ax.scatter(base, values, s=12, alpha=0.7, c=np.sign(diff), cmap="coolwarm_r", vmin=-1, vmax=1)
+            low, high = float(min(base.min(), values.min())), float(max(base.max(), values.max()))
+            pad = 0.05 * (high - low or 1.0)
+            ax.plot([low - pad, high + pad], [low - pad, high + pad], color="gray", lw=1, ls="--")
+            ax.set_xlim(low - pad, high + pad)
+            ax.set_ylim(low - pad, high + pad)
+            ax.set_xlabel(f"{metric}: {baseline}")
+            ax.set_ylabel(f"{metric}: {method}")
+            ax.set_title(f"{metric} per prompt ({(diff > 0).sum()} above the line, {(diff < 0).sum()} below)",
+                         fontsize=9)
+            path = results_dir / f"{metric}_scatter_{method}.png"
+            _save_figure(fig, path)
+            plt.close(fig)
+            out.append(path)
+
+            fig, ax = plt.subplots(figsize=(5.5, 3.5))
+            ax.hist(diff, bins=max(5, min(50, int(np.sqrt(diff.size)) * 2)), color="#4c72b0", alpha=0.85)
+            ax.axvline(0, color="gray", lw=1, ls="--")
+            ax.axvline(float(diff.mean()), color="#c44e52", lw=1.5, label=f"mean {diff.mean():+.4f}")
+            ax.set_xlabel(f"{metric}: {method} - {baseline}")
+            ax.set_ylabel("prompts")
+            ax.legend(fontsize=8)
+            path = results_dir / f"{metric}_diff_hist_{method}.png"
+            _save_figure(fig, path)
+            plt.close(fig)
+            out.append(path)
+    return out
+
+
+def _rel(path: Path, start: Path) -> str:
+    """A URL-quoted relative link from the report's folder to `path`."""
+    rel = os.path.relpath(Path(path).resolve(), Path(start).resolve())
+    return quote(rel.replace(os.sep, "/"))
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:16px;color:#222}
+h1{font-size:20px}h2{font-size:16px;margin-top:24px}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;font-size:13px}
+th{background:#f3f3f3;position:sticky;top:0}th.sort{cursor:pointer;user-select:none}th.sort:hover{background:#e4e4ff}
+th.asc:after{content:" \\25B2"}th.desc:after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums}td.prompt{max-width:260px}
+.pos{color:#157a2c;font-weight:600}.neg{color:#b3261e;font-weight:600}
+figure{display:inline-block;margin:0;text-align:center}figure img{width:192px;height:192px;object-fit:contain;
+background:#eee;display:block}figcaption{font-size:12px}
+.plots img{width:300px;margin:4px;border:1px solid #ddd;vertical-align:top}
+.summary td{white-space:nowrap}.note{color:#555;font-size:12px;max-width:900px}
+"""
+
+_JS = """
+document.querySelectorAll('th.sort').forEach(function (th) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0], col = th.cellIndex;
+    var asc = !th.classList.contains('asc');
+    table.querySelectorAll('th.sort').forEach(function (h) { h.classList.remove('asc', 'desc'); });
+    th.classList.add(asc ? 'asc' : 'desc');
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = parseFloat(a.cells[col].dataset.v), y = parseFloat(b.cells[col].dataset.v);
+      return (x - y) * (asc ? 1 : -1);
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+
+def write_html(path: str | os.PathLike, *, indices: Sequence[int], prompts: dict[int, str],
+               files: dict[str, dict[int, Path]], scores: dict[str, dict[str, np.ndarray]], results: dict,
+               baseline: str, plots: Sequence[Path], missing: dict[str, str], title: str, subtitle: str) -> None:
+    """A single HTML file: summary table, plots, and one row per prompt with every method's image and scores,
+    sortable by clicking a column header (index, a method's first-metric score, or a difference)."""
+    path = Path(path)
+    root = path.parent
+    metrics, methods = list(scores), list(files)
+    esc = html.escape
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>",
+           f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1><p class='note'>{esc(subtitle)}</p>"]
+
+    out.append("<h2>Summary</h2><table class='summary'>")
+    rows = table_rows(results, baseline)
+    out.append("<tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0]) + "</tr>")
+    for r in rows[1:]:
+        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>")
+    out.append(f"</table><p class='note'>{esc(NOTES)}</p>")
+    gaps = {m: s for m, s in missing.items() if s}
+    if gaps:
+        out.append("<p class='note'>Missing images (not evaluated): " + "; ".join(
+            f"<b>{esc(m)}</b> lacks {esc(s)}" for m, s in gaps.items()) + "</p>")
+    if plots:
+        opened = " open" if len(plots) <= 4 else ""
+        out.append(f"<details{opened}><summary><b>Plots ({len(plots)})</b>: paired scatter and histogram of the "
+                   "differences per metric and method</summary><div class='plots'>" + "".join(
+                       f"<a href='{_rel(p, root)}'><img src='{_rel(p, root)}' alt='{esc(p.name)}'></a>"
+                       for p in plots) + "</div></details>")
+
+    out.append("<h2>Per prompt</h2><p class='note'>Click a column header to sort (again to reverse); "
+               f"differences are method - {esc(baseline)}.</p><table id='prompts'><thead><tr>"
+               "<th class='sort'>index</th><th>prompt</th>")
+    out += [f"<th class='sort' title='sort by {esc(metrics[0])}'>{esc(m)}</th>" for m in methods]
+    diff_cols = [(metric, m) for metric in metrics for m in methods if m != baseline]
+    out += [f"<th class='sort'>{esc(metric)} diff {esc(m)}</th>" for metric, m in diff_cols]
+    out.append("</tr></thead><tbody>")
+    for row, index in enumerate(indices):
+        cells = [f"<td class='num' data-v='{index}'>{index}</td>", f"<td class='prompt'>{esc(prompts[index])}</td>"]
+        for m in methods:
+            caption = "<br>".join(f"{esc(metric)} {scores[metric][m][row]:.4f}" for metric in metrics)
+            src = _rel(files[m][index], root)
+            cells.append(f"<td data-v='{float(scores[metrics[0]][m][row])!r}'><figure><a href='{src}'>"
+                         f"<img loading='lazy' src='{src}' alt='{esc(m)} {index}'></a>"
+                         f"<figcaption>{caption}</figcaption></figure></td>")
+        for metric, m in diff_cols:
+            d = float(scores[metric][m][row] - scores[metric][baseline][row])
+            cls = "pos" if d > 0 else "neg" if d < 0 else ""
+            cells.append(f"<td class='num {cls}' data-v='{d!r}'>{d:+.4f}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append(f"</tbody></table><script>{_JS}</script></body></html>\n")
+    atomic_write_text(path, "\n".join(out))

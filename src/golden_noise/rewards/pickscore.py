@@ -1,0 +1,47 @@
+"""PickScore (Kirstain et al., 2023): a CLIP ViT-H-14 fine-tuned on Pick-a-Pic preferences.
+
+Score = logit_scale.exp() * cosine(image, text), as in the model card (about 18-24 for SDXL images).
+The model comes from `yuvalkirstain/PickScore_v1` (or a local folder); its processor from
+`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`, unless the local folder holds its own tokenizer and processor.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ._common import ClipFeatures, device_and_dtype, has_processor_files, load_clip, looks_local
+from .base import RewardModel, register_reward
+
+MODEL_ID = "yuvalkirstain/PickScore_v1"
+PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+@register_reward("pickscore")
+class PickScoreReward(RewardModel):
+    """PickScore of (image, prompt) pairs."""
+
+    name = "pickscore"
+
+    def __init__(self, path: str | None = None, device="auto", dtype=None, batch_size: int = 8,
+                 processor: str | None = None, **_):
+        model_id = path or MODEL_ID
+        if processor is None:
+            local = looks_local(model_id)
+            processor = model_id if local and has_processor_files(model_id) else PROCESSOR_ID
+        self.device, self.dtype = device_and_dtype(device, dtype)
+        model, proc = load_clip(model_id, processor, self.name)
+        self.features = ClipFeatures(model, proc, self.device, self.dtype)
+        self.logit_scale = float(model.logit_scale.exp())
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        out: list[float] = []
+        for start in range(0, len(images), max(1, self.batch_size)):
+            ims, ps = images[start:start + self.batch_size], prompts[start:start + self.batch_size]
+            cos = (self.features.images(ims) * self.features.texts(ps)).sum(-1)  # (B,)
+            out.extend((self.logit_scale * cos).cpu().tolist())
+        return out

@@ -1,0 +1,157 @@
+"""Reward models on tiny offline models: HPSv2 equals the reference `hpsv2` code; the others equal CLIP math."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from golden_noise.io import UserError
+from golden_noise.rewards.base import available_rewards, load_reward
+from golden_noise.rewards.tiny import TINY_HPS_CONFIG, save_tiny_aesthetic, save_tiny_clip, save_tiny_hps
+
+PROMPTS = [
+    "a red cube on a table",
+    "A photo of an astronaut riding a horse on the moon, highly detailed, trending on artstation, " * 4,  # > 77 tok
+    "café über naïve — 😀 «quoted»",
+    "x",
+    "two dogs playing in the snow",
+    "a lighthouse at dusk",
+]
+
+
+def _images() -> list[Image.Image]:
+    """Images of the sizes and modes the scorers meet: square, wide, tall, tiny, large, grayscale, palette."""
+    rng = np.random.default_rng(0)
+    shapes = [(16, 16), (200, 300), (512, 64), (224, 224), (1024, 1024), (96, 96)]
+    ims = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+    ims[5] = ims[5].convert("L")
+    ims.append(Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).convert("P"))
+    return ims
+
+
+@pytest.fixture(scope="module")
+def tiny_hps(tmp_path_factory):
+    return save_tiny_hps(tmp_path_factory.mktemp("hps"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)
+
+
+def _reference_model(config_path):
+    """The reference's own model + validation transform, built exactly as `hpsv2.img_score.initialize_model`
+    does, but on the tiny architecture and without the LAION download (pretrained=None)."""
+    from hpsv2.src.open_clip import factory as ref_factory
+
+    ref_factory.add_model_config(config_path)
+    model, _, preprocess_val = ref_factory.create_model_and_transforms(
+        config_path.stem, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
+        force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
+        image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
+        with_score_predictor=False, with_region_predictor=False)
+    return model, preprocess_val
+
+
+def test_hpsv2_matches_reference_scoring(tiny_hps, tmp_path, monkeypatch):
+    """Our batched scorer and the reference's `hpsv2.img_score.score` agree to 1e-5 on identical weights."""
+    import hpsv2.img_score as ref
+
+    checkpoint, config = tiny_hps
+    model, preprocess_val = _reference_model(config)
+    monkeypatch.setattr(ref, "model_dict", {"model": model, "preprocess_val": preprocess_val})
+    monkeypatch.setattr(ref, "root_path", str(tmp_path / "hps_root"))
+    images = _images()
+    prompts = (PROMPTS * 2)[:len(images)]
+    # The reference scores one image against one prompt per call, loading the checkpoint itself (cp=...).
+    expected = [float(ref.score(im, p, cp=str(checkpoint))[0]) for im, p in zip(images, prompts)]
+
+    ours = load_reward("hpsv2", path=str(checkpoint), architecture=str(config), device="cpu", batch_size=3)
+    got = ours.score(images, prompts)
+    assert np.max(np.abs(np.array(got) - np.array(expected))) <= 1e-5, (got, expected)
+    assert np.std(expected) > 1e-3  # the tiny model does discriminate, so agreement is not trivial
+    # Batch size and the text cache do not change a score.
+    again = load_reward("hpsv2", path=str(checkpoint), architecture=str(config), device="cpu", batch_size=1)
+    assert np.allclose(again.score(images[::-1], prompts[::-1]), got[::-1], atol=1e-6)
+
+
+def test_hps_preprocess_equals_reference_transform(tiny_hps):
+    """Resize-longest-to-224 + centred zero pad + OpenAI normalisation, bit for bit."""
+    from hpsv2.src.open_clip.transform import image_transform
+
+    from golden_noise.rewards.hpsv2 import hps_preprocess
+
+    reference = image_transform(224, is_train=False, resize_longest_max=True)
+    for im in _images():
+        assert torch.equal(hps_preprocess(im), reference(im.convert("RGB")))
+
+
+def test_hps_checkpoint_and_version_errors(tiny_hps, tmp_path):
+    checkpoint, config = tiny_hps
+    with pytest.raises(UserError, match="does not exist"):
+        load_reward("hpsv2", path=str(tmp_path / "missing.pt"), architecture=str(config), device="cpu")
+    with pytest.raises(UserError, match="hps_version"):
+        load_reward("hpsv2", path=str(checkpoint), version="v3", architecture=str(config), device="cpu")
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_reward("hpsv2", path=str(bad), architecture=str(config), device="cpu")
+    small = dict(TINY_HPS_CONFIG, embed_dim=8)
+    other = tmp_path / "HPS-other.json"
+    other.write_text(__import__("json").dumps(small))
+    with pytest.raises(UserError, match="does not fit"):
+        load_reward("hpsv2", path=str(checkpoint), architecture=str(other), device="cpu")
+    # A folder holding the version's checkpoint file is accepted as the path.
+    assert load_reward("hpsv2", path=str(checkpoint.parent), architecture=str(config), device="cpu").checkpoint \
+        == str(checkpoint)
+
+
+def _clip_math(folder, images, prompts):
+    """Independent reference: CLIPModel.forward's logits_per_image diagonal and image embeddings."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, proc = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    inputs = proc(text=list(prompts), images=[im.convert("RGB") for im in images], return_tensors="pt",
+                  padding=True, truncation=True, max_length=77)
+    with torch.no_grad():
+        out = model(**inputs)
+    logits = torch.diagonal(out.logits_per_image)
+    return logits, model.logit_scale.exp().item(), out.image_embeds
+
+
+def test_pickscore_and_clipscore_on_tiny_clip(tiny_clip_dir):
+    images, prompts = _images()[:5], PROMPTS[:5]
+    logits, scale, _ = _clip_math(tiny_clip_dir, images, prompts)
+    pick = load_reward("pickscore", path=str(tiny_clip_dir), device="cpu", batch_size=2).score(images, prompts)
+    assert np.allclose(pick, logits.numpy(), atol=1e-5)
+    clip = load_reward("clipscore", path=str(tiny_clip_dir), device="cpu", batch_size=4).score(images, prompts)
+    assert np.allclose(clip, (100 * (logits / scale).clamp(min=0)).numpy(), atol=1e-4)
+    assert len(set(np.round(pick, 6))) == len(pick)
+
+
+def test_aesthetic_on_tiny_models(tmp_path):
+    from golden_noise.rewards.aesthetic import MLP_FILES, load_mlp
+
+    folder = save_tiny_aesthetic(tmp_path / "aesthetic", seed=0)
+    images = _images()[:4]
+    _, _, embeds = _clip_math(folder, images, PROMPTS[:4])
+    mlp = load_mlp(str(folder / MLP_FILES[0]))
+    with torch.no_grad():
+        expected = mlp(torch.nn.functional.normalize(embeds, dim=-1)).squeeze(-1).numpy()
+    assert np.ptp(expected) > 1e-3
+    got = load_reward("aesthetic", path=str(folder), device="cpu", batch_size=3).score(images, PROMPTS[:4])
+    assert np.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The MLP file alone plus a separate CLIP location gives the same numbers; the prompts play no part.
+    alone = load_reward("aesthetic", path=str(folder / MLP_FILES[0]), clip=str(folder), device="cpu")
+    assert np.allclose(alone.score(images, ["other"] * 4), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_registry_and_load_errors(tmp_path):
+    assert {"hpsv2", "pickscore", "clipscore", "aesthetic"} <= set(available_rewards())
+    with pytest.raises(UserError, match="unknown metric"):
+        load_reward("imagereward")
+    with pytest.raises(UserError, match="does not exist"):
+        load_reward("pickscore", path=str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(UserError, match="none of"):
+        load_reward("aesthetic", path=str(tmp_path), device="cpu")
