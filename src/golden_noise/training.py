@@ -1,0 +1,185 @@
+"""Training helpers for NoiseSequenceRNN_v3 (stage 3): losses, LR schedule, checkpoints, validation."""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import Sampler
+
+from .io import UserError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation of range(n) per epoch, drawn from its own generator seeded with seed + epoch:
+    the data order depends only on (seed, epoch), so a resumed run sees the same batches."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.n, generator=g).tolist()
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def teacher_forcing_inputs(source: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
+    """source (B, C, H, W), golden (B, n, C, H, W) -> x_prev (B, n, C, H, W) = [x_T, x'_1, ..., x'_{n-1}]."""
+    return torch.cat([source[:, None], golden[:, :-1]], dim=1)
+
+
+def sequence_loss(mean: torch.Tensor, logvar: torch.Tensor | None, target: torch.Tensor, valid: torch.Tensor,
+                  kl_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Loss terms averaged over the valid samples of a batch (all (B, T, C, H, W), valid (B,)).
+
+    recon: MSE, or the Gaussian NLL (0.5 * (logvar + err^2 / var), constant dropped) with a logvar;
+    kl: KL(N(mean, var) || N(0, I)) per element (var = 1 without a logvar); loss = recon + kl_weight * kl.
+    """
+    mean, target = mean.float(), target.float()
+    w = valid.float()  # (B,)
+    denom = w.sum().clamp_min(1.0)
+    per = lambda x: (x.flatten(1).mean(dim=1) * w).sum() / denom  # noqa: E731  (B, ...) -> scalar
+    err2 = (mean - target).pow(2)
+    mse = per(err2)
+    if logvar is not None:
+        logvar = logvar.float()
+        recon = per(0.5 * (logvar + err2 * torch.exp(-logvar)))
+        kl = per(0.5 * (mean.pow(2) + torch.exp(logvar) - 1.0 - logvar))
+    else:
+        recon = mse
+        kl = per(0.5 * mean.pow(2))
+    loss = recon + kl_weight * kl if kl_weight else recon
+    return {"loss": loss, "recon": recon, "mse": mse, "kl": kl}
+
+
+def warmup_cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> LambdaLR:
+    """Linear warmup from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` x LR at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return LambdaLR(optimizer, factor)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """`checkpoint-{step}` folders in `output_dir`, oldest (lowest step) first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a `checkpoint-{step}` folder."""
+    m = CHECKPOINT_RE.match(Path(path).name)
+    if not m:
+        raise UserError(f"{path} is not a checkpoint-<step> folder written by this training script")
+    return int(m.group(1))
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """`--resume_from_checkpoint`: None, 'latest' (None when there is none yet), or a checkpoint path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder (use 'latest' or a "
+                        f"checkpoint-<step> folder of {output_dir})")
+    checkpoint_step(path)
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete the oldest checkpoints so that at most `keep` remain (keep <= 0 keeps all); returns the deleted."""
+    if keep <= 0:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    doomed = ckpts[: max(0, len(ckpts) - keep)]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+@torch.no_grad()
+def validation_errors(model, batch: dict) -> dict[str, torch.Tensor]:
+    """Per-sample, per-step mean squared errors (B, n) of one batch, model vs the identity baselines.
+
+    tf_model / tf_identity: teacher forcing, prediction of x'_k from the true x'_{k-1} vs x'_{k-1} itself.
+    roll_model / roll_identity: autoregressive rollout x-hat'_k from x_T alone vs x_T itself.
+    """
+    source, golden, text = batch["source"], batch["golden"], batch["text"]  # (B,C,H,W) (B,n,C,H,W) (B,P)
+    x_prev = teacher_forcing_inputs(source, golden)  # (B, n, C, H, W)
+    was_training = model.training
+    model.eval()
+    try:
+        mean, _ = model(x_prev, text)
+    finally:
+        model.train(was_training)
+    rollout = model.generate_sequence(source, text, golden.shape[1])  # (B, n, C, H, W)
+    mse = lambda a, b: (a.float() - b.float()).pow(2).flatten(2).mean(dim=2)  # noqa: E731  -> (B, n)
+    return {"tf_model": mse(mean, golden), "tf_identity": mse(x_prev, golden),
+            "roll_model": mse(rollout, golden), "roll_identity": mse(source[:, None].expand_as(golden), golden)}
+
+
+def explained(model_err: float, baseline_err: float) -> float:
+    """1 - model / baseline: the fraction of the baseline's error (the golden change) the model explains."""
+    return 1.0 - model_err / baseline_err if baseline_err > 0 else float("nan")
+
+
+def summarize_validation(errors: dict[str, torch.Tensor]) -> dict:
+    """Turn gathered per-sample errors {name: (V, n)} into the validation report."""
+    v, n = errors["tf_model"].shape
+    means = {k: e.double().mean(dim=0) for k, e in errors.items()}  # (n,) each
+
+    def per_step(m: str, b: str) -> list[dict]:
+        return [{"step": k + 1, "model_mse": means[m][k].item(), "baseline_mse": means[b][k].item(),
+                 "explained_fraction": explained(means[m][k].item(), means[b][k].item())} for k in range(n)]
+
+    tf_model, tf_id = means["tf_model"].mean().item(), means["tf_identity"].mean().item()
+    return {
+        "num_samples": v,
+        "num_steps": n,
+        "note": "mse = mean squared error per element (||.||^2 / (C*H*W)), averaged over the samples; "
+                "explained_fraction = 1 - model_mse / baseline_mse",
+        "teacher_forcing": {"baseline": "identity: x'_k predicted as the true x'_{k-1}",
+                            "per_step": per_step("tf_model", "tf_identity"), "model_mse": tf_model,
+                            "baseline_mse": tf_id, "explained_fraction": explained(tf_model, tf_id)},
+        "rollout": {"baseline": "x_T unchanged", "per_step": per_step("roll_model", "roll_identity")},
+        "final_step": {"step": n, "model_mse": means["roll_model"][-1].item(),
+                       "baseline_mse": means["roll_identity"][-1].item(),
+                       "explained_fraction": explained(means["roll_model"][-1].item(),
+                                                       means["roll_identity"][-1].item())},
+    }
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Path | None) -> None:
+    """Stop training with a clear message when a loss or gradient norm is NaN/inf."""
+    if torch.isfinite(value).all():
+        return
+    kept = (f"the last good checkpoint {last_checkpoint} is intact (resume with --resume_from_checkpoint latest)"
+            if last_checkpoint else "no checkpoint was written yet")
+    raise UserError(f"non-finite {what} ({value.flatten()[0].item()}) at step {step}: training stopped, {kept}; "
+                    "lower --learning_rate, use --mixed_precision no/bf16, or check the dataset")
+
+
+def flat_hparams(d: dict) -> dict:
+    """Make a config tensorboard's hparams accept: lists, None and paths become strings."""
+    out = {}
+    for k, v in d.items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
