@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Stages 4-5: images from a trained RNN's golden noise, beside the standard images from the same seeds.
+# Override any variable from the environment, e.g.
+#   RNN_WEIGHTS=./output/rnn_v3_seq_model_output/rnn_v3_model_final DTYPE=float32 bash scripts/inference.sh
+# Multi-GPU batch inference gives the same files: NUM_PROCESSES=8 bash scripts/inference.sh
+# The pipeline and resolution default to the ones the RNN was trained with (read from its export).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RNN_WEIGHTS="${RNN_WEIGHTS:-./output/rnn_v3_seq_model_output/rnn_v3_model_final}"
+BASE_MODEL_ID="${BASE_MODEL_ID:-stabilityai/stable-diffusion-xl-base-1.0}"
+PROMPT="${PROMPT:-A futuristic cityscape at sunset, synthwave style}"
+PROMPT_FILE="${PROMPT_FILE:-./data/test_prompts.txt}"
+OUTPUT_DIR="${OUTPUT_DIR:-./inference_output/}"
+NUM_GEN_STEPS="${NUM_GEN_STEPS:-10}"
+NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS:-30}"
+GUIDANCE_SCALE="${GUIDANCE_SCALE:-5.5}"
+DTYPE="${DTYPE:-float16}"
+NUM_PROCESSES="${NUM_PROCESSES:-1}"
+
+# 1. One prompt: the golden-noise image, the standard image from the same seed, and a JSON of every setting.
+python src/inference_rnn.py \
+  --rnn_weights_path "$RNN_WEIGHTS" \
+  --prompt "$PROMPT" \
+  --output_dir "$OUTPUT_DIR" \
+  --base_model_id "$BASE_MODEL_ID" \
+  --num_gen_steps "$NUM_GEN_STEPS" \
+  --num_inference_steps "$NUM_INFERENCE_STEPS" \
+  --guidance_scale "$GUIDANCE_SCALE" \
+  --seed 12345 \
+  --generate_standard \
+  --dtype "$DTYPE"
+
+# 2. Every prompt of a file: ${OUTPUT_DIR}{standard,gnsnet}_output/{index}.png, seed = 1000 + index,
+#    plus manifest.csv and summary.json. Rerun to resume; add `--methods standard gnsnet oracle` for the upper bound.
+if [ "$NUM_PROCESSES" -gt 1 ]; then
+  LAUNCH=(accelerate launch --num_processes "$NUM_PROCESSES")
+else
+  LAUNCH=(python)
+fi
+"${LAUNCH[@]}" scripts/batch_inference.py \
+  --prompt_file "$PROMPT_FILE" \
+  --output_base_dir "$OUTPUT_DIR" \
+  --rnn_weights_path "$RNN_WEIGHTS" \
+  --base_model_id "$BASE_MODEL_ID" \
+  --num_gen_steps "$NUM_GEN_STEPS" \
+  --num_inference_steps "$NUM_INFERENCE_STEPS" \
+  --guidance_scale "$GUIDANCE_SCALE" \
+  --start_seed 1000 \
+  --dtype "$DTYPE"

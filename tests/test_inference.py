@@ -1,0 +1,189 @@
+"""Stage 4 and the Python API: GoldenNoise on the tiny offline SDXL pipeline, and src/inference_rnn.py end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise
+from golden_noise.golden import GoldenConfig, GoldenStep
+from golden_noise.io import UserError, load_tensor
+from tests.conftest import ROOT, run_cli
+
+PROMPT = "A futuristic cityscape at sunset, synthwave style"
+TRAIN_GOLDEN = GoldenConfig(schedule_steps=10, denoise_guidance_scale=4.0, inversion_guidance_scale=1.0)
+TRAIN_STEPS = 3
+
+
+def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, predict_variance: bool = True,
+                seed: int = 0) -> Path:
+    """Save a small random NoiseSequenceRNN_v3 with the run_config stage 2 writes for `pipe` (n=3, w_l=4).
+
+    Its change head gets random weights, so unlike a fresh model it is not the identity."""
+    from model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
+
+    from golden_noise.npd import GenerationSettings, build_run_config
+
+    res = noise_resolution * pipe.vae_scale_factor
+    settings = GenerationSettings(base_model_id=str(pipe_dir), num_steps=TRAIN_STEPS, golden=TRAIN_GOLDEN,
+                                  height=res, width=res)
+    run_config = build_run_config(pipe, settings, GoldenStep(pipe.unet, pipe.scheduler.config, TRAIN_GOLDEN))
+    config = NoiseSequenceRNNConfig(latent_channels=4, noise_resolution=noise_resolution, text_embed_dim=32,
+                                    text_proj_dim=16, cnn_base_filters=8, cnn_num_blocks=[1, 1], cnn_max_filters=16,
+                                    cnn_feat_dim=16, gru_hidden_size=16, gru_num_layers=1, norm_groups=4,
+                                    predict_variance=predict_variance, delta_scale=0.1)
+    torch.manual_seed(seed)
+    model = NoiseSequenceRNN_v3(config)
+    torch.nn.init.normal_(model.mean_head.weight, std=0.2)
+    model.save_pretrained(stem, extra={"run_config": run_config})
+    return stem
+
+
+def load_cli(relpath: str):
+    """Import a CLI script as a module (to call its parse_args/main in-process)."""
+    spec = importlib.util.spec_from_file_location(Path(relpath).stem + "_cli", ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def export(tiny_pipeline, tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """A run directory holding rnn_v3_model_final.{safetensors,json}."""
+    run = tmp_path_factory.mktemp("rnn_run")
+    make_export(run / "rnn_v3_model_final", tiny_pipeline, tiny_pipeline_dir)
+    return run
+
+
+def test_api_readme_snippet(export, tiny_pipeline):
+    """The README's three lines work with a user's own pipeline, and give the RNN's rollout from the seed's x_T."""
+    from golden_noise import GoldenNoise
+
+    pipe = tiny_pipeline
+    gn = GoldenNoise.from_pretrained(export, pipe=pipe)
+    latents = gn(PROMPT, seed=7)
+    image = pipe(PROMPT, latents=latents, num_inference_steps=3).images[0]
+
+    assert image.size == (16, 16)
+    assert latents.shape == (1, 4, 16, 16) and latents.dtype == pipe.unet.dtype
+    assert gn.num_steps == TRAIN_STEPS and gn.latent_shape == (4, 16, 16)
+    x_T = seeded_noise([7], (4, 16, 16))
+    pooled = encode_prompts(pipe, [PROMPT], with_uncond=False).cond_pooled
+    expected = gn.model.generate_sequence(x_T, pooled, TRAIN_STEPS)[:, -1]
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-6)
+    change = (latents - x_T).norm() / x_T.norm()
+    assert 0.01 < change < 1.0, change  # a real, modest change of the noise
+    assert torch.equal(gn(PROMPT, seed=7), latents)  # deterministic
+    # one seed per prompt: a sample does not depend on its batch-mates
+    both = gn([PROMPT, "a red apple"], seed=[7, 8])
+    torch.testing.assert_close(both[:1], latents, rtol=0, atol=1e-5)
+    assert not torch.allclose(both[1:], latents)
+
+
+def test_api_errors(export, tiny_pipeline, tiny_pipeline_dir, tmp_path):
+    from golden_noise import GoldenNoise
+
+    with pytest.raises(UserError, match="does not exist"):
+        GoldenNoise.from_pretrained(tmp_path / "nowhere")
+    small = make_export(tmp_path / "small", tiny_pipeline, tiny_pipeline_dir, noise_resolution=8)
+    gn_small = GoldenNoise.from_pretrained(small, pipe=tiny_pipeline)  # fine at its own resolution (8 px)
+    assert (gn_small.height, gn_small.width, gn_small.latent_shape) == (8, 8, (4, 8, 8))
+    with pytest.raises(UserError, match=r"trained on latents \[4, 8, 8\].*makes latents \[4, 16, 16\]"):
+        gn_small.check_pipeline(tiny_pipeline, 16, 16)
+    gn = GoldenNoise.from_pretrained(export)  # no pipeline yet
+    with pytest.raises(UserError, match="needs a pipeline"):
+        gn(PROMPT, seed=1)
+    with pytest.raises(UserError, match="seed"):
+        gn(PROMPT, pipe=tiny_pipeline)
+
+
+def test_single_cli_end_to_end(export, tiny_pipeline, tiny_pipeline_dir, tmp_path):
+    """Standard image == plain `pipe(prompt, generator=manual_seed(seed))`; gnsnet/oracle images come from the
+    saved noises; the oracle is the golden step of the RNN's training data applied n times; settings recorded."""
+    out = tmp_path / "single"
+    seed, steps, scale = 12345, 4, 5.5
+    run_cli("src/inference_rnn.py", "--rnn_weights_path", export / "rnn_v3_model_final.safetensors",
+            "--prompt", PROMPT, "--output_dir", out, "--output_name", "x", "--num_inference_steps", steps,
+            "--guidance_scale", scale, "--seed", seed, "--generate_standard", "--generate_oracle", "--save_noise",
+            "--device", "cpu", check=True)
+    settings = json.loads((out / "x_settings.json").read_text())
+    assert settings["base_model_id_used"] == str(tiny_pipeline_dir)  # read from the export, not retyped
+    assert settings["num_gen_steps_used"] == TRAIN_STEPS and settings["seed"] == seed
+    assert settings["num_inference_steps"] == steps and settings["scheduler_class"] == "DDIMScheduler"
+    assert settings["oracle_golden"] == TRAIN_GOLDEN.to_dict()
+    assert settings["rnn_run_config"]["num_steps"] == TRAIN_STEPS
+    assert settings["timings"]["rollout_seconds"] > 0 and settings["timings"]["gnsnet_sampling_seconds"] > 0
+    assert set(settings["files"]) == {"gnsnet", "standard", "oracle", "source_noise", "golden_noise", "oracle_noise"}
+
+    pipe = tiny_pipeline
+    plain = pipe(PROMPT, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                 guidance_scale=scale).images[0]
+    assert np.array_equal(pixels(out / "x_standard.png"), np.asarray(plain.convert("RGB")))
+
+    x_T = load_tensor(out / "x_source_noise.pt")
+    assert torch.equal(x_T, seeded_noise([seed], (4, 16, 16))[0])
+    golden = load_tensor(out / "x_golden_noise.pt")
+    from golden_noise import GoldenNoise
+
+    torch.testing.assert_close(golden[None], GoldenNoise.from_pretrained(export, pipe=pipe)(PROMPT, seed=seed),
+                               rtol=0, atol=1e-5)
+    oracle = load_tensor(out / "x_oracle_noise.pt")
+    step = GoldenStep(pipe.unet, pipe.scheduler.config, TRAIN_GOLDEN)
+    expected = step.sequence(x_T[None], encode_prompts(pipe, [PROMPT]), TRAIN_STEPS)[:, -1]
+    torch.testing.assert_close(oracle[None], expected, rtol=0, atol=1e-5)
+    for name, z in (("gnsnet", golden), ("oracle", oracle)):
+        image = sample_images(pipe, [PROMPT], z[None], steps, scale)[0]
+        diff = np.abs(pixels(out / f"x_{name}.png").astype(int) - np.asarray(image.convert("RGB")).astype(int))
+        assert diff.max() <= 1, name  # same noise -> same image (up to float rounding at a uint8 boundary)
+    assert not np.array_equal(pixels(out / "x_gnsnet.png"), pixels(out / "x_standard.png"))
+
+
+def test_single_in_process_scheduler_and_sampling(export, tiny_pipeline_dir, tmp_path):
+    """--scheduler swaps the sampler; --sample_noise draws from the predicted Gaussian (seeded, so repeatable)."""
+    cli = load_cli("src/inference_rnn.py")
+    common = ["--rnn_weights_path", str(export), "--prompt", PROMPT, "--num_inference_steps", "2", "--device", "cpu"]
+    mean = cli.main(cli.parse_args([*common, "--output_dir", str(tmp_path / "a"), "--save_noise",
+                                    "--scheduler", "dpmsolver++"]))
+    assert mean["scheduler_class"] == "DPMSolverMultistepScheduler"
+    s1 = cli.main(cli.parse_args([*common, "--output_dir", str(tmp_path / "b"), "--save_noise", "--sample_noise"]))
+    s2 = cli.main(cli.parse_args([*common, "--output_dir", str(tmp_path / "c"), "--save_noise", "--sample_noise",
+                                  "--num_gen_steps", "2"]))
+    load = lambda d, s: load_tensor(tmp_path / d / s["files"]["golden_noise"])  # noqa: E731
+    assert not torch.allclose(load("a", mean), load("b", s1))
+    assert s2["num_gen_steps_used"] == 2
+
+
+def test_single_cli_bad_inputs(export, tiny_pipeline, tiny_pipeline_dir, tmp_path, capsys):
+    missing = tmp_path / "no_run"
+    proc = run_cli("src/inference_rnn.py", "--rnn_weights_path", missing, "--prompt", PROMPT,
+                   "--output_dir", tmp_path / "o")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and str(missing) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    cli = load_cli("src/inference_rnn.py")
+    small = make_export(tmp_path / "small", tiny_pipeline, tiny_pipeline_dir, noise_resolution=8)
+    args = cli.parse_args(["--rnn_weights_path", str(small), "--prompt", PROMPT, "--height", "16", "--width", "16",
+                           "--base_model_id", str(tiny_pipeline_dir), "--output_dir", str(tmp_path / "o"),
+                           "--device", "cpu"])
+    with pytest.raises(UserError, match=r"latents \[4, 8, 8\].*--height/--width"):
+        cli.main(args)
+    no_var = make_export(tmp_path / "novar", tiny_pipeline, tiny_pipeline_dir, predict_variance=False)
+    with pytest.raises(UserError, match="--sample_noise needs"):
+        cli.main(cli.parse_args(["--rnn_weights_path", str(no_var), "--prompt", PROMPT, "--sample_noise",
+                                 "--device", "cpu"]))
+    with pytest.raises(UserError, match="--prompt is empty"):
+        cli.main(cli.parse_args(["--rnn_weights_path", str(export), "--prompt", "  ", "--device", "cpu"]))
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--rnn_weights_path", str(export), "--prompt", PROMPT, "--scheduler", "plms"])
+    assert e.value.code == 2 and "invalid choice: 'plms'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing half-written
