@@ -167,6 +167,20 @@ def predict_noise(unet, x: torch.Tensor, t: int | torch.Tensor, cond: Conditioni
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
+def optimize_unet(unet, channels_last: bool = False, compile_unet: bool = False, mode: str | None = None,
+                  backend: str = "inductor"):
+    """Speed options for UNet forwards, in place: channels_last memory format and/or `torch.compile`.
+
+    `nn.Module.compile` keeps the module object (and `unet.dtype`, `.config`, hooks, the pipeline's reference);
+    shapes are static (`dynamic=False`): one graph per batch shape, i.e. B and 2B with CFG, plus the last batch.
+    """
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile_unet:
+        unet.compile(mode=mode, backend=backend, dynamic=False)
+    return unet
+
+
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
     """Unit-variance initial noise (B, *shape), sample i drawn from its own `torch.Generator().manual_seed(seeds[i])`.
 

@@ -252,11 +252,16 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
             x_t = seeded_noise([settings.start_seed + p.index for p in batch], shape, device=pipe.unet.device)
             seq = golden.sequence(x_t, cond, settings.num_steps)  # (B, n, C, H, W)
             missing_ids = {p.index for p in missing}
+            # one device->host copy per batch and tensor, not a synchronising copy per sample
+            x_host, seq_host = x_t.to("cpu", storage), seq.to("cpu", storage)
+            pooled_host = cond.cond_pooled.to("cpu", storage) if cond.cond_pooled is not None else None
+            embeds_host = cond.cond_embeds.to("cpu", storage) if settings.save_prompt_embeds else None
             for i, p in enumerate(batch):
                 if p.index in missing_ids:
                     # SD 1.5/2.1-style pipelines have no pooled embedding: store the token mean instead
-                    text = cond.cond_pooled[i] if cond.cond_pooled is not None else cond.cond_embeds[i].mean(0)
-                    writer.submit(p.index, x_t[i], seq[i], text, cond.cond_embeds[i])
+                    text = pooled_host[i] if pooled_host is not None else cond.cond_embeds[i].mean(0)
+                    writer.submit(p.index, x_host[i], seq_host[i], text,
+                                  embeds_host[i] if embeds_host is not None else None)
             bar.update(len(missing))
     finally:
         bar.close()
