@@ -115,3 +115,12 @@ class ClipFeatures:
             for prompt, vec in zip(todo, torch.nn.functional.normalize(emb.float(), dim=-1)):
                 self._text_cache[prompt] = vec
         return torch.stack([self._text_cache[p] for p in prompts])
+
+    @torch.no_grad()
+    def cosines(self, images: Sequence, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+        """(N,) cosine of each image with its prompt, computed `batch_size` pairs at a time."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        out = [(self.images(images[i:i + batch_size]) * self.texts(prompts[i:i + batch_size])).sum(-1)
+               for i in range(0, len(images), max(1, batch_size))]
+        return torch.cat(out).cpu() if out else torch.zeros(0)

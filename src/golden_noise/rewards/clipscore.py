@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 
 from ._common import ClipFeatures, device_and_dtype, load_clip
 from .base import RewardModel, register_reward
@@ -28,13 +27,6 @@ class CLIPScoreReward(RewardModel):
         self.features = ClipFeatures(model, proc, self.device, self.dtype)
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def score(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        out: list[float] = []
-        for start in range(0, len(images), max(1, self.batch_size)):
-            ims, ps = images[start:start + self.batch_size], prompts[start:start + self.batch_size]
-            cos = (self.features.images(ims) * self.features.texts(ps)).sum(-1)  # (B,)
-            out.extend((100.0 * cos.clamp(min=0)).cpu().tolist())
-        return out
+        cos = self.features.cosines(images, prompts, self.batch_size)  # (N,)
+        return (100.0 * cos.clamp(min=0)).tolist()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 
 from ._common import ClipFeatures, device_and_dtype, has_processor_files, load_clip, looks_local
 from .base import RewardModel, register_reward
@@ -35,13 +34,6 @@ class PickScoreReward(RewardModel):
         self.logit_scale = float(model.logit_scale.exp())
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def score(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        out: list[float] = []
-        for start in range(0, len(images), max(1, self.batch_size)):
-            ims, ps = images[start:start + self.batch_size], prompts[start:start + self.batch_size]
-            cos = (self.features.images(ims) * self.features.texts(ps)).sum(-1)  # (B,)
-            out.extend((self.logit_scale * cos).cpu().tolist())
-        return out
+        cos = self.features.cosines(images, prompts, self.batch_size)  # (N,)
+        return (self.logit_scale * cos).tolist()
