@@ -14,7 +14,7 @@ import sys
 
 from golden_noise.diffusion import DEFAULT_MODEL_ID, load_pipeline, optimize_unet
 from golden_noise.golden import GoldenConfig
-from golden_noise.io import UserError, read_prompts
+from golden_noise.io import read_prompts
 from golden_noise.npd import GenerationSettings, generate_dataset
 from golden_noise.runtime import DEVICE_HELP, DTYPE_CHOICES, distributed_state, get_logger, run_cli, setup_logging
 

@@ -24,7 +24,7 @@ import torch
 
 from .diffusion import count_long_prompts, encode_prompts, image_size, latent_shape, seeded_noise
 from .golden import GoldenConfig, GoldenStep
-from .io import Prompt, UserError, atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from .io import Prompt, UserError, atomic_torch_save, atomic_write_json, atomic_write_text
 from .runtime import get_logger
 
 logger = get_logger(__name__)
