@@ -19,7 +19,7 @@ def summary_table(results_dir: str | Path, run_dir: str | Path, images_dir: str 
     """Mean reward, gain over standard with its 95% CI, win rate, share of the oracle's gain and the noise's cost."""
     evaluation = _load(Path(results_dir) / "summary.json")["results"][metric]
     inference = _load(Path(images_dir) / "summary.json")["methods"]
-    validation = _load(Path(run_dir) / "validation.json")
+    validation = _load(Path(run_dir) / "validation.json")["validation"]
     oracle_gain = evaluation.get("oracle", {}).get("diff_mean")
     rows = [("method", f"mean {metric}", "gain vs standard [95% CI]", "win rate", "share of oracle gain",
              "noise cost / sampling")]
