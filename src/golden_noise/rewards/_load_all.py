@@ -4,3 +4,4 @@ from . import aesthetic  # noqa: F401
 from . import clipscore  # noqa: F401
 from . import hpsv2  # noqa: F401
 from . import pickscore  # noqa: F401
+from . import toy_attributes  # noqa: F401

@@ -1,0 +1,208 @@
+"""The toy world: procedural scenes, the deterministic builder, the pipeline it saves, its reward and the
+oracle-gain measurement."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from golden_noise.io import UserError
+from golden_noise.toy_world import build_world
+from golden_noise.toy_world.build import PRESETS
+from golden_noise.toy_world.grammar import WorldSpec, parse_prompt
+from golden_noise.toy_world.render import render, sample_scenes
+from tests.conftest import run_cli
+
+SPEC = PRESETS["test"].spec          # 2 colours x 2 shapes x 2 sizes x 2 positions = 16 captions
+SPEC_DEFAULT = PRESETS["small"].spec  # the default world's: 6 x 4 x 3 x 4 = 288 captions
+
+
+@pytest.fixture(scope="module")
+def test_world(tmp_path_factory) -> Path:
+    """The `test` preset built once (seconds)."""
+    out = tmp_path_factory.mktemp("toy") / "world"
+    build_world(out, "test", seed=0, quiet=True)
+    return out
+
+
+def _weights(world: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(world)): p.read_bytes() for p in sorted(world.rglob("*.safetensors"))}
+
+
+def test_parse_prompt_reads_the_grammar():
+    attrs = WorldSpec().attributes
+    assert parse_prompt("a small red circle at the top left", attrs) == {"color": 0, "shape": 0, "size": 0,
+                                                                         "position": 0}
+    assert parse_prompt("A LARGE Blue cross, bottom right please", attrs) == {"color": 4, "shape": 3, "size": 2,
+                                                                              "position": 3}
+    assert parse_prompt("a red thing", attrs) == {"color": 0}           # unnamed attributes are left out
+    assert parse_prompt("a red or blue square", attrs) == {"shape": 1}  # ambiguous ones too
+    assert parse_prompt("reddish squares on top", attrs) == {}          # whole words and phrases only
+
+
+def test_render_is_deterministic_and_draws_the_attributes():
+    spec = WorldSpec()
+    a = sample_scenes(spec, 256, torch.Generator().manual_seed(3))
+    b = sample_scenes(spec, 256, torch.Generator().manual_seed(3))
+    ia, ib = render(spec, a), render(spec, b)
+    assert ia.shape == (256, 3, 32, 32) and torch.equal(ia, ib)
+    assert 0 <= ia.min() and ia.max() <= 1
+    assert len(spec.all_captions()) == 6 * 4 * 3 * 4 == len(set(spec.all_captions()))
+    # each caption names the scene's labels
+    attrs = spec.attributes
+    for caption, row in zip(a.captions(spec), a.labels.tolist()):
+        assert parse_prompt(caption, attrs) == dict(zip(attrs, row))
+    # the pixel at each shape's centre has the shape's colour; a corner shows the background
+    cx, cy = a.center[:, 0].long(), a.center[:, 1].long()
+    centre = ia[torch.arange(256), :, cy, cx]  # (N, 3)
+    assert torch.allclose(centre, a.rgb, atol=0.02)
+    assert torch.allclose(ia[:, :, 0, 0], torch.full((256, 3), spec.background), atol=1e-6)
+    # larger size classes cover more pixels; the shape's bounding box is centred in the named half of each axis
+    mask = (ia - spec.background).abs().sum(1).gt(0.05)  # (N, H, W)
+    area = mask.float().sum((1, 2))
+    size, position = a.labels[:, 2], a.labels[:, 3]
+    assert area[size == 2].mean() > 3 * area[size == 0].mean()
+    sides = torch.tensor(list(spec.positions.values()))[position]  # (N, 2) column, row half
+    for covered, side in ((mask.any(1), sides[:, 0]), (mask.any(2), sides[:, 1])):  # (N, W), (N, H)
+        idx = torch.arange(32).expand_as(covered)
+        mid = (idx.masked_fill(~covered, 99).amin(1) + idx.masked_fill(~covered, -1).amax(1) + 1) / 2
+        assert (mid[side == 0] < 16).all() and (mid[side == 1] > 16).all()
+
+
+def test_build_writes_a_standard_sdxl_pipeline(test_world):
+    from diffusers import StableDiffusionXLPipeline
+
+    from golden_noise.diffusion import latent_shape, load_pipeline, sample_images, seeded_noise
+
+    for name in ("model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                 "scheduler", "prompts.txt", "world.json", "toy_reward/config.json", "toy_reward/model.safetensors"):
+        assert (test_world / name).exists(), name
+    pipe = load_pipeline(str(test_world), dtype="float32", device="cpu")
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.clip_sample is False
+    assert latent_shape(pipe) == (4, 8, 8) and pipe.vae_scale_factor == 4
+    prompts = (test_world / "prompts.txt").read_text().splitlines()
+    assert prompts == SPEC.all_captions() and len(prompts) == 16
+    images = sample_images(pipe, prompts[:2], seeded_noise([0, 1], latent_shape(pipe)), num_inference_steps=2,
+                           guidance_scale=5.0)
+    assert [im.size for im in images] == [(32, 32), (32, 32)]
+    card = json.loads((test_world / "world.json").read_text())
+    assert card["preset"] == "test" and card["seed"] == 0 and card["latent_shape"] == [4, 8, 8]
+    assert {"vae_s", "reward_s", "unet_s", "total_s"} <= set(card["timings"])
+    # the VAE config (de)normalises latents per channel, as the SDXL pipeline reads it
+    assert len(pipe.vae.config.latents_mean) == 4 and len(pipe.vae.config.latents_std) == 4
+
+
+def test_training_conditioning_matches_the_pipeline(test_world):
+    """The builder trains on `encode_token_ids`; sampling uses `pipe.encode_prompt`: they must agree."""
+    from golden_noise.diffusion import load_pipeline
+    from golden_noise.toy_world.components import encode_token_ids
+
+    pipe = load_pipeline(str(test_world), dtype="float32", device="cpu")
+    prompts = SPEC.all_captions()[:3]
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device="cpu", do_classifier_free_guidance=False)
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        mine, mine_pooled = encode_token_ids(pipe.text_encoder, pipe.text_encoder_2, ids)
+    torch.testing.assert_close(mine, embeds)
+    torch.testing.assert_close(mine_pooled, pooled)
+    # and the unconditional branch is all zeros, which the builder's caption dropout trains
+    _, neg, _, neg_pooled = pipe.encode_prompt(prompt=prompts, device="cpu", do_classifier_free_guidance=True)
+    assert neg.abs().sum() == 0 and neg_pooled.abs().sum() == 0
+
+
+def test_builder_is_deterministic(test_world, tmp_path):
+    again = tmp_path / "again"
+    build_world(again, "test", seed=0, quiet=True)
+    first, second = _weights(test_world), _weights(again)
+    assert len(first) == 5 and first.keys() == second.keys()
+    assert all(first[k] == second[k] for k in first), [k for k in first if first[k] != second[k]]
+    other = tmp_path / "other"
+    build_world(other, "test", seed=1, quiet=True)
+    assert _weights(other)["unet/diffusion_pytorch_model.safetensors"] != first["unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_reward_ranks_the_prompted_render_first(test_world):
+    from golden_noise.rewards.base import available_rewards, load_reward
+
+    assert "toy_attributes" in available_rewards()
+    reward = load_reward("toy_attributes", path=str(test_world), batch_size=7, unknown_option=1)
+    captions = SPEC.all_captions()
+    k = len(captions)
+    labels = torch.tensor([[c, s, z, p] for p in range(2) for z in range(2) for c in range(2) for s in range(2)])
+    scenes = sample_scenes(SPEC, k, torch.Generator().manual_seed(11), labels=labels)
+    assert scenes.captions(SPEC) == captions
+    images = render(SPEC, scenes)
+    # score every render against every caption: (render i, caption j)
+    scores = torch.tensor(reward.score(images.repeat_interleave(k, 0), captions * k)).view(k, k)
+    assert ((0 <= scores) & (scores <= 1)).all()
+    others = (scores.sum(1) - scores.diag()) / (k - 1)
+    assert (scores.diag() > others).all(), scores
+    # the world's own (clean) test renders in PIL form score like tensors
+    from PIL import Image
+
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
+    torch.testing.assert_close(torch.tensor(reward.score(pil, captions)), scores.diag(), atol=0.02, rtol=0)
+    with pytest.raises(UserError, match="names none"):
+        reward.score(images[:1], ["a photo of a cat"])
+
+
+def test_reward_needs_a_world(tmp_path):
+    from golden_noise.rewards.base import load_reward
+
+    with pytest.raises(UserError, match="toy world"):
+        load_reward("toy_attributes")
+    with pytest.raises(UserError, match="no toy-world reward"):
+        load_reward("toy_attributes", path=str(tmp_path))
+
+
+def test_cli_builds_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "w"
+    proc = run_cli("scripts/build_toy_world.py", "--output_dir", out, "--preset", "test", "--quiet", check=True)
+    assert "toy world written to" in proc.stdout and "reward accuracy" in proc.stdout
+    assert (out / "model_index.json").is_file()
+    proc = run_cli("scripts/build_toy_world.py", "--output_dir", out, "--preset", "test", "--quiet")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert not list(tmp_path.glob(".w.building*"))  # nothing half-built left behind
+
+
+def test_measure_oracle_gain_cli(test_world, tmp_path):
+    out = tmp_path / "oracle.json"
+    proc = run_cli("scripts/measure_oracle_gain.py", "--world", test_world, "--num_pairs", 4, "--n", 1, 2,
+                   "--guidance_scales", 1.0, "--num_inference_steps", 2, "--batch_size", 3, "--quiet",
+                   "--output_json", out, check=True)
+    result = json.loads(out.read_text())
+    assert result["pairs"] == 4 and [(r["guidance_scale"], r["n"]) for r in result["results"]] == [(1.0, 1), (1.0, 2)]
+    row = result["results"][0]
+    assert row["ci95"][0] <= row["gain"] <= row["ci95"][1]
+    assert abs(row["oracle"] - row["standard"] - row["gain"]) < 1e-3
+    assert 0 < result["relative_delta_n1"] < 1
+    assert "gain" in proc.stdout
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    from golden_noise.toy_world.oracle import bootstrap_ci
+
+    d = torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1 + 0.05
+    lo, hi = bootstrap_ci(d)
+    assert lo < d.mean().item() < hi and lo > 0 and hi - lo < 0.05
+
+
+@pytest.mark.slow
+def test_small_preset_builds_a_world_that_follows_prompts(tmp_path):
+    """The CI-sized world: a few minutes on 2 cores; guidance must steer samples toward the prompt."""
+    out = tmp_path / "small"
+    proc = run_cli("scripts/build_toy_world.py", "--output_dir", out, "--preset", "small", "--quiet", check=True,
+                   timeout=1800)
+    assert "toy world written to" in proc.stdout
+    card = json.loads((out / "world.json").read_text())
+    assert card["captions"] == 288 and card["latent_shape"] == [4, 8, 8]
+    assert card["reward_accuracy_clean"]["all"] > 0.95
+    assert card["reward_accuracy_vae"]["all"] > 0.7
+    cfg1, cfg5 = card["sampling"]["cfg_1"], card["sampling"]["cfg_5"]
+    chance = sum(1 / len(v) for v in SPEC_DEFAULT.attributes.values()) / 4  # 0.25
+    assert cfg5["mean_reward"] > 2 * chance and cfg5["mean_reward"] > cfg1["mean_reward"]
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 10 * 2 ** 20
+
