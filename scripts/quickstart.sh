@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: all six stages end to end on the built-in toy world, on CPU, from a fresh clone.
-#   bash scripts/quickstart.sh                 # installs what it needs, then runs (about 15-20 min on 2 cores)
+#   bash scripts/quickstart.sh                 # installs what it needs, then runs (about 5 min on 2 cores)
+#   EVAL_ON=held_out_captions bash scripts/quickstart.sh   # evaluate on captions never seen in training
 #   QUICK=1 bash scripts/quickstart.sh          # a 2-3 minute smoke run of the same path (tiny sizes)
 # The world (worlds/toy_shapes) is a diffusers StableDiffusionXLPipeline trained on 32x32 images of coloured
 # shapes, with a reward model that scores prompt adherence; every stage loads it with --base_model_id exactly
@@ -10,11 +11,12 @@ cd "$(dirname "$0")/.."
 
 WORLD="${WORLD:-worlds/toy_shapes}"
 RUN="${RUN:-quickstart}"                 # names data/$RUN, output/$RUN, inference_output/$RUN, results/$RUN
-NUM_STEPS="${NUM_STEPS:-2}"             # n: golden steps per sequence (and rolled out at inference)
-TEST_CAPTIONS="${TEST_CAPTIONS:-12}"     # captions held out from training (unseen attribute combinations)
-TRAIN_REPEATS="${TRAIN_REPEATS:-10}"     # training (caption, seed) pairs per caption
-TEST_REPEATS="${TEST_REPEATS:-25}"       # evaluation (caption, seed) pairs per held-out caption
-TRAIN_STEPS="${TRAIN_STEPS:-1500}"
+NUM_STEPS="${NUM_STEPS:-1}"             # n: golden steps per sequence (and rolled out at inference)
+TEST_CAPTIONS="${TEST_CAPTIONS:-24}"     # captions held out from training (unseen attribute combinations)
+EVAL_ON="${EVAL_ON:-seen_captions}"      # seen_captions: new seeds of 24 training captions; held_out_captions
+TRAIN_REPEATS="${TRAIN_REPEATS:-100}"    # training (caption, seed) pairs per caption
+TEST_REPEATS="${TEST_REPEATS:-10}"       # evaluation (caption, seed) pairs per evaluated caption
+TRAIN_STEPS="${TRAIN_STEPS:-2500}"
 SAMPLE_GUIDANCE="${SAMPLE_GUIDANCE:-1.0}" # sampling CFG: golden noise matters most where guidance is weak
 SAMPLE_STEPS="${SAMPLE_STEPS:-20}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
@@ -41,7 +43,12 @@ python scripts/extract_prompts.py --dataset_name "$WORLD/prompts.txt" --output_d
   --output_filename captions.txt --test_size "$TEST_CAPTIONS" --test_filename test_captions.txt --seed 0
 # one line per (caption, seed) pair: line i gets seed start_seed + i
 for _ in $(seq "$TRAIN_REPEATS"); do cat "$DATA/captions.txt"; done > "$DATA/prompts.txt"
-for _ in $(seq "$TEST_REPEATS"); do cat "$DATA/test_captions.txt"; done > "$DATA/test_prompts.txt"
+case "$EVAL_ON" in   # evaluation seeds (from 1000000 on) are never used in training either way
+  seen_captions) head -n "$TEST_CAPTIONS" "$DATA/captions.txt" > "$DATA/eval_captions.txt" ;;
+  held_out_captions) cp "$DATA/test_captions.txt" "$DATA/eval_captions.txt" ;;
+  *) echo "error: EVAL_ON must be seen_captions or held_out_captions, got '$EVAL_ON'" >&2; exit 2 ;;
+esac
+for _ in $(seq "$TEST_REPEATS"); do cat "$DATA/eval_captions.txt"; done > "$DATA/test_prompts.txt"
 
 step "2/6 golden-noise sequences: $(wc -l < "$DATA/prompts.txt") prompts x n=$NUM_STEPS"
 python src/generate_npd_series.py --prompt_file "$DATA/prompts.txt" --output_dir "$DATA/npd_sequences" \
@@ -54,7 +61,7 @@ python src/train_rnn_model_v3.py --dataset_dir "$DATA/npd_sequences" --output_di
   --validation_fraction 0.1 --save_steps 500 --max_checkpoints 1 --dataloader_num_workers 0 \
   --mixed_precision no
 
-step "4-5/6 batch inference on $(wc -l < "$DATA/test_prompts.txt") held-out (caption, seed) pairs: standard, gnsnet, oracle"
+step "4-5/6 batch inference on $(wc -l < "$DATA/test_prompts.txt") held-out (caption, seed) pairs ($EVAL_ON): standard, gnsnet, oracle"
 python scripts/batch_inference.py --prompt_file "$DATA/test_prompts.txt" --output_base_dir "$IMAGES" \
   --rnn_weights_path "$OUT" --base_model_id "$WORLD" --methods standard gnsnet oracle --start_seed 1000000 \
   --num_inference_steps "$SAMPLE_STEPS" --guidance_scale "$SAMPLE_GUIDANCE" --batch_size 50 --device cpu

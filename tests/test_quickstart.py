@@ -1,0 +1,34 @@
+"""README command 1 end to end: all six stages on the committed toy world (QUICK sizes)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_quickstart_runs_all_six_stages_and_prints_the_table():
+    run = "pytest_quickstart"
+    env = {**os.environ, "QUICK": "1", "SKIP_INSTALL": "1", "RUN": run, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out = proc.stdout
+        for stage in ("1/6 prompts", "2/6 golden-noise sequences", "3/6 train", "4-5/6 batch inference", "6/6 evaluate"):
+            assert stage in out
+        assert "gain vs standard [95% CI]" in out and "share of oracle gain" in out
+        results = ROOT / "results" / f"{run}_quick"
+        assert f"HTML report: {results / 'report.html'}".replace(str(ROOT) + "/", "") in out or "HTML report:" in out
+        facts = json.loads((results / "quickstart.json").read_text())
+        assert set(facts["methods"]) == {"standard", "gnsnet", "oracle"}
+        assert facts["methods"]["oracle"]["n"] == facts["methods"]["gnsnet"]["n"] > 0
+        assert (results / "grid.png").is_file() and (results / "report.html").is_file()
+    finally:
+        for part in ("data", "output", "inference_output", "results"):
+            shutil.rmtree(ROOT / part / f"{run}_quick", ignore_errors=True)
