@@ -29,8 +29,12 @@ def parse_args(argv=None):
 
 
 def main(args):
+    import signal
+
     import torch
 
+    # a terminated build exits through Python, so the half-built directory beside --output_dir is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     setup_logging()
     torch.set_num_threads(args.threads)
     logger.info("Building toy world %r (preset %s, seed %d, %d threads)", args.output_dir, args.preset, args.seed,
