@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.setup(args)
     from golden_noise.sequence_data import collate, open_dataset
+    from model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
 
     results: dict = {"args": vars(args)}
     flops = sdxl_flops(args.sdxl_num_steps)
@@ -160,9 +161,11 @@ def main(argv=None) -> int:
             mb = sum(p.stat().st_size for p in (root / "sequences").iterdir()) / args.num_samples / 2**20
             if name == "tiny":
                 model_sps = train_rate(tiny_config(predict_variance=True), batch, args.steps)
+                # the default-size architecture (35M params at SDXL size) on these small latents
+                default_sps = train_rate(NoiseSequenceRNNConfig(latent_channels=shape[0], noise_resolution=shape[1],
+                                                                text_embed_dim=dim, predict_variance=True),
+                                         batch, max(2, args.steps // 5))
             elif not args.skip_sdxl_cpu_step:
-                from model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
-
                 one = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items()}
                 model_sps = train_rate(NoiseSequenceRNNConfig(predict_variance=True), one, 1)
             else:
@@ -174,6 +177,11 @@ def main(argv=None) -> int:
                 rows.append(row)
                 if model_sps:
                     ratios[f"{name}_loader_headroom_workers{w}"] = sps / model_sps
+                if name == "tiny":
+                    rows.append({"size": f"default@{shape[1]}", "workers": w, "MiB/sample": mb,
+                                 "loader_samples_s": sps, "cpu_train_samples_s": default_sps,
+                                 "headroom": sps / default_sps})
+                    ratios[f"default_model_small_latents_loader_headroom_workers{w}"] = sps / default_sps
                 if name == "sdxl":
                     gpu_sps = ASSUMED_MFU * H100_BF16_DENSE_TFLOPS / flops["train_tflops_per_sample"]
                     row["est_h100_train_samples_s"] = gpu_sps
@@ -193,6 +201,9 @@ def main(argv=None) -> int:
     if tiny:
         checks["tiny-size loader keeps up with the CPU training step (best headroom >= 1)"] = \
             max(r["headroom"] for r in tiny) >= 1
+    default = [r for r in rows if r["size"].startswith("default@")]
+    if default:
+        checks["default-size model on small latents: loader headroom >= 3"] = max(r["headroom"] for r in default) >= 3
     return common.finish(results, args, checks)
 
 

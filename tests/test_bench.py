@@ -73,6 +73,17 @@ def test_inference_bench_counts_sdxl_flops_and_the_rollout_fraction(tmp_path):
     assert "[ok] rollout <= 1% of sampling FLOPs" in stdout
 
 
+def test_training_bench_prints_samples_per_second_and_loader_headroom(tmp_path):
+    res, stdout = bench("bench/bench_training.py", tmp_path, "--quick")
+    rows = {(r["size"], r["workers"]): r for r in res["rows"]}
+    default = rows[("default@16", 0)]  # the default-size architecture on small latents
+    assert default["cpu_train_samples_s"] > 0 and default["headroom"] == pytest.approx(
+        default["loader_samples_s"] / default["cpu_train_samples_s"])
+    assert res["ratios"]["default_model_small_latents_loader_headroom_workers0"] >= 3
+    assert res["sdxl_model"]["parameters"] > 30e6 and 0 < res["sdxl_model"]["rollout_fraction_of_sdxl_sampling"] <= 0.01
+    assert "[ok] default-size model on small latents: loader headroom >= 3" in stdout
+
+
 @pytest.mark.slow
 def test_memory_bench_reports_every_stage(tmp_path):
     res, stdout = bench("bench/bench_memory.py", tmp_path, "--quick")
