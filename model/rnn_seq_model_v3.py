@@ -27,7 +27,7 @@ class NoiseSequenceRNNConfig:
 
     latent_channels: int = 4             # C of the noise (SDXL: 4)
     noise_resolution: int = 128          # H = W of the noise (SDXL 1024 px: 128)
-    text_embed_dim: int = 1280           # P of the pooled prompt embedding (SDXL text_encoder_2: 1280)
+    text_embed_dim: int = 1280           # P of the text embedding (SDXL pooled: 1280; see --text_embedding)
     text_proj_dim: int = 256             # the prompt embedding is projected to this size
     cnn_base_filters: int = 64           # channels of the first encoder stage; doubled per stage
     cnn_num_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # residual blocks per stage

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from golden_noise.diffusion import DEFAULT_MODEL_ID, load_pipeline, optimize_unet
+from golden_noise.diffusion import DEFAULT_MODEL_ID, TEXT_EMBEDDINGS, load_pipeline, optimize_unet
 from golden_noise.golden import GoldenConfig
 from golden_noise.io import read_prompts
 from golden_noise.npd import GenerationSettings, generate_dataset
@@ -34,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype of the stored noise tensors")
     g.add_argument("--save_prompt_embeds", action="store_true",
                    help="also store the full prompt token embeddings (77 x D) per sample")
+    g.add_argument("--text_embedding", default="auto", choices=TEXT_EMBEDDINGS,
+                   help="the prompt representation stored for the RNN: pooled (text_encoder_2's projection), "
+                        "mean_token (prompt_embeds averaged over the prompt's tokens) or both; auto = pooled "
+                        "where the pipeline has it, else mean_token")
     g = p.add_argument_group("model")
     g.add_argument("--base_model_id", default=DEFAULT_MODEL_ID, help="diffusers pipeline: hub id or local directory")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
@@ -75,7 +79,8 @@ def main(args: argparse.Namespace) -> dict:
         base_model_id=args.base_model_id, num_steps=args.num_steps,
         golden=GoldenConfig(args.schedule_steps, args.denoise_guidance_scale, args.inversion_guidance_scale),
         height=args.height, width=args.width, start_seed=args.start_seed, dtype=dtype,
-        storage_dtype=args.storage_dtype, save_prompt_embeds=args.save_prompt_embeds, revision=args.revision,
+        storage_dtype=args.storage_dtype, save_prompt_embeds=args.save_prompt_embeds,
+        text_embedding=args.text_embedding, revision=args.revision,
         variant=args.variant)
     if state.is_main_process:
         logger.info("Generating golden sequences: %d prompts, n=%d, N=%d, w_l=%g, w_w=%g, batch %d, %d process(es), %s",

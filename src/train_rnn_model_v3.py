@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--noise_resolution", type=int, default=None,
                    help="H = W of the noise; default and check: the dataset's latent_shape")
     g.add_argument("--text_embed_dim", type=int, default=None,
-                   help="pooled text-embedding size; default and check: the dataset's text_embedding.dim")
+                   help="text-embedding size; default and check: the dataset's text_embedding.dim")
     g.add_argument("--text_proj_dim", type=int, default=256, help="size the text embedding is projected to")
     g.add_argument("--cnn_base_filters", type=int, default=64,
                    help="channels of the first CNN stage (doubled per stage)")

@@ -21,7 +21,7 @@ TRAIN_STEPS = 3
 
 
 def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, predict_variance: bool = True,
-                seed: int = 0) -> Path:
+                seed: int = 0, text_embedding: str = "auto") -> Path:
     """Save a small random NoiseSequenceRNN_v3 with the run_config stage 2 writes for `pipe` (n=3, w_l=4).
 
     Its change head gets random weights, so unlike a fresh model it is not the identity."""
@@ -31,9 +31,10 @@ def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, pr
 
     res = noise_resolution * pipe.vae_scale_factor
     settings = GenerationSettings(base_model_id=str(pipe_dir), num_steps=TRAIN_STEPS, golden=TRAIN_GOLDEN,
-                                  height=res, width=res)
+                                  height=res, width=res, text_embedding=text_embedding)
     run_config = build_run_config(pipe, settings, GoldenStep(pipe.unet, pipe.scheduler.config, TRAIN_GOLDEN))
-    config = NoiseSequenceRNNConfig(latent_channels=4, noise_resolution=noise_resolution, text_embed_dim=32,
+    config = NoiseSequenceRNNConfig(latent_channels=4, noise_resolution=noise_resolution,
+                                    text_embed_dim=run_config["text_embedding"]["dim"],
                                     text_proj_dim=16, cnn_base_filters=8, cnn_num_blocks=[1, 1], cnn_max_filters=16,
                                     cnn_feat_dim=16, gru_hidden_size=16, gru_num_layers=1, norm_groups=4,
                                     predict_variance=predict_variance, delta_scale=0.1)
@@ -87,6 +88,45 @@ def test_api_readme_snippet(export, tiny_pipeline):
     both = gn([PROMPT, "a red apple"], seed=[7, 8])
     torch.testing.assert_close(both[:1], latents, rtol=0, atol=1e-5)
     assert not torch.allclose(both[1:], latents)
+
+
+def test_text_embedding_kinds_agree_between_stage_2_and_inference(tiny_pipeline, tiny_pipeline_dir, tmp_path):
+    """--text_embedding pooled+mean_token stores [pooled, token mean over the prompt's own tokens], and an RNN
+    trained on such data is fed exactly that at inference."""
+    from golden_noise.inference import GoldenNoise
+
+    prompts = ["a red circle", "a small blue square at the top left", PROMPT]
+    pf = tmp_path / "p.txt"
+    pf.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    out = tmp_path / "ds"
+    run_cli("src/generate_npd_series.py", "--prompt_file", pf, "--output_dir", out, "--base_model_id",
+            tiny_pipeline_dir, "--num_steps", 1, "--device", "cpu", "--storage_dtype", "float32",
+            "--text_embedding", "pooled+mean_token", "--save_prompt_embeds", check=True)
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["text_embedding"] == {"kind": "pooled+mean_token", "dim": 32 + 64,
+                                        "source": "text_encoder_2+prompt_embeds"}
+    pooled = encode_prompts(tiny_pipeline, prompts, with_uncond=False).cond_pooled
+    stored = torch.stack([load_tensor(out / f"sequences/{i}_text.pt") for i in range(3)])
+    for i, prompt in enumerate(prompts):
+        tokens = len(tiny_pipeline.tokenizer(prompt).input_ids)  # with BOS and EOS, no padding
+        embeds = load_tensor(out / f"sequences/{i}_prompt_embeds.pt")  # (77, 64)
+        torch.testing.assert_close(stored[i, :32], pooled[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stored[i, 32:], embeds[:tokens].mean(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(stored[0, 32:], stored[1, 32:])
+
+    stem = make_export(tmp_path / "run" / "rnn_v3_model_final", tiny_pipeline, tiny_pipeline_dir,
+                       text_embedding="pooled+mean_token")
+    gn = GoldenNoise.from_pretrained(stem, pipe=tiny_pipeline)
+    assert gn.text_embedding_kind == "pooled+mean_token"
+    torch.testing.assert_close(gn.text_embeddings(prompts), stored, atol=1e-5, rtol=1e-5)
+    assert gn(prompts, seed=0).shape == (3, 4, 16, 16)
+    with pytest.raises(UserError, match="--text_embedding pooled: this pipeline has no pooled embedding"):
+        from golden_noise.diffusion import resolve_text_embedding
+        tiny_pipeline.text_encoder_2, te2 = None, tiny_pipeline.text_encoder_2
+        try:
+            resolve_text_embedding(tiny_pipeline, "pooled")
+        finally:
+            tiny_pipeline.text_encoder_2 = te2
 
 
 def test_api_errors(export, tiny_pipeline, tiny_pipeline_dir, tmp_path):

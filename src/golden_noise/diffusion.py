@@ -131,6 +131,50 @@ def count_long_prompts(pipe, prompts: Sequence[str]) -> int:
     return sum(len(i) > tok.model_max_length for i in ids)
 
 
+# The prompt representation the RNN is conditioned on (stored by stage 2, recomputed at inference):
+#   pooled            text_encoder_2's projected pooled embedding (SDXL: 1280)
+#   mean_token        the UNet's token embeddings (prompt_embeds) averaged over the prompt's tokens (SDXL: 2048)
+#   pooled+mean_token both, concatenated (SDXL: 3328)
+# A pooled embedding need not encode every attribute linearly (in the toy world it loses the position words);
+# the token mean keeps each word's contribution. "auto" is pooled where there is one, else mean_token.
+TEXT_EMBEDDINGS = ("auto", "pooled", "mean_token", "pooled+mean_token")
+
+
+def resolve_text_embedding(pipe, kind: str = "auto") -> dict:
+    """{"kind", "dim", "source"} of the text embedding `kind` for `pipe` (run_config's text_embedding)."""
+    has_pooled = getattr(pipe, "text_encoder_2", None) is not None
+    if kind == "auto":
+        kind = "pooled" if has_pooled else "mean_token"
+    if kind not in TEXT_EMBEDDINGS[1:]:
+        raise UserError(f"--text_embedding {kind!r}: choose one of {', '.join(TEXT_EMBEDDINGS)}")
+    if "pooled" in kind and not has_pooled:
+        raise UserError(f"--text_embedding {kind}: this pipeline has no pooled embedding (no text_encoder_2); "
+                        "use mean_token")
+    pooled_dim = int(pipe.text_encoder_2.config.projection_dim) if has_pooled else 0
+    token_dim = sum(int(te.config.hidden_size) for te in (getattr(pipe, "text_encoder", None),
+                                                         getattr(pipe, "text_encoder_2", None)) if te is not None)
+    if kind == "pooled":
+        return {"kind": kind, "dim": pooled_dim, "source": "text_encoder_2"}
+    if kind == "mean_token":
+        return {"kind": kind, "dim": token_dim, "source": "prompt_embeds"}
+    return {"kind": kind, "dim": pooled_dim + token_dim, "source": "text_encoder_2+prompt_embeds"}
+
+
+def text_embedding(pipe, prompts: Sequence[str], cond: Conditioning, kind: str) -> torch.Tensor:
+    """The RNN's text input for `prompts` (B, P) float32, from their `Conditioning` (see TEXT_EMBEDDINGS)."""
+    kind = resolve_text_embedding(pipe, kind)["kind"]
+    parts = []
+    if "pooled" in kind:
+        parts.append(cond.cond_pooled.float())
+    if "mean_token" in kind:
+        tok = pipe.tokenizer
+        mask = tok(list(prompts), padding="max_length", max_length=cond.cond_embeds.shape[1], truncation=True,
+                   return_tensors="pt").attention_mask.to(cond.cond_embeds.device, torch.float32)  # (B, 77)
+        embeds = cond.cond_embeds.float()
+        parts.append((embeds * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1))
+    return torch.cat(parts, dim=1)
+
+
 class UNetCounter:
     """Counts UNet evaluations (one per sample per CFG branch) around a UNet's forward."""
 

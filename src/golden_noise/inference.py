@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .diffusion import encode_prompts, latent_shape, sample_images, seeded_noise
+from .diffusion import encode_prompts, latent_shape, resolve_text_embedding, sample_images, seeded_noise, text_embedding
 from .golden import GoldenConfig, GoldenStep
 from .io import UserError, atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text, read_prompts
 from .runtime import get_logger
@@ -151,20 +151,24 @@ class GoldenNoise:
                             f"({self.run_config.get('height')}x{self.run_config.get('width')}) or use an export "
                             "trained at this resolution")
         dim = self.model_config.get("text_embed_dim")
-        proj = getattr(getattr(getattr(pipe, "text_encoder_2", None), "config", None), "projection_dim", None)
-        if dim is not None and proj is not None and int(dim) != int(proj):
-            raise UserError(f"the RNN export expects text embeddings of size {dim}, but the pipeline's "
-                            f"text_encoder_2 projects to {proj}: use the base model the RNN was trained with "
+        have = resolve_text_embedding(pipe, self.text_embedding_kind)["dim"]
+        if dim is not None and int(dim) != have:
+            raise UserError(f"the RNN export expects {self.text_embedding_kind} text embeddings of size {dim}, but "
+                            f"this pipeline's are of size {have}: use the base model the RNN was trained with "
                             f"({self.run_config.get('base_model_id', 'see its run_config')})")
+
+    @property
+    def text_embedding_kind(self) -> str:
+        """What the RNN reads as text (diffusion.TEXT_EMBEDDINGS), as its training data stored it."""
+        return (self.run_config.get("text_embedding") or {}).get("kind", "pooled")
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str], pipe=None) -> torch.Tensor:
-        """The pooled prompt embedding the RNN is conditioned on (text_encoder_2's projection): (B, P) float32."""
+        """The prompt embedding the RNN is conditioned on, computed as its training data did: (B, P) float32."""
         pipe = self._pipe(pipe)
-        pooled = encode_prompts(pipe, list(prompts), with_uncond=False).cond_pooled
-        if pooled is None:
-            raise UserError("the pipeline gives no pooled text embedding: the RNN needs an SDXL-style pipeline")
-        return pooled.to(self.device, torch.float32)
+        prompts = list(prompts)
+        cond = encode_prompts(pipe, prompts, with_uncond=False)
+        return text_embedding(pipe, prompts, cond, self.text_embedding_kind).to(self.device, torch.float32)
 
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """x_T for each seed (B, C, H, W) float32 on CPU: what `pipe(generator=Generator().manual_seed(s))` draws."""
@@ -173,7 +177,7 @@ class GoldenNoise:
     @torch.no_grad()
     def rollout(self, x_T: torch.Tensor, text: torch.Tensor, num_steps: int | None = None, sample: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Roll the RNN out from x_T (B, C, H, W) with pooled text (B, P): -> (B, n, C, H, W) float32."""
+        """Roll the RNN out from x_T (B, C, H, W) with text embeddings (B, P): -> (B, n, C, H, W) float32."""
         n = int(num_steps or self.num_steps or DEFAULT_NUM_GEN_STEPS)
         if n < 1:
             raise UserError(f"--num_gen_steps must be at least 1, got {n}")

@@ -3,7 +3,7 @@
 Layout of a dataset directory (DESIGN.md "file contracts"):
     sequences/{id}_source.pt            x_T                        (C, H, W)
     sequences/{id}_golden_sequence.pt   x'_1 ... x'_n              (n, C, H, W)
-    sequences/{id}_text.pt              pooled text embedding      (P,)
+    sequences/{id}_text.pt              text embedding (--text_embedding)  (P,)
     sequences/{id}_prompt_embeds.pt     token embeddings (opt.)    (77, D)
     metadata.csv                        one row per complete sample, sorted by id
     run_config.json                     every parameter that shaped the data
@@ -22,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from .diffusion import count_long_prompts, encode_prompts, image_size, latent_shape, seeded_noise
+from .diffusion import (count_long_prompts, encode_prompts, image_size, latent_shape, resolve_text_embedding,
+                        seeded_noise, text_embedding)
 from .golden import GoldenConfig, GoldenStep
 from .io import Prompt, UserError, atomic_torch_save, atomic_write_json, atomic_write_text
 from .runtime import get_logger
@@ -51,6 +52,7 @@ class GenerationSettings:
     dtype: str = "float32"
     storage_dtype: str = "float16"
     save_prompt_embeds: bool = False
+    text_embedding: str = "auto"  # see diffusion.TEXT_EMBEDDINGS
     revision: str | None = None
     variant: str | None = None
 
@@ -85,8 +87,6 @@ def build_run_config(pipe, settings: GenerationSettings, golden: GoldenStep, pro
                      prompt_column: str | None = None) -> dict:
     """The dataset's run_config.json: every parameter that shaped the data."""
     height, width = image_size(pipe, settings.height, settings.width)
-    pooled_dim = pipe.text_encoder_2.config.projection_dim if getattr(pipe, "text_encoder_2", None) is not None \
-        else pipe.text_encoder.config.hidden_size
     return {
         "format_version": FORMAT_VERSION,
         "base_model_id": settings.base_model_id,
@@ -102,10 +102,7 @@ def build_run_config(pipe, settings: GenerationSettings, golden: GoldenStep, pro
         "latent_shape": list(latent_shape(pipe, height, width)),
         "dtype": settings.dtype,
         "storage_dtype": settings.storage_dtype,
-        "text_embedding": {"kind": "pooled" if getattr(pipe, "text_encoder_2", None) is not None else "mean_token",
-                           "dim": int(pooled_dim),
-                           "source": "text_encoder_2" if getattr(pipe, "text_encoder_2", None) is not None
-                           else "text_encoder"},
+        "text_embedding": resolve_text_embedding(pipe, settings.text_embedding),
         "save_prompt_embeds": settings.save_prompt_embeds,
         "start_seed": settings.start_seed,
         "prompt_file": prompt_file,
@@ -172,9 +169,9 @@ class SequenceDatasetWriter:
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending: list[Future] = []
 
-    def submit(self, sample_id: int, source, sequence, pooled, prompt_embeds=None) -> None:
+    def submit(self, sample_id: int, source, sequence, text, prompt_embeds=None) -> None:
         # .clone(): a saved view would carry its whole batch's storage.
-        tensors = {"source_noise_file": source, "golden_sequence_file": sequence, "text_embedding_file": pooled}
+        tensors = {"source_noise_file": source, "golden_sequence_file": sequence, "text_embedding_file": text}
         if self.save_prompt_embeds:
             tensors["prompt_embeds_file"] = prompt_embeds
         tensors = {k: v.detach().to("cpu", self.storage_dtype).clone() for k, v in tensors.items()}
@@ -254,13 +251,11 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
             missing_ids = {p.index for p in missing}
             # one device->host copy per batch and tensor, not a synchronising copy per sample
             x_host, seq_host = x_t.to("cpu", storage), seq.to("cpu", storage)
-            pooled_host = cond.cond_pooled.to("cpu", storage) if cond.cond_pooled is not None else None
+            text_host = text_embedding(pipe, [p.text for p in batch], cond, settings.text_embedding).to("cpu", storage)
             embeds_host = cond.cond_embeds.to("cpu", storage) if settings.save_prompt_embeds else None
             for i, p in enumerate(batch):
                 if p.index in missing_ids:
-                    # SD 1.5/2.1-style pipelines have no pooled embedding: store the token mean instead
-                    text = pooled_host[i] if pooled_host is not None else cond.cond_embeds[i].mean(0)
-                    writer.submit(p.index, x_host[i], seq_host[i], text,
+                    writer.submit(p.index, x_host[i], seq_host[i], text_host[i],
                                   embeds_host[i] if embeds_host is not None else None)
             bar.update(len(missing))
     finally:
