@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: all six stages end to end on the built-in toy world, on CPU, from a fresh clone.
 #   bash scripts/quickstart.sh                 # installs what it needs, then runs (about 5 min on 2 cores)
-#   EVAL_ON=held_out_captions bash scripts/quickstart.sh   # evaluate on captions never seen in training
+#   EVAL_ON=seen_captions bash scripts/quickstart.sh   # evaluate on new seeds of 24 training captions instead
 #   QUICK=1 bash scripts/quickstart.sh          # a 2-3 minute smoke run of the same path (tiny sizes)
 # The world (worlds/toy_shapes) is a diffusers StableDiffusionXLPipeline trained on 32x32 images of coloured
 # shapes, with a reward model that scores prompt adherence; every stage loads it with --base_model_id exactly
@@ -11,14 +11,15 @@ cd "$(dirname "$0")/.."
 
 WORLD="${WORLD:-worlds/toy_shapes}"
 RUN="${RUN:-quickstart}"                 # names data/$RUN, output/$RUN, inference_output/$RUN, results/$RUN
-NUM_STEPS="${NUM_STEPS:-1}"             # n: golden steps per sequence (and rolled out at inference)
+NUM_STEPS="${NUM_STEPS:-2}"             # n: golden steps per sequence (and rolled out at inference)
 TEST_CAPTIONS="${TEST_CAPTIONS:-24}"     # captions held out from training (unseen attribute combinations)
-EVAL_ON="${EVAL_ON:-seen_captions}"      # seen_captions: new seeds of 24 training captions; held_out_captions
+EVAL_ON="${EVAL_ON:-held_out_captions}" # held_out_captions: never trained on; seen_captions: new seeds of 24 training ones
 TRAIN_REPEATS="${TRAIN_REPEATS:-100}"    # training (caption, seed) pairs per caption
 TEST_REPEATS="${TEST_REPEATS:-10}"       # evaluation (caption, seed) pairs per evaluated caption
 TRAIN_STEPS="${TRAIN_STEPS:-2500}"
 SAMPLE_GUIDANCE="${SAMPLE_GUIDANCE:-1.0}" # sampling CFG: golden noise matters most where guidance is weak
 SAMPLE_STEPS="${SAMPLE_STEPS:-20}"
+TEXT_EMBEDDING="${TEXT_EMBEDDING:-pooled+mean_token}"  # the RNN's text input (the pooled one alone loses the position words)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 if [ -n "${QUICK:-}" ]; then
   TRAIN_REPEATS=2; TEST_REPEATS=2; TRAIN_STEPS=40; RUN="${RUN}_quick"
@@ -52,7 +53,8 @@ for _ in $(seq "$TEST_REPEATS"); do cat "$DATA/eval_captions.txt"; done > "$DATA
 
 step "2/6 golden-noise sequences: $(wc -l < "$DATA/prompts.txt") prompts x n=$NUM_STEPS"
 python src/generate_npd_series.py --prompt_file "$DATA/prompts.txt" --output_dir "$DATA/npd_sequences" \
-  --base_model_id "$WORLD" --num_steps "$NUM_STEPS" --batch_size 64 --device cpu --start_seed 0
+  --base_model_id "$WORLD" --num_steps "$NUM_STEPS" --batch_size 64 --device cpu --start_seed 0 \
+  --text_embedding "$TEXT_EMBEDDING"
 
 step "3/6 train NoiseSequenceRNN_v3 ($TRAIN_STEPS steps)"
 python src/train_rnn_model_v3.py --dataset_dir "$DATA/npd_sequences" --output_dir "$OUT" \
