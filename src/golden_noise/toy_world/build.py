@@ -67,7 +67,7 @@ PRESETS = {
                     unet_batch=64, sample_per_caption=1),
     # seconds: for tests of the plumbing and of determinism; its samples are noise
     "test": Preset(train_images=256, eval_images=64, vae_steps=4, vae_batch=8, vae_crop=16, classifier_steps=60,
-                   classifier_batch=32, classifier_lr=1e-2, unet_steps=4, unet_batch=8, sample_per_caption=0,
+                   classifier_batch=32, classifier_lr=1e-2, unet_steps=4, unet_batch=64, sample_per_caption=0,
                    sample_steps=2,
                    net=NetworkConfig(vae_channels=(4, 8, 8), unet_channels=(8, 16), unet_head_dim=4, text_layers=1,
                                      text_intermediate=16, classifier_channels=(8, 16, 16)),
@@ -96,6 +96,9 @@ def build_world(output_dir: str | Path, preset: str | Preset = "default", seed: 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--output_dir {out} exists and is not empty: pass --overwrite or choose another directory")
     torch.set_flush_denormal(True)  # tiny CPU networks can stall on denormal floats
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    # e.g. the text encoders' embedding backward sums in a thread-timing-dependent order otherwise
+    torch.use_deterministic_algorithms(True)
     tmp = out.with_name(f".{out.name}.building.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -107,6 +110,8 @@ def build_world(output_dir: str | Path, preset: str | Preset = "default", seed: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     summary["output_dir"] = str(out)
     return summary
 
