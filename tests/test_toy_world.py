@@ -188,6 +188,20 @@ def test_measure_oracle_gain_cli(test_world, tmp_path):
     assert "gain" in proc.stdout
 
 
+def test_probe_finds_what_the_pooled_embedding_loses(tmp_path):
+    """The committed world's diagnosis behind --text_embedding pooled+mean_token (README results): a linear probe
+    reads every attribute of unseen captions from the token mean, but not the position from the pooled embedding."""
+    proc = run_cli("scripts/probe_text_embeddings.py", "--world", "worlds/toy_shapes", "--test_size", 24, check=True)
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in proc.stdout.splitlines()[2:]}
+    assert proc.stdout.splitlines()[1].split()[2:] == ["color", "shape", "size", "position"]
+    assert rows["mean_token"] == rows["pooled+mean_token"] == [1.0, 1.0, 1.0, 1.0]
+    assert rows["pooled"][:3] == [1.0, 1.0, 1.0] and rows["pooled"][3] < 0.5
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red circle\n", encoding="utf-8")
+    proc = run_cli("scripts/probe_text_embeddings.py", "--world", "worlds/toy_shapes", "--test_prompt_file", bad)
+    assert proc.returncode != 0 and "names no size, position" in proc.stderr
+
+
 def test_bootstrap_ci_brackets_the_mean():
     from golden_noise.toy_world.oracle import bootstrap_ci
 
