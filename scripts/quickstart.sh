@@ -13,6 +13,7 @@ WORLD="${WORLD:-worlds/toy_shapes}"
 RUN="${RUN:-quickstart}"                 # names data/$RUN, output/$RUN, inference_output/$RUN, results/$RUN
 NUM_STEPS="${NUM_STEPS:-2}"             # n: golden steps per sequence (and rolled out at inference)
 TEST_CAPTIONS="${TEST_CAPTIONS:-24}"     # captions held out from training (unseen attribute combinations)
+SPLIT_SEED="${SPLIT_SEED:-0}"             # which captions are held out (extract_prompts --seed)
 EVAL_ON="${EVAL_ON:-held_out_captions}" # held_out_captions: never trained on; seen_captions: new seeds of 24 training ones
 TRAIN_REPEATS="${TRAIN_REPEATS:-100}"    # training (caption, seed) pairs per caption
 TEST_REPEATS="${TEST_REPEATS:-10}"       # evaluation (caption, seed) pairs per evaluated caption
@@ -41,7 +42,7 @@ rm -rf "$DATA" "$OUT" "$IMAGES" "$RESULTS"   # a quickstart always starts clean;
 
 step "1/6 prompts: extract the world's captions through the datasets path, hold out $TEST_CAPTIONS"
 python scripts/extract_prompts.py --dataset_name "$WORLD/prompts.txt" --output_dir "$DATA" \
-  --output_filename captions.txt --test_size "$TEST_CAPTIONS" --test_filename test_captions.txt --seed 0
+  --output_filename captions.txt --test_size "$TEST_CAPTIONS" --test_filename test_captions.txt --seed "$SPLIT_SEED"
 # one line per (caption, seed) pair: line i gets seed start_seed + i
 for _ in $(seq "$TRAIN_REPEATS"); do cat "$DATA/captions.txt"; done > "$DATA/prompts.txt"
 case "$EVAL_ON" in   # evaluation seeds (from 1000000 on) are never used in training either way
