@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from golden_noise.diffusion import DEFAULT_MODEL_ID, SCHEDULERS
-from golden_noise.runtime import DEVICE_HELP, DTYPE_CHOICES, run_cli
+from golden_noise.runtime import DEVICE_HELP, DTYPE_CHOICES, check_flag_minimum, run_cli
 
 METHODS = ("standard", "gnsnet", "oracle")
 
@@ -65,10 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--inversion_guidance_scale", type=float, default=None,
                    help="oracle: CFG of the inversion step w_w (default: the RNN's training data, else 1.0)")
     args = p.parse_args(argv)
-    for flag in ("batch_size", "num_inference_steps", "num_gen_steps", "schedule_steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag} must be at least 1, got {value}")
+    check_flag_minimum(p, args, ("batch_size", "num_inference_steps", "num_gen_steps", "schedule_steps"))
     return args
 
 

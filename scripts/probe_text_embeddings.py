@@ -4,7 +4,6 @@ generalise to unseen prompts (in the built-in world the pooled one loses the pos
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,16 +27,12 @@ def main(args):
 
     from golden_noise.diffusion import load_pipeline
     from golden_noise.io import UserError, read_prompts
-    from golden_noise.toy_world.grammar import WorldSpec
+    from golden_noise.toy_world import WorldSpec, load_world_card
     from golden_noise.toy_world.probe import probe_text_embeddings
 
     setup_logging()
     world = Path(args.world)
-    try:
-        spec = WorldSpec.from_dict(json.loads((world / "world.json").read_text(encoding="utf-8"))["config"]["spec"])
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"--world {world}: cannot read its world.json ({e}); build one with "
-                        "scripts/build_toy_world.py") from None
+    spec = WorldSpec.from_dict(load_world_card(world)["config"]["spec"])
     captions = [p.text for p in read_prompts(world / "prompts.txt")]
     if args.test_prompt_file:
         held_out = [p.text for p in read_prompts(args.test_prompt_file)]

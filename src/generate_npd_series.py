@@ -16,7 +16,8 @@ from golden_noise.diffusion import DEFAULT_MODEL_ID, TEXT_EMBEDDINGS, load_pipel
 from golden_noise.golden import GoldenConfig
 from golden_noise.io import read_prompts
 from golden_noise.npd import GenerationSettings, generate_dataset
-from golden_noise.runtime import DEVICE_HELP, DTYPE_CHOICES, distributed_state, get_logger, run_cli, setup_logging
+from golden_noise.runtime import (DEVICE_HELP, DTYPE_CHOICES, check_flag_minimum, distributed_state, get_logger, run_cli,
+                                  setup_logging)
 
 logger = get_logger("generate_npd_series")
 
@@ -58,10 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--inversion_guidance_scale", type=float, default=1.0, help="w_w: CFG scale of the inversion step")
     g.add_argument("--batch_size", type=int, default=8, help="prompts per UNet call (2x that with CFG)")
     args = p.parse_args(argv)
-    for flag in ("num_steps", "schedule_steps", "batch_size", "max_prompts"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag} must be at least 1, got {value}")
+    check_flag_minimum(p, args, ("num_steps", "schedule_steps", "batch_size", "max_prompts"))
     return args
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from golden_noise.io import UserError, atomic_write_json
-from golden_noise.runtime import get_logger, run_cli, setup_logging
+from golden_noise.runtime import check_flag_minimum, get_logger, run_cli, setup_logging
 
 logger = get_logger("train_rnn_model_v3")
 
@@ -93,15 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     positive = ("batch_size", "gradient_accumulation_steps", "num_epochs", "save_steps", "logging_steps",
                 "max_train_steps", "max_seq_len", "noise_resolution", "text_embed_dim", "cnn_base_filters",
                 "cnn_feat_dim", "gru_hidden_size", "gru_num_layers", "text_proj_dim", "norm_groups")
-    for flag in positive:
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag} must be at least 1, got {value}")
-    for flag in ("dataloader_num_workers", "max_checkpoints", "validation_steps", "kl_weight", "max_grad_norm",
-                 "weight_decay", "lr_warmup_steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 0:
-            p.error(f"--{flag} must not be negative, got {value}")
+    check_flag_minimum(p, args, positive)
+    check_flag_minimum(p, args, ("dataloader_num_workers", "max_checkpoints", "validation_steps", "kl_weight",
+                                 "max_grad_norm", "weight_decay", "lr_warmup_steps"), minimum=0)
     if any(b < 1 for b in args.cnn_num_blocks):
         p.error(f"--cnn_num_blocks must all be at least 1, got {args.cnn_num_blocks}")
     if not 0.0 <= args.dropout < 1.0:

@@ -95,6 +95,15 @@ def quiet_libraries() -> None:
         pass
 
 
+def check_flag_minimum(parser, args, flags: Sequence[str], minimum: int = 1) -> None:
+    """`parser.error` (usage + one line, exit 2) naming the first of `flags` that is set and below `minimum`."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            need = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+            parser.error(f"--{flag} {need}, got {value}")
+
+
 def run_cli(main: Callable, parse_args: Callable, argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run `main(args)`, and turn a UserError into one line on stderr and exit code 2."""
     args = parse_args(argv)
