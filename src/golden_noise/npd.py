@@ -245,13 +245,14 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
     try:
         for batch, missing in todo_batches:
             # the whole fixed batch is recomputed so each sample sees the same batch composition
-            cond = encode_prompts(pipe, [p.text for p in batch], height=height, width=width, with_uncond=need_uncond)
+            texts = [p.text for p in batch]
+            cond = encode_prompts(pipe, texts, height=height, width=width, with_uncond=need_uncond)
             x_t = seeded_noise([settings.start_seed + p.index for p in batch], shape, device=pipe.unet.device)
             seq = golden.sequence(x_t, cond, settings.num_steps)  # (B, n, C, H, W)
             missing_ids = {p.index for p in missing}
             # one device->host copy per batch and tensor, not a synchronising copy per sample
             x_host, seq_host = x_t.to("cpu", storage), seq.to("cpu", storage)
-            text_host = text_embedding(pipe, [p.text for p in batch], cond, settings.text_embedding).to("cpu", storage)
+            text_host = text_embedding(pipe, texts, cond, settings.text_embedding).to("cpu", storage)
             embeds_host = cond.cond_embeds.to("cpu", storage) if settings.save_prompt_embeds else None
             for i, p in enumerate(batch):
                 if p.index in missing_ids:
