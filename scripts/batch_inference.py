@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> dict | None:
     from golden_noise.diffusion import load_pipeline, set_scheduler
     from golden_noise.inference import BatchJob, GoldenNoise, run_batch
     from golden_noise.io import UserError, read_prompts
-    from golden_noise.runtime import distributed_state, get_logger, setup_logging
+    from golden_noise.runtime import distributed_state, end_distributed, get_logger, setup_logging
 
     state = distributed_state()
     setup_logging(state.is_main_process)
@@ -115,6 +115,7 @@ def main(args: argparse.Namespace) -> dict | None:
         out = Path(args.output_base_dir)
         logger.info("manifest %s, summary %s (%d process(es))", out / "manifest.csv", out / "summary.json",
                     summary["num_processes"])
+    end_distributed(state)
     return summary
 
 

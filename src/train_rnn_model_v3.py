@@ -388,6 +388,7 @@ def main(args: argparse.Namespace) -> dict:
         else:
             print(f"done: {global_step} steps on {accelerator.num_processes} process(es), no validation set; "
                   f"export {weights}")
+    accelerator.wait_for_everyone()  # see runtime.end_distributed: leave the process group together
     accelerator.end_training()
     return summary
 

@@ -62,6 +62,19 @@ def distributed_state():
     return PartialState(cpu=use_cpu)
 
 
+def end_distributed(state) -> None:
+    """Leave a multi-process run together: wait for every process, then destroy the process group.
+
+    Without the barrier a process that finishes early (not the main one, which still writes the outputs) tears
+    the gloo group down under the others, and can die with SIGABRT ('terminate called without an active
+    exception'), which fails the whole launch after the work is done.
+    """
+    if state is None or state.num_processes <= 1:
+        return
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
 def get_logger(name: str) -> logging.Logger:
     """A logger that prints 'time level message' to stderr once configured by `setup_logging`."""
     return logging.getLogger(name)
