@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from golden_noise.io import UserError, atomic_write_json
-from golden_noise.runtime import check_flag_minimum, get_logger, run_cli, setup_logging
+from golden_noise.runtime import check_flag_minimum, exit_cli, get_logger, gloo_launch, run_cli, setup_logging
 
 logger = get_logger("train_rnn_model_v3")
 
@@ -388,10 +388,14 @@ def main(args: argparse.Namespace) -> dict:
         else:
             print(f"done: {global_step} steps on {accelerator.num_processes} process(es), no validation set; "
                   f"export {weights}")
-    accelerator.wait_for_everyone()  # see runtime.end_distributed: leave the process group together
+    # Leave the process group together, after releasing the prepared objects (which stops the loaders' worker
+    # processes); on CPU the process then exits through runtime.exit_cli (see there for why).
+    accelerator.wait_for_everyone()
+    del model, optimizer, lr_scheduler, train_loader, val_loader
+    accelerator.free_memory()
     accelerator.end_training()
     return summary
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args))
+    exit_cli(run_cli(main, parse_args), skip_teardown=gloo_launch())

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,20 @@ from golden_noise.diffusion import (Conditioning, UNetCounter, encode_prompts, l
 from golden_noise.golden import GoldenConfig, GoldenStep
 from golden_noise.io import UserError, atomic_path, atomic_torch_save, read_prompts
 from golden_noise.tiny import sdxl_scheduler_config
+
+
+# ---------------------------------------------------------------- process exit
+@pytest.mark.parametrize("skip_teardown", [False, True])
+def test_exit_cli_flushes_and_keeps_the_code(skip_teardown):
+    """exit_cli's teardown-free exit (used after multi-process CPU training) still delivers buffered output."""
+    code = ("import logging, sys; from golden_noise.runtime import exit_cli; "
+            "logging.basicConfig(stream=sys.stderr, format='%(message)s'); "
+            "print('stdout line'); logging.getLogger('t').warning('log line'); "
+            f"exit_cli(3, skip_teardown={skip_teardown}); print('not reached')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as in a pipe
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "stdout line\n" and proc.stderr == "log line\n"
 
 
 # ---------------------------------------------------------------- prompt files and atomic writes

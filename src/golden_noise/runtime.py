@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 
@@ -52,14 +53,34 @@ def distributed_state():
     CUDA under a multi-process launch) is passed on as `cpu=True`; otherwise each process would believe it is
     rank 0 of 1.
     """
-    import os
-
     from accelerate import PartialState
 
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
-        launched and not torch.cuda.is_available())
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or gloo_launch()
     return PartialState(cpu=use_cpu)
+
+
+def gloo_launch() -> bool:
+    """True in a multi-process launch on CPU, where torch.distributed runs over gloo."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    return launched and cpu
+
+
+def exit_cli(code: int, skip_teardown: bool = False) -> NoReturn:
+    """Exit with `code`; with `skip_teardown`, flush and leave without the interpreter's C++ teardown.
+
+    Used after a multi-process CPU training run: wrapping a model in DistributedDataParallel keeps the gloo
+    process group alive inside torch even after destroy_process_group (its worker threads survive every Python
+    reference), and tearing those threads down at interpreter exit sometimes aborts the process
+    ('terminate called without an active exception', SIGABRT) after all work is written, which fails the launch.
+    Everything the run produces is written and flushed before this is called.
+    """
+    if not skip_teardown:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def end_distributed(state) -> None:
