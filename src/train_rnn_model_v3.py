@@ -301,6 +301,7 @@ def main(args: argparse.Namespace) -> dict:
     grad_norm = torch.tensor(0.0)
     done = global_step >= total_steps
     model.train()
+    loader = train_loader
     for epoch in range(first_epoch, num_epochs):
         if done:
             break
@@ -391,7 +392,7 @@ def main(args: argparse.Namespace) -> dict:
     # Leave the process group together, after releasing the prepared objects (which stops the loaders' worker
     # processes); on CPU the process then exits through runtime.exit_cli (see there for why).
     accelerator.wait_for_everyone()
-    del model, optimizer, lr_scheduler, train_loader, val_loader
+    del model, optimizer, lr_scheduler, train_loader, val_loader, loader
     accelerator.free_memory()
     accelerator.end_training()
     return summary

@@ -263,6 +263,21 @@ def test_resume_continues_exactly(npd_dataset, tmp_path):
     assert proc.returncode == 2 and "--gru_hidden_size 48 (checkpoint: 32)" in proc.stderr
 
 
+def test_resume_from_the_final_checkpoint_only_exports(npd_dataset, tmp_path):
+    """Resuming a run whose last checkpoint is its final step trains nothing and exports the same weights."""
+    args = ["--dataset_dir", npd_dataset, "--output_dir", tmp_path, "--max_train_steps", 6, "--batch_size", 4,
+            "--gradient_accumulation_steps", 2, "--validation_fraction", 0.25, "--save_steps", 6,
+            "--report_to", "none"]
+    train(*args)
+    first, _ = NoiseSequenceRNN_v3.from_pretrained(tmp_path)
+    proc = train(*args, "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in proc.stderr and "step 6, epoch 1" in proc.stderr
+    again, meta = NoiseSequenceRNN_v3.from_pretrained(tmp_path)
+    assert meta["training"]["global_step"] == 6
+    for pa, pb in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+
 def test_seed_command_flags_and_two_processes(npd_dataset, tmp_path):
     """The seed's command line (sizes scaled down), launched by accelerate with 2 CPU processes (gloo)."""
     out = tmp_path / "run"

@@ -55,15 +55,17 @@ def distributed_state():
     """
     from accelerate import PartialState
 
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or gloo_launch()
-    return PartialState(cpu=use_cpu)
+    return PartialState(cpu=_cpu_asked() or gloo_launch())
+
+
+def _cpu_asked() -> bool:
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
 def gloo_launch() -> bool:
     """True in a multi-process launch on CPU, where torch.distributed runs over gloo."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    return launched and cpu
+    return launched and (_cpu_asked() or not torch.cuda.is_available())
 
 
 def exit_cli(code: int, skip_teardown: bool = False) -> NoReturn:
@@ -86,9 +88,8 @@ def exit_cli(code: int, skip_teardown: bool = False) -> NoReturn:
 def end_distributed(state) -> None:
     """Leave a multi-process run together: wait for every process, then destroy the process group.
 
-    Without the barrier a process that finishes early (not the main one, which still writes the outputs) tears
-    the gloo group down under the others, and can die with SIGABRT ('terminate called without an active
-    exception'), which fails the whole launch after the work is done.
+    The barrier keeps a process that finishes early from tearing the group down while the main one still
+    writes the outputs; destroying it before exit is what torch.distributed asks of every program.
     """
     if state is None or state.num_processes <= 1:
         return
