@@ -13,8 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts src/ on sys.path for a fresh clone)
+import common  # noqa: E402  (bench/common.py; this script's folder is on sys.path)
 
 import torch  # noqa: E402
 
@@ -61,7 +60,7 @@ def main(args) -> int:
     common.setup(args.threads)
     from golden_noise.diffusion import optimize_unet
     from golden_noise.golden import GoldenConfig
-    from golden_noise.io import Prompt
+    from golden_noise.prompts import Prompt
     from golden_noise.npd import GenerationSettings
 
     size = args.latent_size

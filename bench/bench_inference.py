@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts src/ on sys.path for a fresh clone)
+import common  # noqa: E402  (bench/common.py; this script's folder is on sys.path)
 
 import torch  # noqa: E402
 
@@ -49,7 +48,7 @@ def text_encoder_flops() -> int:
 
 def flop_fractions(args) -> dict:
     """Rollout FLOPs of the default NoiseSequenceRNN_v3 vs SDXL sampling, all on the meta device."""
-    from model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
+    from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 
     latent = args.resolution // 8
     unet = common.build_sdxl_unet()
@@ -90,7 +89,7 @@ def wall_times(args) -> dict:
     """Rollout (text embedding + RNN) vs sampling wall time on the tiny pipeline, interleaved rounds."""
     from golden_noise.diffusion import sample_images, seeded_noise
     from golden_noise.inference import GoldenNoise
-    from model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
+    from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 
     pipe = common.tiny_pipeline(seed=0)
     c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size

@@ -18,8 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts src/ on sys.path for a fresh clone)
+import common  # noqa: E402  (bench/common.py; this script's folder is on sys.path)
 
 MARK = "BENCH_MEMORY_RESULT "
 
@@ -80,7 +79,7 @@ def _last_error(proc) -> str:
 
 def main(args) -> int:
     common.setup(args.threads)
-    from golden_noise.tiny import save_tiny_sdxl_pipeline
+    from golden_noise.testing.pipelines import save_tiny_sdxl_pipeline
 
     q = args.quick
     n_prompts, n_steps, size = (4, 2, 16) if q else (16, 10, 32)

@@ -15,8 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts src/ on sys.path for a fresh clone)
+import common  # noqa: E402  (bench/common.py; this script's folder is on sys.path)
 
 import torch  # noqa: E402
 
@@ -43,7 +42,7 @@ def parse_args(argv=None):
 
 
 def tiny_config(**kw):
-    from model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
+    from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
 
     base = dict(latent_channels=4, noise_resolution=16, text_embed_dim=32, text_proj_dim=32, cnn_base_filters=8,
                 cnn_num_blocks=[1, 1], cnn_feat_dim=32, gru_hidden_size=32, gru_num_layers=1, norm_groups=8)
@@ -92,8 +91,8 @@ def loader_rate(dataset, batch_size: int, workers: int, min_samples: int) -> flo
 
 def train_rate(config, batch: dict, steps: int) -> float:
     """Training samples/s of the real step (teacher forcing, loss, backward, clipping, AdamW) on one batch."""
-    from golden_noise import training as T
-    from model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
+    from golden_noise.training import core as T
+    from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
 
     torch.manual_seed(0)
     model = NoiseSequenceRNN_v3(config).train()
@@ -118,7 +117,7 @@ def train_rate(config, batch: dict, steps: int) -> float:
 def sdxl_flops(n: int) -> dict:
     """Default config at SDXL size on the meta device: parameters, forward FLOPs per step, training FLOPs per
     sample (forward + backward over n teacher-forced steps), n-step rollout vs a 30-step CFG SDXL sampling."""
-    from model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
+    from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 
     cfg = NoiseSequenceRNNConfig(predict_variance=True)
     with torch.device("meta"):
@@ -142,7 +141,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.setup(args)
     from golden_noise.sequence_data import collate, open_dataset
-    from model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
+    from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
 
     results: dict = {"args": vars(args)}
     flops = sdxl_flops(args.sdxl_num_steps)

@@ -16,9 +16,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT / "src", ROOT):  # run from a fresh clone without `pip install -e .`
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 # SDXL base 1.0 unet/config.json (stabilityai/stable-diffusion-xl-base-1.0): everything that shapes compute.
 SDXL_UNET_CONFIG = dict(
@@ -88,7 +85,7 @@ def random_conditioning(unet, batch: int, height: int, width: int, tokens: int =
 
 def tiny_pipeline(**kwargs):
     """`build_tiny_sdxl_pipeline(**kwargs)` with its progress bars off, as `load_pipeline` leaves them."""
-    from golden_noise.tiny import build_tiny_sdxl_pipeline
+    from golden_noise.testing.pipelines import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(**kwargs)
     pipe.set_progress_bar_config(disable=True)

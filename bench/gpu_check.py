@@ -17,8 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts src/ and the repo root on sys.path)
+import common  # noqa: E402  (bench/common.py; this script's folder is on sys.path)
 
 import torch  # noqa: E402
 
@@ -173,7 +172,7 @@ def golden_step_figures(check: Check, unet, batch: int, n: int, share: bool = Tr
     """Time GoldenStep at `batch` and (with `share`) the same UNet calls alone; derive steps/s, sequences/hour
     and the UNet's share of the step time."""
     from golden_noise.golden import GoldenConfig, GoldenStep
-    from golden_noise.tiny import sdxl_scheduler_config
+    from golden_noise.diffusion import sdxl_scheduler_config
 
     a = check.args
     lat = a.resolution // 8
@@ -273,7 +272,7 @@ def main(args) -> int:
 
     def sequence():
         from golden_noise.golden import GoldenConfig, GoldenStep
-        from golden_noise.tiny import sdxl_scheduler_config
+        from golden_noise.diffusion import sdxl_scheduler_config
 
         b = best0["batch"] if best0 else args.batch_sizes[0]
         step = GoldenStep(unet, sdxl_scheduler_config(), GoldenConfig())
@@ -336,13 +335,13 @@ def main(args) -> int:
     check.run("VAE decode and sampling time", vae_and_sampling)
 
     def rnn_config():
-        from model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
+        from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
 
         pooled = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
         return NoiseSequenceRNNConfig(noise_resolution=lat, text_embed_dim=pooled, **(TINY_RNN if tiny else {}))
 
     def rollout():
-        from model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
+        from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
 
         cfg = rnn_config()
         model = NoiseSequenceRNN_v3(cfg).to(check.device).eval()
@@ -360,8 +359,8 @@ def main(args) -> int:
     check.run("RNN rollout vs sampling", rollout)
 
     def training():
-        from golden_noise.training import sequence_loss, teacher_forcing_inputs
-        from model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
+        from golden_noise.training.core import sequence_loss, teacher_forcing_inputs
+        from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
 
         cfg = rnn_config()
         model = NoiseSequenceRNN_v3(cfg).to(check.device).train()
@@ -409,7 +408,7 @@ def main(args) -> int:
         optimize_unet(unet, compile_unet=True, mode=args.compile_mode, backend=args.compile_backend)
         try:
             from golden_noise.golden import GoldenConfig, GoldenStep
-            from golden_noise.tiny import sdxl_scheduler_config
+            from golden_noise.diffusion import sdxl_scheduler_config
 
             step = GoldenStep(unet, sdxl_scheduler_config(), GoldenConfig())
             x = torch.randn(cmp_batch, 4, lat, lat).to(check.device)

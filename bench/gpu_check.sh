@@ -65,7 +65,14 @@ else
     "$PY" -c "import diffusers" || { echo "error: diffusers still does not import from $SITE" >&2; exit 2; }
 fi
 
-export PYTHONPATH="$ROOT/src:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import golden_noise.model, golden_noise_toy" 2>/dev/null; then
+    # not installed (`pip install -e .`): stage the project's packages as they install (model/ is golden_noise.model)
+    PKG="${TMPDIR:-/tmp}/gpu_check_pkg"
+    rm -rf "$PKG" && mkdir -p "$PKG"
+    cp -r "$ROOT/src/golden_noise" "$ROOT/src/golden_noise_toy" "$PKG/"
+    rm -rf "$PKG/golden_noise/model" && cp -r "$ROOT/model" "$PKG/golden_noise/model"
+    export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
 status=0

@@ -280,7 +280,7 @@ class NoiseSequenceRNN_v3(nn.Module):
         `rnn_v3_model_final.*`. Returns (model in eval mode, the JSON metadata)."""
         from safetensors.torch import load_file
 
-        from golden_noise.io import UserError
+        from golden_noise.errors import UserError
 
         weights, meta_path = resolve_export_paths(path)
         try:
@@ -301,7 +301,7 @@ class NoiseSequenceRNN_v3(nn.Module):
 
 def resolve_export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """(weights .safetensors, config .json) of an export given either file, the stem, or its directory."""
-    from golden_noise.io import UserError
+    from golden_noise.errors import UserError
 
     p = Path(path)
     if p.is_dir():

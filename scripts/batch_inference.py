@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from golden_noise.diffusion import DEFAULT_MODEL_ID, SCHEDULERS
-from golden_noise.runtime import DEVICE_HELP, DTYPE_CHOICES, check_flag_minimum, run_cli
+from golden_noise.cli import check_flag_minimum
+from golden_noise.runtime import DEVICE_HELP, DTYPE_CHOICES, run_cli
 
 METHODS = ("standard", "gnsnet", "oracle")
 
@@ -71,8 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict | None:
     from golden_noise.diffusion import load_pipeline, set_scheduler
-    from golden_noise.inference import BatchJob, GoldenNoise, run_batch
-    from golden_noise.io import UserError, read_prompts
+    from golden_noise.inference import GoldenNoise
+    from golden_noise.inference.batch import BatchJob, run_batch
+    from golden_noise.errors import UserError
+    from golden_noise.prompts import read_prompts
     from golden_noise.runtime import distributed_state, end_distributed, get_logger, setup_logging
 
     state = distributed_state()

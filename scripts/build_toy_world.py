@@ -7,7 +7,7 @@ import json
 import sys
 
 from golden_noise.runtime import get_logger, run_cli, setup_logging
-from golden_noise.toy_world import PRESETS, build_world
+from golden_noise_toy import PRESETS, build_world
 
 logger = get_logger("build_toy_world")
 

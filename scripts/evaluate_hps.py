@@ -17,7 +17,9 @@ from pathlib import Path
 
 from golden_noise.evaluation import (check_readable, collect_images, find_methods, index_ranges, pair_images,
                                      prompt_map, score_all, summarize)
-from golden_noise.io import UserError, atomic_write_json, read_prompts
+from golden_noise.errors import UserError
+from golden_noise.io import atomic_write_json
+from golden_noise.prompts import read_prompts
 from golden_noise.report import NOTES, csv_name, format_table, write_html, write_plots, write_scores_csv
 from golden_noise.rewards.base import available_rewards
 from golden_noise.rewards.hpsv2 import ARCHITECTURE, CHECKPOINTS

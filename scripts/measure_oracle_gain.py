@@ -45,9 +45,10 @@ def main(args):
 
     from golden_noise.diffusion import load_pipeline
     from golden_noise.golden import GoldenConfig
-    from golden_noise.io import atomic_write_json, read_prompts
+    from golden_noise.io import atomic_write_json
+    from golden_noise.prompts import read_prompts
     from golden_noise.rewards.base import load_reward
-    from golden_noise.toy_world.oracle import format_table, measure_oracle_gain
+    from golden_noise_toy.oracle import format_table, measure_oracle_gain
 
     setup_logging()
     torch.set_num_threads(args.threads)

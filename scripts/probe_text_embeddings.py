@@ -26,9 +26,10 @@ def main(args):
     import torch
 
     from golden_noise.diffusion import load_pipeline
-    from golden_noise.io import UserError, read_prompts
-    from golden_noise.toy_world import WorldSpec, load_world_card
-    from golden_noise.toy_world.probe import probe_text_embeddings
+    from golden_noise.errors import UserError
+    from golden_noise.prompts import read_prompts
+    from golden_noise_toy import WorldSpec, load_world_card
+    from golden_noise_toy.probe import probe_text_embeddings
 
     setup_logging()
     world = Path(args.world)

@@ -7,8 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from golden_noise.io import atomic_write_json, read_prompts
-from golden_noise.quickstart import image_grid, summary_table
+from golden_noise.io import atomic_write_json
+
+from golden_noise.prompts import read_prompts
+from golden_noise_toy.quickstart import image_grid, summary_table
 from golden_noise.runtime import run_cli
 
 

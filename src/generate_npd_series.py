@@ -14,9 +14,10 @@ import sys
 
 from golden_noise.diffusion import DEFAULT_MODEL_ID, TEXT_EMBEDDINGS, load_pipeline, optimize_unet
 from golden_noise.golden import GoldenConfig
-from golden_noise.io import read_prompts
+from golden_noise.prompts import read_prompts
 from golden_noise.npd import GenerationSettings, generate_dataset
-from golden_noise.runtime import (DEVICE_HELP, DTYPE_CHOICES, check_flag_minimum, distributed_state, end_distributed,
+from golden_noise.cli import check_flag_minimum
+from golden_noise.runtime import (DEVICE_HELP, DTYPE_CHOICES, distributed_state, end_distributed,
                                   get_logger, run_cli, setup_logging)
 
 logger = get_logger("generate_npd_series")

@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> dict:
     from golden_noise.runtime import setup_logging
 
     setup_logging()
-    from golden_noise.inference import run_single
+    from golden_noise.inference.single import run_single
 
     return run_single(**vars(args))
 

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import torch
 
-from golden_noise.io import UserError, atomic_write_json
-from golden_noise.runtime import check_flag_minimum, exit_cli, get_logger, gloo_launch, run_cli, setup_logging
+from golden_noise.errors import UserError
+
+from golden_noise.io import atomic_write_json
+from golden_noise.cli import check_flag_minimum
+from golden_noise.runtime import exit_cli, get_logger, gloo_launch, run_cli, setup_logging
 
 logger = get_logger("train_rnn_model_v3")
 
@@ -111,7 +114,7 @@ def build_config(args, data, resume_dir: Path | None):
     """The model config: shapes from run_config.json, architecture from the flags, delta_scale from the data
     (or, when resuming, the checkpoint's config, which the flags must match)."""
     from golden_noise.sequence_data import golden_change_rms
-    from model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
+    from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
 
     c, h, w = data.latent_shape
     path = Path(args.dataset_dir) / "run_config.json"
@@ -154,9 +157,9 @@ def main(args: argparse.Namespace) -> dict:
     from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from torch.utils.data import DataLoader
 
-    from golden_noise import training as T
+    from golden_noise.training import core as T
     from golden_noise.sequence_data import collate, open_dataset
-    from model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3
+    from golden_noise.model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(

@@ -23,7 +23,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A tiny random StableDiffusionXLPipeline saved as a diffusers directory (latents 4x16x16, images 16 px)."""
-    from golden_noise.tiny import save_tiny_sdxl_pipeline
+    from golden_noise.testing.pipelines import save_tiny_sdxl_pipeline
 
     return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sdxl", seed=0)
 

@@ -17,7 +17,8 @@ import torch
 
 from golden_noise.diffusion import encode_prompts, seeded_noise
 from golden_noise.golden import GoldenStep
-from golden_noise.io import UserError, load_tensor
+from golden_noise.errors import UserError
+from golden_noise.io import load_tensor
 from tests.conftest import ROOT, run_cli
 from tests.test_inference import TRAIN_GOLDEN, TRAIN_STEPS, load_cli, make_export, pixels
 

@@ -128,7 +128,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 def test_channels_last_flag_leaves_the_dataset_unchanged(tmp_path, tiny_pipeline, tiny_pipeline_dir):
-    from golden_noise.io import read_prompts
+    from golden_noise.prompts import read_prompts
     from golden_noise.npd import GenerationSettings, generate_dataset
 
     prompts = tmp_path / "prompts.txt"
@@ -155,7 +155,7 @@ def test_channels_last_flag_leaves_the_dataset_unchanged(tmp_path, tiny_pipeline
 def test_compiled_unet_gives_the_same_golden_step():
     from golden_noise.diffusion import encode_prompts, optimize_unet, seeded_noise
     from golden_noise.golden import GoldenStep
-    from golden_noise.tiny import build_tiny_sdxl_pipeline
+    from golden_noise.testing.pipelines import build_tiny_sdxl_pipeline
 
     with one_thread():
         pipe = build_tiny_sdxl_pipeline(seed=0)  # its own copy: compiling changes the module in place

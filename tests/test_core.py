@@ -13,8 +13,10 @@ import torch
 from golden_noise.diffusion import (Conditioning, UNetCounter, encode_prompts, latent_shape, load_pipeline,
                                     predict_noise, seeded_noise)
 from golden_noise.golden import GoldenConfig, GoldenStep
-from golden_noise.io import UserError, atomic_path, atomic_torch_save, read_prompts
-from golden_noise.tiny import sdxl_scheduler_config
+from golden_noise.errors import UserError
+from golden_noise.io import atomic_path, atomic_torch_save
+from golden_noise.prompts import read_prompts
+from golden_noise.diffusion import sdxl_scheduler_config
 
 
 # ---------------------------------------------------------------- process exit

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from golden_noise.io import UserError
-from golden_noise.rewards.tiny import save_tiny_clip, save_tiny_hps
+from golden_noise.errors import UserError
+from golden_noise.testing.rewards import save_tiny_clip, save_tiny_hps
 from golden_noise.stats import bootstrap_ci, describe, paired_comparison, ttest_p, wilcoxon_p, win_rate
 from tests.conftest import ROOT, run_cli
 

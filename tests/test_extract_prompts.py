@@ -8,7 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from golden_noise.io import UserError, read_prompts
+from golden_noise.errors import UserError
+
+from golden_noise.prompts import read_prompts
 from golden_noise.prompts_extract import (
     choose_column, collect_prompts, extract_prompts, resolve_source, split_test,
 )

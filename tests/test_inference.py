@@ -12,7 +12,8 @@ from PIL import Image
 
 from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise
 from golden_noise.golden import GoldenConfig, GoldenStep
-from golden_noise.io import UserError, load_tensor
+from golden_noise.errors import UserError
+from golden_noise.io import load_tensor
 from tests.conftest import ROOT, run_cli
 
 PROMPT = "A futuristic cityscape at sunset, synthwave style"
@@ -25,7 +26,7 @@ def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, pr
     """Save a small random NoiseSequenceRNN_v3 with the run_config stage 2 writes for `pipe` (n=3, w_l=4).
 
     Its change head gets random weights, so unlike a fresh model it is not the identity."""
-    from model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
+    from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 
     from golden_noise.npd import GenerationSettings, build_run_config
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from golden_noise.io import UserError
-from model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
+from golden_noise.errors import UserError
+from golden_noise.model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 
 
 @pytest.fixture(autouse=True)

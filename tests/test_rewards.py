@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from golden_noise.io import UserError
+from golden_noise.errors import UserError
 from golden_noise.rewards.base import available_rewards, load_reward
-from golden_noise.rewards.tiny import TINY_HPS_CONFIG, save_tiny_aesthetic, save_tiny_clip, save_tiny_hps
+from golden_noise.testing.rewards import TINY_HPS_CONFIG, save_tiny_aesthetic, save_tiny_clip, save_tiny_hps
 
 PROMPTS = [
     "a red cube on a table",

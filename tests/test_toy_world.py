@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from golden_noise.io import UserError
-from golden_noise.toy_world import build_world
-from golden_noise.toy_world.build import PRESETS
-from golden_noise.toy_world.grammar import WorldSpec, parse_prompt
-from golden_noise.toy_world.render import render, sample_scenes
+from golden_noise.errors import UserError
+from golden_noise_toy import build_world
+from golden_noise_toy.build import PRESETS
+from golden_noise_toy.grammar import WorldSpec, parse_prompt
+from golden_noise_toy.render import render, sample_scenes
 from tests.conftest import run_cli
 
 SPEC = PRESETS["test"].spec          # 2 colours x 2 shapes x 2 sizes x 2 positions = 16 captions
@@ -98,7 +98,7 @@ def test_build_writes_a_standard_sdxl_pipeline(test_world):
 def test_training_conditioning_matches_the_pipeline(test_world):
     """The builder trains on `encode_token_ids`; sampling uses `pipe.encode_prompt`: they must agree."""
     from golden_noise.diffusion import load_pipeline
-    from golden_noise.toy_world.components import encode_token_ids
+    from golden_noise_toy.components import encode_token_ids
 
     pipe = load_pipeline(str(test_world), dtype="float32", device="cpu")
     prompts = SPEC.all_captions()[:3]
@@ -203,7 +203,7 @@ def test_probe_finds_what_the_pooled_embedding_loses(tmp_path):
 
 
 def test_bootstrap_ci_brackets_the_mean():
-    from golden_noise.toy_world.oracle import bootstrap_ci
+    from golden_noise_toy.oracle import bootstrap_ci
 
     d = torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1 + 0.05
     lo, hi = bootstrap_ci(d)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from golden_noise.io import UserError
+from golden_noise.errors import UserError
 from golden_noise.sequence_data import collate, golden_change_rms, open_dataset, split_ids
-from model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3
+from golden_noise.model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3
 from tests.conftest import ROOT, run_cli
 
 TRAIN = "src/train_rnn_model_v3.py"

@@ -14,13 +14,20 @@ from typing import Sequence
 
 import torch
 
-from .io import UserError
+from .errors import UserError
 from .runtime import get_logger, resolve_device, resolve_dtype
 
 logger = get_logger(__name__)
 
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 SCHEDULERS = ("default", "ddim", "dpmsolver++", "euler")
+
+
+def sdxl_scheduler_config() -> dict:
+    """SDXL base 1.0's scheduler config (scaled-linear betas, leading spacing, offset 1), as DDIM."""
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
+                prediction_type="epsilon")
 
 
 def load_pipeline(base_model_id: str, revision: str | None = None, variant: str | None = None,

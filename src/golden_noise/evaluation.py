@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import inspect
 import os
 import re
 import time
@@ -13,7 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import Prompt, UserError
+from .errors import UserError
+
+from .prompts import Prompt
+from .rewards.base import load_reward
 from .runtime import get_logger
 from .stats import describe, paired_comparison
 
@@ -129,19 +131,6 @@ def load_image(path: Path):
         raise UserError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
 
 
-def build_reward(metric: str, **options):
-    """`load_reward(metric, ...)` passing only the options its factory accepts (all if it takes **kwargs)."""
-    from .rewards.base import _REGISTRY, available_rewards, load_reward
-
-    names = available_rewards()
-    if metric not in _REGISTRY:
-        raise UserError(f"unknown metric {metric!r}: choose from {', '.join(names)}")
-    params = inspect.signature(_REGISTRY[metric]).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        options = {k: v for k, v in options.items() if k in params}
-    return load_reward(metric, **options)
-
-
 def score_images(reward, files: Sequence[Path], prompts: Sequence[str], batch_size: int) -> list[float]:
     """Score images against their prompts, `batch_size` at a time (memory stays flat); the next batch's
     PNGs are decoded on worker threads while the current one is scored."""
@@ -169,7 +158,7 @@ def score_all(metrics: Sequence[str], methods: Sequence[Method], indices: Sequen
     speed: dict[str, dict] = {}
     for metric in metrics:
         started = time.perf_counter()
-        reward = build_reward(metric, **options[metric])
+        reward = load_reward(metric, **options[metric])
         load_s = time.perf_counter() - started
         log.info("loaded %s in %.1f s", metric, load_s)
         scores[metric], seconds = {}, 0.0

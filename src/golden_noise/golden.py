@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .diffusion import Conditioning, UNetCounter, predict_noise
-from .io import UserError
+from .errors import UserError
 
 
 @dataclass

@@ -25,8 +25,10 @@ import torch
 from .diffusion import (count_long_prompts, encode_prompts, image_size, latent_shape, resolve_text_embedding,
                         seeded_noise, text_embedding)
 from .golden import GoldenConfig, GoldenStep
-from .io import Prompt, UserError, atomic_torch_save, atomic_write_json, atomic_write_text
-from .runtime import get_logger
+from .errors import UserError
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+from .prompts import Prompt
+from .runtime import get_logger, resolve_dtype
 
 logger = get_logger(__name__)
 
@@ -230,7 +232,7 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
 
     shape = latent_shape(pipe, settings.height, settings.width)
     height, width = image_size(pipe, settings.height, settings.width)
-    storage = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[settings.storage_dtype]
+    storage = resolve_dtype(settings.storage_dtype)
     need_uncond = any(w != 1.0 for w in (settings.golden.denoise_guidance_scale,
                                          settings.golden.inversion_guidance_scale))
     batches = global_batches(prompts, batch_size)[rank::world]

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .io import UserError, atomic_write_text, normalize_prompt
+from .errors import UserError
+
+from .io import atomic_write_text
+
+from .prompts import normalize_prompt
 from .runtime import get_logger
 
 logger = get_logger(__name__)

@@ -8,9 +8,9 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 
-from .io import UserError
+from .errors import UserError
 
-DTYPES = {
+DTYPES = {  # the one table of dtype names
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -27,6 +27,13 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise UserError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPE_CHOICES)}") from None
+
+
+def model_dtype(name: str, device: torch.device | str) -> str:
+    """A `--dtype` flag's value: 'auto' is float16 on CUDA and float32 elsewhere; other names pass through."""
+    if name != "auto":
+        return name
+    return "float16" if torch.device(device).type == "cuda" else "float32"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -128,15 +135,6 @@ def quiet_libraries() -> None:
         tlog.set_verbosity_error()
     except Exception:  # pragma: no cover - the libraries are optional for some stages
         pass
-
-
-def check_flag_minimum(parser, args, flags: Sequence[str], minimum: int = 1) -> None:
-    """`parser.error` (usage + one line, exit 2) naming the first of `flags` that is set and below `minimum`."""
-    for flag in flags:
-        value = getattr(args, flag)
-        if value is not None and value < minimum:
-            need = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
-            parser.error(f"--{flag} {need}, got {value}")
 
 
 def run_cli(main: Callable, parse_args: Callable, argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .io import UserError, load_tensor
+from .errors import UserError
+
+from .io import load_tensor
 from .runtime import get_logger
 
 logger = get_logger(__name__)

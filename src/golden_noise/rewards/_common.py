@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..io import UserError
+from ..errors import UserError
 from ..runtime import resolve_device, resolve_dtype
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..io import UserError
+from ..errors import UserError
 from ._common import ClipFeatures, check_local, device_and_dtype, hub_file, load_clip
 from .base import RewardModel, register_reward
 

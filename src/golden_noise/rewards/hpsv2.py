@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..io import UserError
+from ..errors import UserError
 from ._common import autocast, batches, check_local, device_and_dtype, hub_file
 from .base import RewardModel, register_reward
 

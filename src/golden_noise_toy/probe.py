@@ -10,8 +10,8 @@ from typing import Sequence
 
 import torch
 
-from ..diffusion import TEXT_EMBEDDINGS, encode_prompts, text_embedding
-from ..io import UserError
+from golden_noise.diffusion import TEXT_EMBEDDINGS, encode_prompts, text_embedding
+from golden_noise.errors import UserError
 from .grammar import parse_prompt
 
 

@@ -46,7 +46,7 @@ def tiny_clip(seed: int = 0, image_size: int = 32, projection_dim: int = 16):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, \
         CLIPVisionConfig
 
-    from ..tiny import byte_level_clip_tokenizer
+    from .pipelines import byte_level_clip_tokenizer
 
     tokenizer = byte_level_clip_tokenizer()
     n = len(tokenizer)
@@ -75,7 +75,7 @@ def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
 
 def save_tiny_aesthetic(folder: str | Path, seed: int = 0) -> Path:
     """A folder with a tiny CLIP and `sac+logos+ava1-l14-linearMSE.pth` sized to its embedding."""
-    from .aesthetic import MLP_FILES, AestheticMLP
+    from ..rewards.aesthetic import MLP_FILES, AestheticMLP
 
     folder = save_tiny_clip(folder, seed)
     torch.manual_seed(seed + 2)

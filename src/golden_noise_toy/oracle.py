@@ -7,8 +7,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import encode_prompts, latent_shape, sample_images, seeded_noise
-from ..golden import GoldenConfig, GoldenStep
+from golden_noise.diffusion import encode_prompts, latent_shape, sample_images, seeded_noise
+from golden_noise.golden import GoldenConfig, GoldenStep
 
 
 def bootstrap_ci(diffs: torch.Tensor, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..io import UserError, atomic_write_json, atomic_write_text
-from ..runtime import get_logger
+from golden_noise.errors import UserError
+
+from golden_noise.io import atomic_write_json, atomic_write_text
+from golden_noise.runtime import get_logger
 from .components import (AttributeClassifier, ClassifierConfig, NetworkConfig, build_text_encoders, build_unet,
                          build_vae)
 from .grammar import WorldSpec
@@ -120,8 +122,7 @@ def _build(out: Path, p: Preset, name: str, seed: int, quiet: bool) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    from ..diffusion import sdxl_time_ids
-    from ..tiny import sdxl_scheduler_config
+    from golden_noise.diffusion import sdxl_scheduler_config, sdxl_time_ids
 
     spec, net = p.spec, p.net
     timings, t_all = {}, time.perf_counter()
@@ -227,8 +228,8 @@ def sample_check(world: Path, captions: list[str], per_caption: int, steps: int,
     them with the saved reward: mean reward and the fraction with every attribute right."""
     from tqdm.auto import tqdm
 
-    from ..diffusion import latent_shape, load_pipeline, sample_images, seeded_noise
-    from ..rewards.toy_attributes import ToyAttributeReward
+    from golden_noise.diffusion import latent_shape, load_pipeline, sample_images, seeded_noise
+    from .reward import ToyAttributeReward
 
     if per_caption <= 0:
         return {}

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..tiny import byte_level_clip_tokenizer, tiny_text_encoders
+from golden_noise.testing.pipelines import byte_level_clip_tokenizer, tiny_text_encoders
 
 TEXT_HIDDEN = 32      # each CLIP encoder's width; the UNet cross-attends to both concatenated (64)
 TIME_EMBED_DIM = 8    # SDXL's addition_time_embed_dim, scaled down

@@ -1,4 +1,4 @@
-"""Tiny SDXL-architecture pipelines built offline (no hub): for tests, benchmarks and the quickstart.
+"""Tiny pipelines built offline (no hub), for tests, benchmarks and the toy world's builder.
 
 The components follow diffusers' own SDXL tests (`get_dummy_components`); the tokenizers use a byte-level
 CLIP vocabulary (256 byte symbols, the same 256 with an end-of-word mark, and the two special tokens), so
@@ -54,18 +54,13 @@ def tiny_text_encoders(vocab_size: int, hidden_size: int = 32, projection_dim: i
     return te1.eval(), te2.eval()
 
 
-def sdxl_scheduler_config() -> dict:
-    """SDXL base 1.0's scheduler config (scaled-linear betas, leading spacing, offset 1), as DDIM."""
-    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
-                prediction_type="epsilon")
-
-
 def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16, block_out_channels=(8, 16),
                              latent_channels: int = 4):
     """A random tiny `StableDiffusionXLPipeline` (~0.7 MB): latents (4, sample_size, sample_size), and a
     one-level VAE (scale factor 1), so images are `sample_size` pixels square (default 16)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from ..diffusion import sdxl_scheduler_config
 
     tokenizer = byte_level_clip_tokenizer()
     te1, te2 = tiny_text_encoders(len(tokenizer), seed=seed)

@@ -12,11 +12,11 @@ from typing import Sequence
 
 import torch
 
-from ..io import UserError
-from ..runtime import resolve_device, resolve_dtype
-from ..toy_world.components import AttributeClassifier, ClassifierConfig
-from ..toy_world.grammar import parse_prompt
-from .base import RewardModel, register_reward
+from golden_noise.errors import UserError
+from golden_noise.runtime import resolve_device, resolve_dtype
+from .components import AttributeClassifier, ClassifierConfig
+from .grammar import parse_prompt
+from golden_noise.rewards.base import RewardModel, register_reward
 
 REWARD_DIR = "toy_reward"
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import UserError, atomic_save_image
+from golden_noise.errors import UserError
+
+from golden_noise.io import atomic_save_image
 
 
 def _load(path: Path) -> dict:

@@ -1,0 +1,201 @@
+"""Golden noise from a trained RNN export (the `GoldenNoise` API) and from the real golden step (the oracle)."""
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Sequence
+
+import torch
+
+from ..diffusion import encode_prompts, latent_shape, resolve_text_embedding, seeded_noise, text_embedding
+from ..errors import UserError
+from ..golden import GoldenConfig, GoldenStep
+from ..runtime import get_logger
+
+logger = get_logger(__name__)
+
+DEFAULT_NUM_GEN_STEPS = 10  # used only when no RNN export says how many steps its data had
+
+
+def load_rnn_export(path: str | os.PathLike, device=None, dtype=None):
+    """Load a trained `NoiseSequenceRNN_v3` export -> (model in eval mode, meta); UserError when missing/invalid."""
+    from ..model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
+
+    model, meta = NoiseSequenceRNN_v3.from_pretrained(str(path), device=device, dtype=dtype)
+    return model.eval(), meta
+
+
+def export_latent_shape(meta: dict) -> tuple[int, int, int]:
+    """(C, H, W) of the noise an export was trained on."""
+    rc = meta.get("run_config") or {}
+    if rc.get("latent_shape"):
+        return tuple(int(v) for v in rc["latent_shape"])
+    mc = meta["model_config"]
+    res = mc["noise_resolution"]
+    h, w = (res, res) if isinstance(res, int) else tuple(res)
+    return (int(mc["latent_channels"]), int(h), int(w))
+
+
+def golden_config_from(run_config: dict | None, **overrides) -> GoldenConfig:
+    """The golden-step parameters of a training run's data, with explicit (non-None) overrides on top."""
+    names = {f.name for f in fields(GoldenConfig)}
+    values = {k: v for k, v in ((run_config or {}).get("golden") or {}).items() if k in names}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in values and values[key] != value:
+            logger.warning("oracle: %s=%s differs from the %s the RNN's training data used; the oracle uses %s",
+                           key, value, values[key], value)
+        values[key] = value
+    return GoldenConfig(**values)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def oracle_noise(pipe, prompts: Sequence[str], x_T: torch.Tensor, num_steps: int, config: GoldenConfig,
+                 height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """The real golden step applied `num_steps` times to x_T: (B, C, H, W) -> x'_n (B, C, H, W) float32.
+
+    Uses the pipeline's own (default) scheduler config, like the data generation stage."""
+    scheduler = getattr(pipe, "_default_scheduler", pipe.scheduler)
+    step = GoldenStep(pipe.unet, scheduler.config, config)
+    cond = encode_prompts(pipe, list(prompts), height=height, width=width)
+    return step.sequence(x_T.to(pipe.unet.device, torch.float32), cond, num_steps)[:, -1]
+
+
+class GoldenNoise:
+    """Turn a prompt and a seed into golden initial latents for your own diffusers SDXL pipeline.
+
+        gn = GoldenNoise.from_pretrained("output/run/rnn_v3_model_final", pipe=pipe)
+        image = pipe(prompt, latents=gn(prompt, seed=0)).images[0]
+    """
+
+    def __init__(self, model, meta: dict, pipe=None, device=None):
+        self.model = model
+        self.meta = meta
+        self.pipe = pipe
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, pipe=None, device=None, dtype=None) -> "GoldenNoise":
+        """Load an export (the .safetensors, the .json, their stem or a run directory); the RNN runs on
+        `device` (default: the pipeline's device, else CPU) in `dtype` (default float32)."""
+        if device is None:
+            device = pipe.unet.device if pipe is not None else torch.device("cpu")
+        model, meta = load_rnn_export(path, device=device, dtype=dtype or torch.float32)
+        gn = cls(model, meta, pipe=pipe, device=device)
+        if pipe is not None:
+            gn.check_pipeline(pipe)
+            if gn.height and tuple(latent_shape(pipe)) != gn.latent_shape:
+                logger.warning("the RNN was trained at %sx%s px, not the pipeline's default size: call "
+                               "pipe(..., height=gn.height, width=gn.width)", gn.height, gn.width)
+        return gn
+
+    @property
+    def run_config(self) -> dict:
+        """The training dataset's run_config.json, as stored in the export."""
+        return self.meta.get("run_config") or {}
+
+    @property
+    def model_config(self) -> dict:
+        return self.meta.get("model_config") or {}
+
+    @property
+    def num_steps(self) -> int | None:
+        """How many golden steps the training sequences held (the default rollout length)."""
+        n = self.run_config.get("num_steps")
+        return int(n) if n is not None else None
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the noise the RNN was trained on."""
+        return export_latent_shape(self.meta)
+
+    @property
+    def height(self) -> int | None:
+        """Image height the training data used (pass it to `pipe(..., height=gn.height)` if not the default)."""
+        return self.run_config.get("height")
+
+    @property
+    def width(self) -> int | None:
+        return self.run_config.get("width")
+
+    def _pipe(self, pipe):
+        pipe = pipe if pipe is not None else self.pipe
+        if pipe is None:
+            raise UserError("GoldenNoise needs a pipeline for the text embedding: pass pipe= to from_pretrained "
+                            "or to the call")
+        return pipe
+
+    def check_pipeline(self, pipe, height: int | None = None, width: int | None = None) -> None:
+        """Raise UserError unless `pipe` at `height` x `width` uses the latent shape the RNN was trained on."""
+        height, width = height or self.height, width or self.width
+        have = tuple(latent_shape(pipe, height, width))
+        want = self.latent_shape
+        if have != want:
+            size = f"{height or 'default'}x{width or 'default'}"
+            raise UserError(f"the RNN export was trained on latents {list(want)}, but the pipeline at {size} px "
+                            f"makes latents {list(have)}: pass --height/--width matching the training data "
+                            f"({self.run_config.get('height')}x{self.run_config.get('width')}) or use an export "
+                            "trained at this resolution")
+        dim = self.model_config.get("text_embed_dim")
+        have = resolve_text_embedding(pipe, self.text_embedding_kind)["dim"]
+        if dim is not None and int(dim) != have:
+            raise UserError(f"the RNN export expects {self.text_embedding_kind} text embeddings of size {dim}, but "
+                            f"this pipeline's are of size {have}: use the base model the RNN was trained with "
+                            f"({self.run_config.get('base_model_id', 'see its run_config')})")
+
+    @property
+    def text_embedding_kind(self) -> str:
+        """What the RNN reads as text (diffusion.TEXT_EMBEDDINGS), as its training data stored it."""
+        return (self.run_config.get("text_embedding") or {}).get("kind", "pooled")
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str], pipe=None) -> torch.Tensor:
+        """The prompt embedding the RNN is conditioned on, computed as its training data did: (B, P) float32."""
+        pipe = self._pipe(pipe)
+        prompts = list(prompts)
+        cond = encode_prompts(pipe, prompts, with_uncond=False)
+        return text_embedding(pipe, prompts, cond, self.text_embedding_kind).to(self.device, torch.float32)
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """x_T for each seed (B, C, H, W) float32 on CPU: what `pipe(generator=Generator().manual_seed(s))` draws."""
+        return seeded_noise(list(seeds), self.latent_shape)
+
+    @torch.no_grad()
+    def rollout(self, x_T: torch.Tensor, text: torch.Tensor, num_steps: int | None = None, sample: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Roll the RNN out from x_T (B, C, H, W) with text embeddings (B, P): -> (B, n, C, H, W) float32."""
+        n = int(num_steps or self.num_steps or DEFAULT_NUM_GEN_STEPS)
+        if n < 1:
+            raise UserError(f"--num_gen_steps must be at least 1, got {n}")
+        x = x_T.to(self.device, torch.float32)
+        seq = self.model.generate_sequence(x, text.to(self.device, torch.float32), n, sample=sample,
+                                           generator=generator)
+        return seq.float()  # (B, n, C, H, W)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str], seed: int | Sequence[int] | None = None, pipe=None,
+                 latents: torch.Tensor | None = None, num_steps: int | None = None, sample: bool = False,
+                 generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Golden latents (B, C, H, W) for `pipe(prompt, latents=...)`, on the pipeline's device in its dtype.
+
+        The start noise is `latents` (B, C, H, W) if given, else drawn per prompt: an int seed s gives prompt i
+        the seed s + i, a list one seed each, exactly as `pipe(prompts, generator=[torch.Generator()
+        .manual_seed(s_i) ...])` draws it in float32. `sample=True` draws each step from the predicted Gaussian
+        (exports trained with predict_variance) using `generator` (on the RNN's device)."""
+        pipe = self._pipe(pipe)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if latents is None:
+            if seed is None:
+                raise UserError("pass seed= (an int, or one per prompt) or latents=")
+            seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+            if len(seeds) != len(prompts):
+                raise UserError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+            latents = self.initial_noise(seeds)
+        golden = self.rollout(latents, self.text_embeddings(prompts, pipe), num_steps, sample, generator)[:, -1]
+        return golden.to(pipe.unet.device, dtype or pipe.unet.dtype)

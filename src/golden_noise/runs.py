@@ -1,0 +1,106 @@
+"""Rules for a stage's output folder: what may be added to it (a rerun with the same inputs and settings),
+what is refused (anything else, with every difference named), and a lock so two runs never share one."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import UserError
+
+
+def jsonable(value):
+    """`value` as it reads back from JSON (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+
+def settings_differences(old: dict, new: dict, keys: Sequence[str], lenient: Sequence[str] = ()) -> list[str]:
+    """'key: old -> new' for each of `keys` that differs; keys in `lenient` are ignored when either side is None."""
+    fresh = jsonable(new)
+    diffs = []
+    for k in keys:
+        a, b = old.get(k), fresh.get(k)
+        if a == b or (k in lenient and None in (a, b)):
+            continue
+        if isinstance(a, str) and isinstance(b, str) and len(a) == len(b) == 64:  # fingerprints: say so briefly
+            diffs.append(f"{k}: {a[:12]}... -> {b[:12]}...")
+        else:
+            diffs.append(f"{k}: {a!r} -> {b!r}")
+    return diffs
+
+
+def read_settings(path: Path, flag: str) -> dict | None:
+    """The JSON settings a previous run wrote at `path`, or None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}): remove it or choose another {flag}") from None
+
+
+def refuse_mixed_rerun(path: Path, new: dict, keys: Sequence[str], flag: str, what: str = "outputs",
+                       lenient: Sequence[str] = ()) -> dict | None:
+    """Refuse to add to a folder whose settings file `path` records other `keys` than `new`, naming each
+    difference; returns the old settings (None for a fresh folder)."""
+    old = read_settings(path, flag)
+    if old is None:
+        return None
+    diffs = settings_differences(old, new, keys, lenient)
+    if diffs:
+        raise UserError(f"{path.parent} holds {what} made with other inputs or settings ({'; '.join(diffs)}): "
+                        f"rerun with the same inputs and flags, or choose another {flag}")
+    return old
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create `path` if needed and prove it writable (a probe file), before any work; a UserError otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"{flag} {path} is not a writable folder ({reason}): choose another {flag}") from None
+    return path
+
+
+class RunLock:
+    """An exclusive lock on an output folder (`<folder>/.lock`, flock): a second run into it is refused.
+
+    The lock dies with its process (also on kill -9), so a stale lock file never blocks a rerun."""
+
+    def __init__(self, folder: str | os.PathLike, flag: str):
+        self.path, self.flag, self.fd = Path(folder) / ".lock", flag, None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+            raise UserError(f"{self.path.parent} is in use by a running job ({holder}): wait for it to finish or "
+                            f"choose another {self.flag}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
