@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
+from .io import looks_local
 from .runtime import get_logger, resolve_device, resolve_dtype
 
 logger = get_logger(__name__)
@@ -31,17 +32,24 @@ def sdxl_scheduler_config() -> dict:
 
 
 def load_pipeline(base_model_id: str, revision: str | None = None, variant: str | None = None,
-                  dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"):
-    """Load a diffusers text-to-image pipeline from a hub id or a local directory, on `device` in `dtype`."""
+                  dtype: str | torch.dtype = "float32", device: str | torch.device = "auto", cpu_offload: bool = False,
+                  vae_slicing: bool = False, vae_tiling: bool = False):
+    """Load a diffusers text-to-image pipeline from a hub id or a local directory, on `device` in `dtype`.
+
+    `cpu_offload` keeps each model on the CPU until it runs (diffusers' enable_model_cpu_offload: needs a GPU);
+    `vae_slicing` / `vae_tiling` decode a batch image by image / in tiles (less memory)."""
     from diffusers import DiffusionPipeline
 
     torch_dtype = resolve_dtype(dtype)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     local = Path(base_model_id).expanduser()
-    is_local = local.exists() or base_model_id.startswith((".", "/", "~")) or base_model_id.count("/") > 1
+    is_local = looks_local(base_model_id)
     if is_local and not (local / "model_index.json").is_file():
         raise UserError(f"--base_model_id {base_model_id}: no diffusers pipeline there (model_index.json missing); "
                         "pass a pipeline directory or a hub id like " + DEFAULT_MODEL_ID)
+    if cpu_offload and device.type != "cuda":
+        raise UserError(f"--enable_model_cpu_offload moves each model to the GPU when it runs, but the device is "
+                        f"{device}: drop the flag or run on a CUDA GPU")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(local) if is_local else base_model_id, revision=revision,
                                                  variant=variant, dtype=torch_dtype)
@@ -50,9 +58,15 @@ def load_pipeline(base_model_id: str, revision: str | None = None, variant: str 
         hint = ("HF_HUB_OFFLINE is set, so only models already in the cache load: unset it or pass a local path"
                 if offline else "check the id, --revision and --variant, your network and `huggingface-cli login`; "
                 "set HF_HUB_OFFLINE=1 to use the local cache only")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load --base_model_id {base_model_id!r}: {first} ({hint})") from None
-    pipe.to(device)
+        raise UserError(f"cannot load --base_model_id {base_model_id!r}: {one_line(e)} ({hint})") from None
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

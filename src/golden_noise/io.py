@@ -81,3 +81,12 @@ def load_tensor(path: str | os.PathLike):
         raise UserError(f"missing file {path}") from None
     except Exception as e:  # truncated, corrupt or not a tensor file
         raise UserError(f"cannot read tensor file {path}: {one_line(e)}") from None
+
+
+def looks_local(name: str, file_suffixes: tuple[str, ...] = ()) -> bool:
+    """True when a model or dataset name means a local path, not a hub id ('owner/name' or 'name').
+
+    The one rule for every `--base_model_id`, `--dataset_name` and reward path: it exists, starts like a path
+    ('.', '/', '~'), holds a backslash or more than one '/', or ends with one of `file_suffixes`."""
+    return (os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or "\\" in name
+            or name.count("/") > 1 or Path(name).suffix.lower() in file_suffixes)

@@ -8,7 +8,7 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 DTYPES = {  # the one table of dtype names
     "float32": torch.float32, "fp32": torch.float32,
@@ -138,12 +138,17 @@ def quiet_libraries() -> None:
 
 
 def run_cli(main: Callable, parse_args: Callable, argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, run `main(args)`, and turn a UserError into one line on stderr and exit code 2."""
+    """Parse arguments, run `main(args)`, and turn a UserError (or running out of GPU memory) into one line on
+    stderr and exit code 2."""
     args = parse_args(argv)
     try:
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e, limit=2000)}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"error: out of GPU memory ({one_line(e, limit=160)}): use a smaller --batch_size, --dtype float16, "
+              "or --enable_model_cpu_offload / --enable_vae_slicing where the stage has them", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
