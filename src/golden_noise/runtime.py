@@ -154,3 +154,14 @@ def run_cli(main: Callable, parse_args: Callable, argv: Sequence[str] | None = N
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def global_batches(items: Sequence, batch_size: int) -> list[list]:
+    """Fixed batches items[kB:(k+1)B] over the whole list: a sample is always computed in the same batch, whatever
+    the process count or resume point, so outputs do not depend on either."""
+    return [list(items[k:k + batch_size]) for k in range(0, len(items), batch_size)]
+
+
+def shard(batches: Sequence, process_index: int, num_processes: int) -> list:
+    """This process's round-robin share of the global batches: r, r + P, r + 2P, ..."""
+    return list(batches[process_index::num_processes])
