@@ -24,8 +24,15 @@ def test_quickstart_runs_all_six_stages_and_prints_the_table():
             assert stage in out
         assert "gain vs standard [95% CI]" in out and "share of oracle gain" in out
         results = ROOT / "results" / f"{run}_quick"
-        assert f"HTML report: {results / 'report.html'}".replace(str(ROOT) + "/", "") in out or "HTML report:" in out
+        report = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("HTML report: ")]
+        assert report == [f"results/{run}_quick/report.html"] and (ROOT / report[0]).is_file()
         facts = json.loads((results / "quickstart.json").read_text())
+        # the printed table is the evaluation's numbers: each method's row shows its mean and gain
+        for method in ("gnsnet", "oracle"):
+            m = facts["methods"][method]
+            row = next(line for line in out.splitlines() if line.startswith(method + " "))
+            assert f"{m['mean']:.4f}" in row and f"{m['diff_mean']:+.4f} [{m['ci95_low']:+.4f}, {m['ci95_high']:+.4f}]" \
+                in row
         assert set(facts["methods"]) == {"standard", "gnsnet", "oracle"}
         assert facts["methods"]["oracle"]["n"] == facts["methods"]["gnsnet"]["n"] > 0
         assert (results / "grid.png").is_file() and (results / "report.html").is_file()
