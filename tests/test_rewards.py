@@ -155,3 +155,43 @@ def test_registry_and_load_errors(tmp_path):
         load_reward("pickscore", path=str(tmp_path / "nope"), device="cpu")
     with pytest.raises(UserError, match="none of"):
         load_reward("aesthetic", path=str(tmp_path), device="cpu")
+
+
+def test_load_errors_with_empty_messages_are_one_line(tiny_hps, tiny_clip_dir, tmp_path, monkeypatch):
+    """Library errors without a message become one-line UserErrors naming their type (no IndexError)."""
+    import transformers
+
+    from golden_noise.rewards.aesthetic import load_mlp
+    from golden_noise.rewards.hpsv2 import load_hps_state_dict
+
+    def silent_failure(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch, "load", silent_failure)
+    for load in (load_mlp, load_hps_state_dict):
+        with pytest.raises(UserError, match=r"cannot read|cannot load") as info:
+            load(str(tiny_hps[0]))
+        assert "(RuntimeError)" in str(info.value) and "\n" not in str(info.value)
+
+    def no_model(*args, **kwargs):
+        raise OSError("")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", no_model)
+    with pytest.raises(UserError, match=r"clipscore: cannot load the CLIP model .* \(OSError\): pass a local copy"):
+        load_reward("clipscore", path=str(tiny_clip_dir), device="cpu")
+
+
+def test_reward_paths_follow_the_one_local_path_rule(tmp_path):
+    """golden_noise.io.looks_local with the model-file suffixes: `dir/weights.safetensors` is a missing local file
+    (not a hub id to download), `owner/name` a hub id."""
+    from golden_noise.io import looks_local
+    from golden_noise.rewards._common import REWARD_FILE_SUFFIXES
+
+    assert looks_local("models/PickScore.safetensors", REWARD_FILE_SUFFIXES)
+    assert looks_local("ckpt/HPS_v2.PT", REWARD_FILE_SUFFIXES)
+    assert not looks_local("yuvalkirstain/PickScore_v1", REWARD_FILE_SUFFIXES)
+    assert not looks_local("PickScore_v1", REWARD_FILE_SUFFIXES)
+    for metric in ("pickscore", "clipscore"):
+        with pytest.raises(UserError, match=rf"{metric}: model path models/weights\.safetensors does not exist"):
+            load_reward(metric, path="models/weights.safetensors", device="cpu")
+
