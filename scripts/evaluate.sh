@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stage 6: score the images written by batch inference and compare golden noise with standard noise.
-# (The original project's `evalute.sh` was a typo of this name.) Override any variable from the environment:
+# (The original project's spelling, scripts/evalute.sh, runs this script.) Override any variable from the environment:
 #   PROMPT_FILE=./data/test_prompts.txt IMAGE_BASE_DIR=./inference_output/ bash scripts/evaluate.sh
-# Extra arguments are passed on, e.g. `bash scripts/evaluate.sh --metrics hpsv2,pickscore,clipscore,aesthetic`.
+# Extra arguments are passed on, e.g. `bash scripts/evaluate.sh --metrics hpsv2 pickscore clipscore aesthetic`.
 # Outputs in $RESULTS_DIR: hpsv2_evaluation.csv, summary.json, *_scatter_*.png, *_diff_hist_*.png, report.html.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -28,6 +28,7 @@ def main(args):
     from golden_noise.diffusion import load_pipeline
     from golden_noise.errors import UserError
     from golden_noise.prompts import read_prompts
+    from golden_noise.tables import format_table
     from golden_noise_toy import WorldSpec, load_world_card
     from golden_noise_toy.probe import probe_text_embeddings
 
@@ -47,9 +48,8 @@ def main(args):
     names = list(next(iter(result.values())))
     print(f"held-out accuracy of a linear probe ({len(held_out)} held-out captions, "
           f"{len(set(captions) - set(held_out))} training)")
-    print(f"{'text embedding':<20}" + "".join(f"{n:>10}" for n in names))
-    for kind, accs in result.items():
-        print(f"{kind:<20}" + "".join(f"{accs[n]:>10.2f}" for n in names))
+    rows = [[kind] + [f"{accs[n]:.2f}" for n in names] for kind, accs in result.items()]
+    print(format_table(rows, header=["text embedding", *names], rule=False, align_right=range(1, len(names) + 1)))
     return result
 
 

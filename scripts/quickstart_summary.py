@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from golden_noise.io import atomic_write_json
-
+from golden_noise.methods import folder
 from golden_noise.prompts import read_prompts
 from golden_noise_toy.quickstart import image_grid, summary_table
 from golden_noise.runtime import run_cli
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     table, facts = summary_table(args.results_dir, args.run_dir, args.images_dir, args.metric)
     results = Path(args.results_dir)
-    indices = sorted(int(p.stem) for p in (Path(args.images_dir) / "gnsnet_output").glob("*.png"))[: args.grid_columns]
+    indices = sorted(int(p.stem) for p in (Path(args.images_dir) / folder("gnsnet")).glob("*.png"))[: args.grid_columns]
     grid = image_grid(args.images_dir, indices, results / "grid.png")
     if args.prompt_file:
         texts = {p.index: p.text for p in read_prompts(args.prompt_file)}

@@ -155,3 +155,91 @@ def test_registry_and_load_errors(tmp_path):
         load_reward("pickscore", path=str(tmp_path / "nope"), device="cpu")
     with pytest.raises(UserError, match="none of"):
         load_reward("aesthetic", path=str(tmp_path), device="cpu")
+
+
+def test_load_errors_with_empty_messages_are_one_line(tiny_hps, tiny_clip_dir, tmp_path, monkeypatch):
+    """Library errors without a message become one-line UserErrors naming their type (no IndexError)."""
+    import transformers
+
+    from golden_noise.rewards.aesthetic import load_mlp
+    from golden_noise.rewards.hpsv2 import load_hps_state_dict
+
+    def silent_failure(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch, "load", silent_failure)
+    for load in (load_mlp, load_hps_state_dict):
+        with pytest.raises(UserError, match=r"cannot read|cannot load") as info:
+            load(str(tiny_hps[0]))
+        assert "(RuntimeError)" in str(info.value) and "\n" not in str(info.value)
+
+    def no_model(*args, **kwargs):
+        raise OSError("")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", no_model)
+    with pytest.raises(UserError, match=r"clipscore: cannot load the CLIP model .* \(OSError\): pass a local copy"):
+        load_reward("clipscore", path=str(tiny_clip_dir), device="cpu")
+
+
+def test_reward_paths_follow_the_one_local_path_rule(tmp_path):
+    """golden_noise.io.looks_local with the model-file suffixes: `dir/weights.safetensors` is a missing local file
+    (not a hub id to download), `owner/name` a hub id."""
+    from golden_noise.io import looks_local
+    from golden_noise.rewards._common import REWARD_FILE_SUFFIXES
+
+    assert looks_local("models/PickScore.safetensors", REWARD_FILE_SUFFIXES)
+    assert looks_local("ckpt/HPS_v2.PT", REWARD_FILE_SUFFIXES)
+    assert not looks_local("yuvalkirstain/PickScore_v1", REWARD_FILE_SUFFIXES)
+    assert not looks_local("PickScore_v1", REWARD_FILE_SUFFIXES)
+    for metric in ("pickscore", "clipscore"):
+        with pytest.raises(UserError, match=rf"{metric}: model path models/weights\.safetensors does not exist"):
+            load_reward(metric, path="models/weights.safetensors", device="cpu")
+
+
+USER_REWARDS = '''
+import numpy as np
+
+
+class Contrast:
+    """Standard deviation of the grey levels; takes every option."""
+
+    def __init__(self, **options):
+        self.options = options
+
+    def score(self, images, prompts):
+        return [float(np.asarray(im.convert("L"), dtype=np.float64).std()) for im in images]
+
+
+def make_scaled(batch_size=1, scale=2.0):
+    """A factory taking only some options."""
+    class Scaled:
+        def score(self, images, prompts):
+            return [scale * batch_size] * len(images)
+    return Scaled()
+
+
+class Strings:
+    def score(self, images, prompts):
+        return ["high"] * len(images)
+'''
+
+
+def test_user_reward_loads_through_the_registry(tmp_path):
+    """`FILE.py:NAME` works wherever a reward name does (load_reward / reward_factory): built with the options its
+    signature accepts, its scores checked."""
+    from golden_noise.rewards.base import is_reward_name, reward_factory
+
+    path = tmp_path / "user_rewards.py"
+    path.write_text(USER_REWARDS, encoding="utf-8")
+    images = _images()[:3]
+    contrast = load_reward(f"{path}:Contrast", path="w.pt", device="cpu", batch_size=4)
+    assert contrast.reward.options == {"path": "w.pt", "device": "cpu", "batch_size": 4}
+    expected = [float(np.asarray(im.convert("L"), dtype=np.float64).std()) for im in images]
+    assert contrast.score(images, PROMPTS[:3]) == expected and np.ptp(expected) > 0
+    scaled = load_reward(f"{path}:make_scaled", path="ignored", device="cpu", batch_size=3)
+    assert scaled.score(images, PROMPTS[:3]) == [6.0, 6.0, 6.0]
+    with pytest.raises(UserError, match="must return a list of numbers"):
+        load_reward(f"{path}:Strings").score(images, PROMPTS[:3])
+    assert reward_factory(f"{path}:Contrast") is not reward_factory(f"{path}:make_scaled")
+    assert is_reward_name(f"{path}:Contrast") and is_reward_name("hpsv2") and not is_reward_name("imagereward")
+    assert not is_reward_name(f"{path}:1bad") and not is_reward_name("rewards.txt:Name")

@@ -185,7 +185,57 @@ def test_measure_oracle_gain_cli(test_world, tmp_path):
     assert row["ci95"][0] <= row["gain"] <= row["ci95"][1]
     assert abs(row["oracle"] - row["standard"] - row["gain"]) < 1e-3
     assert 0 < result["relative_delta_n1"] < 1
-    assert "gain" in proc.stdout
+    assert row["win_rate"] * 8 == int(row["win_rate"] * 8)  # 4 pairs, a tie counting half: a multiple of 1/8
+    # The printed table (golden_noise.tables): a title, a header, a rule, then a row per (cfg, n) with the JSON's
+    # numbers.
+    lines = proc.stdout.strip().splitlines()
+    assert lines[1].split() == ["cfg", "n", "standard", "oracle", "gain", "95%", "CI", "win", "acc", "std", "acc",
+                                "orc"]
+    assert set(lines[2].replace(" ", "")) == {"-"}
+    cells = lines[3].split()
+    assert cells[:5] == ["1", "1", f"{row['standard']:.4f}", f"{row['oracle']:.4f}", f"{row['gain']:+.4f}"]
+    assert " ".join(cells[5:7]) == f"[{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
+    assert cells[7] == f"{row['win_rate']:.3f}"
+
+
+class _RecordingReward:
+    """Mean brightness rounded to `step` (so pairs can tie), recording every batch it scores."""
+
+    def __init__(self, step: float):
+        self.step, self.calls = step, []
+
+    def score(self, images, prompts):
+        import numpy as np
+
+        scores = [round(float(np.asarray(im, dtype=np.float64).mean() / 255) / self.step) * self.step
+                  for im in images] if self.step else [0.5] * len(images)
+        self.calls.append(scores)
+        return scores
+
+
+def test_oracle_gain_uses_the_shared_statistics(test_world):
+    """The oracle's CI and win rate are golden_noise.stats' (one bootstrap, ties count as half a win), as in
+    every evaluation: equal scores are a 0.5 win rate, not 0."""
+    import numpy as np
+
+    from golden_noise.diffusion import load_pipeline
+    from golden_noise.stats import bootstrap_ci, win_rate
+    from golden_noise_toy.oracle import measure_oracle_gain
+
+    pipe = load_pipeline(str(test_world), dtype="float32", device="cpu")
+    prompts, seeds = (test_world / "prompts.txt").read_text().splitlines()[:2] * 3, list(range(6))
+    kwargs = dict(n_values=(1,), guidance_scales=(1.0,), num_inference_steps=2, batch_size=6, resamples=300,
+                  quiet=True)
+    row = measure_oracle_gain(pipe, _RecordingReward(0.0), prompts, seeds, **kwargs)["results"][0]
+    assert (row["gain"], row["ci95"], row["win_rate"]) == (0.0, [0.0, 0.0], 0.5)
+
+    reward = _RecordingReward(4e-5)  # about the size of the differences: some pairs tie, some do not
+    row = measure_oracle_gain(pipe, reward, prompts, seeds, **kwargs)["results"][0]
+    standard, oracle = (np.array(c) for c in reward.calls)  # one batch each: standard, then oracle n=1
+    diff = oracle - standard
+    assert row["win_rate"] == round(win_rate(diff), 3)
+    assert row["ci95"] == [round(v, 4) for v in bootstrap_ci(diff, samples=300, seed=0)]
+    assert row["gain"] == round(float(diff.mean()), 4)
 
 
 def test_probe_finds_what_the_pooled_embedding_loses(tmp_path):
@@ -200,14 +250,6 @@ def test_probe_finds_what_the_pooled_embedding_loses(tmp_path):
     bad.write_text("a red circle\n", encoding="utf-8")
     proc = run_cli("scripts/probe_text_embeddings.py", "--world", "worlds/toy_shapes", "--test_prompt_file", bad)
     assert proc.returncode != 0 and "names no size, position" in proc.stderr
-
-
-def test_bootstrap_ci_brackets_the_mean():
-    from golden_noise_toy.oracle import bootstrap_ci
-
-    d = torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1 + 0.05
-    lo, hi = bootstrap_ci(d)
-    assert lo < d.mean().item() < hi and lo > 0 and hi - lo < 0.05
 
 
 @pytest.mark.slow

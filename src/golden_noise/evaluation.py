@@ -1,29 +1,34 @@
-"""Stage 6 logic: find the method folders, pair images with prompts by index, score them, summarise."""
+"""Stage 6 logic: find the method folders, pair images with prompts by index (checked against batch inference's
+manifest), score them, summarise, and write the outputs."""
 from __future__ import annotations
 
+import csv
 import gc
 import os
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
-
-from .prompts import Prompt
-from .rewards.base import load_reward
+from . import methods as method_names
+from .errors import UserError, one_line
+from .io import atomic_write_json
+from .prompts import Prompt, normalize_prompt, read_prompts
+from .rewards.base import check_scores, load_reward, reward_factory
+from .runs import check_writable_dir
 from .runtime import get_logger
 from .stats import describe, paired_comparison
 
 log = get_logger(__name__)
 
-KNOWN_METHODS = ("standard", "gnsnet", "oracle")  # batch inference's folders, in display order
-FOLDER_SUFFIX = "_output"
 IMAGE_NAME = re.compile(r"^(\d+)\.png$", re.IGNORECASE)
+MANIFEST = "manifest.csv"  # batch inference's index -> prompt record, beside the method folders
 
 
 @dataclass
@@ -35,6 +40,32 @@ class Method:
     files: dict[int, Path] = field(default_factory=dict)
 
 
+@dataclass
+class Metric:
+    """A reward to score with: its name in the outputs, the name `load_reward` takes, and its options."""
+
+    name: str
+    reward: str
+    options: dict = field(default_factory=dict)  # path, device, dtype, batch_size (+ the reward's own)
+
+
+@dataclass
+class EvaluationJob:
+    """Everything stage 6 needs; the CLI fills it from its flags."""
+
+    prompt_file: str
+    image_base_dir: str
+    results_dir: str
+    metrics: list[Metric]
+    methods: list[str] | None = None        # None = every *_output folder that holds images
+    baseline: str = "standard"
+    prompt_column: str | None = None
+    bootstrap_samples: int = 10000
+    seed: int = 0
+    progress: bool = True                   # a tqdm bar per metric while scoring
+    settings: dict = field(default_factory=dict)  # recorded in summary.json
+
+
 def find_methods(base_dir: str | Path, methods: Sequence[str] | None, baseline: str) -> list[Method]:
     """The method folders under `base_dir`: `{name}_output` (or `{name}` itself), baseline first."""
     base = Path(base_dir)
@@ -43,26 +74,25 @@ def find_methods(base_dir: str | Path, methods: Sequence[str] | None, baseline: 
     if methods:
         found = []
         for name in methods:
-            name = name[:-len(FOLDER_SUFFIX)] if name.endswith(FOLDER_SUFFIX) else name
-            folder = next((f for f in (base / f"{name}{FOLDER_SUFFIX}", base / name) if f.is_dir()), None)
+            name = method_names.method_of_folder(name) or name
+            candidates = (base / method_names.folder(name), base / name)
+            folder = next((f for f in candidates if f.is_dir()), None)
             if folder is None:
-                raise UserError(f"--methods {name}: neither {base / (name + FOLDER_SUFFIX)} nor {base / name} "
-                                "is a folder")
+                raise UserError(f"--methods {name}: neither {candidates[0]} nor {candidates[1]} is a folder")
             found.append(Method(name, folder))
     else:
-        found = [Method(d.name[:-len(FOLDER_SUFFIX)], d) for d in sorted(base.iterdir())
-                 if d.is_dir() and d.name.endswith(FOLDER_SUFFIX) and len(d.name) > len(FOLDER_SUFFIX)]
+        found = [Method(method_names.method_of_folder(d.name), d) for d in sorted(base.iterdir())
+                 if d.is_dir() and method_names.method_of_folder(d.name)]
         if not found:
-            raise UserError(f"no *{FOLDER_SUFFIX} folders in {base}: pass the batch-inference output folder as "
-                            "--image_base_dir or name the folders with --methods")
+            raise UserError(f"no *{method_names.FOLDER_SUFFIX} folders in {base}: pass the batch-inference output "
+                            "folder as --image_base_dir or name the folders with --methods")
     names = [m.name for m in found]
     if len(set(names)) != len(names):
         raise UserError(f"--methods names a method twice: {', '.join(names)}")
     if baseline not in names:
-        raise UserError(f"no folder for the baseline method {baseline!r} ({base / (baseline + FOLDER_SUFFIX)}); "
+        raise UserError(f"no folder for the baseline method {baseline!r} ({base / method_names.folder(baseline)}); "
                         f"found {', '.join(names)}: pass --baseline or --methods")
-    order = {name: i for i, name in enumerate(KNOWN_METHODS)}
-    return sorted(found, key=lambda m: (m.name != baseline, order.get(m.name, len(order)), m.name))
+    return sorted(found, key=lambda m: (m.name != baseline, method_names.order_key(m.name)))
 
 
 def collect_images(method: Method, prompts: dict[int, str], prompt_file: str | Path) -> Method:
@@ -80,6 +110,62 @@ def collect_images(method: Method, prompts: dict[int, str], prompt_file: str | P
                             "inference used")
         method.files[index] = path
     return method
+
+
+def read_manifest(path: Path) -> dict[str, tuple[int, str]]:
+    """{image path relative to the manifest's folder: (index, prompt)} from batch inference's manifest.csv."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            if not {"index", "prompt"} <= set(fields) or not {"file", "method"} & set(fields):
+                raise UserError(f"{path} is not a batch-inference manifest (columns: {', '.join(fields) or 'none'}; "
+                                "needs index, prompt and file or method): remove it or rerun batch inference")
+            out = {}
+            for line, row in enumerate(reader, start=2):
+                index = int(row["index"])
+                rel = row.get("file") or f"{method_names.folder(row.get('method') or '')}/{index}.png"
+                out[rel] = (index, normalize_prompt(row["prompt"] or ""))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot read {path} ({one_line(e)}): remove it or rerun batch inference") from None
+    except (TypeError, ValueError):
+        raise UserError(f"{path} line {line}: index {row.get('index')!r} is not a number: remove the file or rerun "
+                        "batch inference") from None
+    return out
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A prompt quoted for an error message, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+
+
+def check_manifest(base_dir: str | Path, methods: Sequence[Method], prompts: dict[int, str],
+                   prompt_file: str | Path) -> bool:
+    """Refuse images that batch inference made for other prompts than the prompt file's (per manifest.csv; the
+    first differing index and both prompts named). Without a manifest, warn once and return False."""
+    base = Path(base_dir)
+    path = base / MANIFEST
+    if not path.is_file():
+        log.warning("no %s in %s (images not written by batch_inference.py?): cannot check that they were made "
+                    "from the prompts of %s; pairing them by index only", MANIFEST, base, prompt_file)
+        return False
+    listed = read_manifest(path)
+    first, unlisted = None, 0
+    for method in methods:
+        for index, file in method.files.items():
+            entry = listed.get(file.relative_to(base).as_posix())
+            if entry is None:
+                unlisted += 1
+            elif entry[1] != prompts[index] and (first is None or index < first[0]):
+                first = (index, entry[1], file)
+    if first is not None:
+        index, theirs, file = first
+        raise UserError(f"the images in {base} were made from other prompts than {prompt_file}: first at index "
+                        f"{index}, {MANIFEST} has {_short(theirs)} ({file.name} of {file.parent.name}) but the "
+                        f"prompt file has {_short(prompts[index])}: pass the --prompt_file batch inference used")
+    if unlisted:
+        log.warning("%d images are not listed in %s: their prompts are not checked", unlisted, path)
+    return True
 
 
 def pair_images(methods: Sequence[Method], prompts: dict[int, str]) -> tuple[list[int], dict[str, list[int]]]:
@@ -116,8 +202,8 @@ def check_readable(paths: Sequence[Path]) -> None:
             with Image.open(path) as im:
                 im.verify()
         except Exception as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}): delete it and rerun batch "
-                            "inference, or move it away (its prompt is then reported missing)") from None
+            raise UserError(f"cannot read image {path} ({one_line(e)}): delete it and rerun batch inference, or "
+                            "move it away (its prompt is then reported missing)") from None
 
 
 def load_image(path: Path):
@@ -128,12 +214,14 @@ def load_image(path: Path):
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+        raise UserError(f"cannot read image {path} ({one_line(e)})") from None
 
 
-def score_images(reward, files: Sequence[Path], prompts: Sequence[str], batch_size: int) -> list[float]:
+def score_images(reward, files: Sequence[Path], prompts: Sequence[str], batch_size: int, metric: str = "reward",
+                 bar=None) -> list[float]:
     """Score images against their prompts, `batch_size` at a time (memory stays flat); the next batch's
-    PNGs are decoded on worker threads while the current one is scored."""
+    PNGs are decoded on worker threads while the current one is scored. Each batch must get one finite
+    float per image."""
     chunks = [files[start:start + batch_size] for start in range(0, len(files), max(1, batch_size))]
     scores: list[float] = []
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as decode, ThreadPoolExecutor(1) as prefetch:
@@ -146,32 +234,46 @@ def score_images(reward, files: Sequence[Path], prompts: Sequence[str], batch_si
             if k + 1 < len(chunks):
                 pending = prefetch.submit(load, chunks[k + 1])
             start = k * batch_size
-            scores.extend(float(s) for s in reward.score(images, list(prompts[start:start + len(chunk)])))
+            batch_scores = reward.score(images, list(prompts[start:start + len(chunk)]))
+            scores.extend(check_scores(batch_scores, len(images), metric))
+            if bar is not None:
+                bar.update(len(chunk))
     return scores
 
 
-def score_all(metrics: Sequence[str], methods: Sequence[Method], indices: Sequence[int], prompts: dict[int, str],
-              options: dict[str, dict]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict]]:
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar on stderr: live on a terminal, at most one refresh per 30 s in a log file."""
+    from tqdm.auto import tqdm
+
+    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="image", disable=not enabled, mininterval=0.5 if interactive else 30,
+                maxinterval=10 if interactive else 60, dynamic_ncols=interactive)
+
+
+def score_all(metrics: Sequence[Metric], methods: Sequence[Method], indices: Sequence[int], prompts: dict[int, str],
+              progress: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict]]:
     """scores[metric][method] (aligned with `indices`) and per-metric throughput; one model in memory at a time."""
     texts = [prompts[i] for i in indices]
     scores: dict[str, dict[str, np.ndarray]] = {}
     speed: dict[str, dict] = {}
     for metric in metrics:
         started = time.perf_counter()
-        reward = load_reward(metric, **options[metric])
+        reward = load_reward(metric.reward, **metric.options)
         load_s = time.perf_counter() - started
-        log.info("loaded %s in %.1f s", metric, load_s)
-        scores[metric], seconds = {}, 0.0
-        for method in methods:
-            t0 = time.perf_counter()
-            values = score_images(reward, [method.files[i] for i in indices], texts,
-                                  options[metric].get("batch_size", 8))
-            seconds += time.perf_counter() - t0
-            scores[metric][method.name] = np.asarray(values, dtype=np.float64)
-            log.info("%s %s: mean %.4f over %d images", metric, method.name, float(np.mean(values)), len(values))
+        log.info("loaded %s in %.1f s", metric.name, load_s)
+        scores[metric.name], seconds = {}, 0.0
+        with progress_bar(len(indices) * len(methods), f"scoring {metric.name}", progress) as bar:
+            for method in methods:
+                t0 = time.perf_counter()
+                values = score_images(reward, [method.files[i] for i in indices], texts,
+                                      metric.options.get("batch_size", 8), metric.name, bar)
+                seconds += time.perf_counter() - t0
+                scores[metric.name][method.name] = np.asarray(values, dtype=np.float64)
+                log.info("%s %s: mean %.4f over %d images", metric.name, method.name, float(np.mean(values)),
+                         len(values))
         n = len(indices) * len(methods)
-        speed[metric] = {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 2),
-                         "load_seconds": round(load_s, 2)}
+        speed[metric.name] = {"images": n, "seconds": round(seconds, 3),
+                              "images_per_s": round(n / max(seconds, 1e-9), 2), "load_seconds": round(load_s, 2)}
         del reward
         gc.collect()
         _empty_cuda_cache()
@@ -201,3 +303,61 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], baseline: str, samples: 
 def prompt_map(prompts: Sequence[Prompt]) -> dict[int, str]:
     """{index: text} of the non-blank prompts."""
     return {p.index: p.text for p in prompts}
+
+
+def gather_images(job: EvaluationJob, prompts: dict[int, str]) -> tuple[list[Method], list[int], dict[str, list[int]]]:
+    """The methods to compare with their images (checked against the manifest), the indices every method has,
+    and per method the indices it lacks (logged)."""
+    methods = [collect_images(m, prompts, job.prompt_file)
+               for m in find_methods(job.image_base_dir, job.methods, job.baseline)]
+    if job.methods is None:
+        for m in [m for m in methods if not m.files and m.name != job.baseline]:
+            log.warning("skipping %s: no {index}.png images in it", m.folder)
+        methods = [m for m in methods if m.files or m.name == job.baseline]
+    check_manifest(job.image_base_dir, methods, prompts, job.prompt_file)
+    indices, missing = pair_images(methods, prompts)
+    for name, lacks in missing.items():
+        if lacks:
+            log.warning("%s lacks %d of %d images (indices %s): evaluating the %d prompts every method has",
+                        name, len(lacks), len(prompts), index_ranges(lacks), len(indices))
+    return methods, indices, missing
+
+
+def run_evaluation(job: EvaluationJob) -> dict:
+    """Check every input and the results folder, score, and write the CSV, plots, report.html and summary.json
+    (returned). Nothing is loaded or scored before the inputs and the results folder are known to be good."""
+    from .report import NOTES, csv_name, write_html, write_plots, write_scores_csv
+
+    for metric in job.metrics:  # an unknown name or a bad FILE.py:NAME fails now, not after the checks below
+        reward_factory(metric.reward)
+    prompts = prompt_map(read_prompts(job.prompt_file, job.prompt_column))
+    methods, indices, missing = gather_images(job, prompts)
+    check_readable([m.files[i] for m in methods for i in indices])
+    out = check_writable_dir(job.results_dir, "--results_dir")
+    names = [m.name for m in job.metrics]
+    log.info("evaluating %d prompts x %d methods (%s) with %s on %s", len(indices), len(methods),
+             ", ".join(m.name for m in methods), ", ".join(names), job.settings.get("device", "the default device"))
+
+    scores, speed = score_all(job.metrics, methods, indices, prompts, job.progress)
+    results = summarize(scores, job.baseline, job.bootstrap_samples, job.seed)
+    csv_path, html_path = out / csv_name(names), out / "report.html"
+    write_scores_csv(csv_path, indices, prompts, scores, job.baseline)
+    plots = write_plots(out, scores, job.baseline)
+    missing_text = {m: index_ranges(v) for m, v in missing.items()}
+    write_html(html_path, indices=indices, prompts=prompts, files={m.name: m.files for m in methods}, scores=scores,
+               results=results, baseline=job.baseline, plots=plots, missing=missing_text,
+               title=f"Golden noise evaluation: {', '.join(m.name for m in methods)} ({', '.join(names)})",
+               subtitle=f"{len(indices)} of {len(prompts)} prompts from {job.prompt_file}; images from "
+                        f"{job.image_base_dir}; generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}")
+    summary = {
+        "baseline": job.baseline, "methods": [m.name for m in methods], "metrics": names,
+        "prompt_file": str(job.prompt_file), "image_base_dir": str(job.image_base_dir),
+        "n_prompts": len(prompts), "n_evaluated": len(indices),
+        "missing": missing, "results": results, "throughput": speed, "notes": NOTES,
+        "settings": {**job.settings, "reward_paths": {m.name: m.options.get("path") for m in job.metrics},
+                     "rewards": {m.name: m.reward for m in job.metrics},
+                     "bootstrap_samples": job.bootstrap_samples, "seed": job.seed},
+        "files": {"csv": csv_path.name, "html": html_path.name, "plots": [p.name for p in plots]},
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import logging
 import math
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from urllib.parse import quote
 import numpy as np
 
 from .io import atomic_path, atomic_write_text
+from .tables import format_table as text_table
 
 NOTES = ("diff = method - baseline per prompt; CI = 95% percentile bootstrap of the mean diff (prompts resampled, "
          "seeded); win rate = share of prompts where the method scores higher, ties counted as half; p-values are "
@@ -82,10 +84,13 @@ def table_rows(results: dict, baseline: str) -> list[list[str]]:
 def format_table(results: dict, baseline: str) -> str:
     """A plain-text, column-aligned summary table."""
     rows = table_rows(results, baseline)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows[1:], header=rows[0])
+
+
+def quiet_matplotlib() -> None:
+    """Keep matplotlib's font-cache and config-dir notices ("generated new fontManager", "Matplotlib is building
+    the font cache", "findfont: ...") out of the logs: its own loggers, set to errors only before it is imported."""
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -97,6 +102,7 @@ def write_plots(results_dir: str | os.PathLike, scores: dict[str, dict[str, np.n
                 baseline: str) -> list[Path]:
     """Per metric and non-baseline method: a paired scatter (`{metric}_scatter_{method}.png`) and a
     histogram of the differences (`{metric}_diff_hist_{method}.png`)."""
+    quiet_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,6 +183,13 @@ document.querySelectorAll('th.sort').forEach(function (th) {
 """
 
 
+def diff_class(diff: float, digits: int = 4) -> str:
+    """The CSS class of a difference cell: 'num pos' / 'num neg' for a win / loss, plain 'num' for a difference
+    that shows as ±0.0000 at the printed precision (no win or loss a reader can see)."""
+    shown = float(f"{diff:.{digits}f}")
+    return "num pos" if shown > 0 else "num neg" if shown < 0 else "num"
+
+
 def write_html(path: str | os.PathLike, *, indices: Sequence[int], prompts: dict[int, str],
                files: dict[str, dict[int, Path]], scores: dict[str, dict[str, np.ndarray]], results: dict,
                baseline: str, plots: Sequence[Path], missing: dict[str, str], title: str, subtitle: str) -> None:
@@ -223,8 +236,7 @@ def write_html(path: str | os.PathLike, *, indices: Sequence[int], prompts: dict
                          f"<figcaption>{caption}</figcaption></figure></td>")
         for metric, m in diff_cols:
             d = float(scores[metric][m][row] - scores[metric][baseline][row])
-            cls = "pos" if d > 0 else "neg" if d < 0 else ""
-            cells.append(f"<td class='num {cls}' data-v='{d!r}'>{d:+.4f}</td>")
+            cells.append(f"<td class='{diff_class(d)}' data-v='{d!r}'>{d:+.4f}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append(f"</tbody></table><script>{_JS}</script></body></html>\n")
     atomic_write_text(path, "\n".join(out))

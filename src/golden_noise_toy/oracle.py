@@ -1,5 +1,6 @@
 """Does golden noise help in a world? Score images sampled from random noise ("standard") and from the real
-golden step applied n times ("oracle") with a reward, paired by (prompt, seed), with a bootstrap CI of the gain."""
+golden step applied n times ("oracle") with a reward, paired by (prompt, seed), with a bootstrap CI of the gain
+and the win rate of golden_noise.stats (the statistics every stage reports)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,15 +10,8 @@ from tqdm.auto import tqdm
 
 from golden_noise.diffusion import encode_prompts, latent_shape, sample_images, seeded_noise
 from golden_noise.golden import GoldenConfig, GoldenStep
-
-
-def bootstrap_ci(diffs: torch.Tensor, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of paired differences (N,)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(diffs), (resamples, len(diffs)), generator=g)
-    means = diffs[idx].mean(1).sort().values
-    lo, hi = int((1 - level) / 2 * resamples), int((1 + level) / 2 * resamples) - 1
-    return means[lo].item(), means[hi].item()
+from golden_noise.stats import bootstrap_ci, win_rate
+from golden_noise.tables import format_table as text_table
 
 
 @torch.no_grad()
@@ -64,11 +58,11 @@ def measure_oracle_gain(pipe, reward, prompts: Sequence[str], seeds: Sequence[in
         for n in n_values:
             gold, gold_ok = _scores(pipe, reward, prompts, seq[:, n - 1], num_inference_steps, g, batch_size)
             bar.update(1)
-            diff = gold - base
-            lo, hi = bootstrap_ci(diff, resamples)
+            diff = (gold - base).numpy()  # (pairs,) float64
+            lo, hi = bootstrap_ci(diff, samples=resamples, seed=0)
             row = {"guidance_scale": g, "n": n, "standard": round(base.mean().item(), 4),
-                   "oracle": round(gold.mean().item(), 4), "gain": round(diff.mean().item(), 4),
-                   "ci95": [round(lo, 4), round(hi, 4)], "win_rate": round((diff > 0).double().mean().item(), 3)}
+                   "oracle": round(gold.mean().item(), 4), "gain": round(float(diff.mean()), 4),
+                   "ci95": [round(lo, 4), round(hi, 4)], "win_rate": round(win_rate(diff), 3)}
             if len(base_ok):
                 row.update(standard_accuracy=round(base_ok.mean().item(), 4),
                            oracle_accuracy=round(gold_ok.mean().item(), 4))
@@ -79,13 +73,12 @@ def measure_oracle_gain(pipe, reward, prompts: Sequence[str], seeds: Sequence[in
 
 
 def format_table(result: dict) -> str:
-    """The measurement as a text table."""
-    lines = [f"{result['pairs']} pairs, {result['num_inference_steps']} sampling steps, golden step {result['golden']},"
-             f" |x'_1 - x| / |x| = {result['relative_delta_n1']:.3f}",
-             f"{'cfg':>5} {'n':>3} {'standard':>9} {'oracle':>8} {'gain':>8} {'95% CI':>18} {'win':>6} {'acc std':>8}"
-             f" {'acc orc':>8}"]
-    for r in result["results"]:
-        lines.append(f"{r['guidance_scale']:>5g} {r['n']:>3} {r['standard']:>9.4f} {r['oracle']:>8.4f} {r['gain']:>+8.4f}"
-                     f"  [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] {r['win_rate']:>6.3f}"
-                     f" {r.get('standard_accuracy', float('nan')):>8.3f} {r.get('oracle_accuracy', float('nan')):>8.3f}")
-    return "\n".join(lines)
+    """The measurement as a text table (win = share of pairs the oracle wins, ties counted as half)."""
+    header = ["cfg", "n", "standard", "oracle", "gain", "95% CI", "win", "acc std", "acc orc"]
+    rows = [[f"{r['guidance_scale']:g}", r["n"], f"{r['standard']:.4f}", f"{r['oracle']:.4f}", f"{r['gain']:+.4f}",
+             f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]", f"{r['win_rate']:.3f}",
+             f"{r.get('standard_accuracy', float('nan')):.3f}", f"{r.get('oracle_accuracy', float('nan')):.3f}"]
+            for r in result["results"]]
+    title = (f"{result['pairs']} pairs, {result['num_inference_steps']} sampling steps, golden step "
+             f"{result['golden']}, |x'_1 - x| / |x| = {result['relative_delta_n1']:.3f}")
+    return title + "\n" + text_table(rows, header=header, align_right=range(len(header)))

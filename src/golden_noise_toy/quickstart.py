@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 from golden_noise.errors import UserError
-
 from golden_noise.io import atomic_save_image
+from golden_noise.methods import METHODS, folder
+from golden_noise.tables import format_table
 
 
 def _load(path: Path) -> dict:
@@ -26,7 +27,7 @@ def summary_table(results_dir: str | Path, run_dir: str | Path, images_dir: str 
     rows = [("method", f"mean {metric}", "gain vs standard [95% CI]", "win rate", "share of oracle gain",
              "noise cost / sampling")]
     facts = {"metric": metric, "methods": {}}
-    for method in ("standard", "gnsnet", "oracle"):
+    for method in METHODS:
         if method not in evaluation:
             continue
         r = evaluation[method]
@@ -41,21 +42,19 @@ def summary_table(results_dir: str | Path, run_dir: str | Path, images_dir: str 
     final = validation["final_step"]
     facts["validation_explained_fraction"] = final["explained_fraction"]
     facts["validation_samples"] = validation["num_samples"]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [format_table(rows[1:], header=rows[0])]
     lines.append(f"validation: the RNN explains {100 * final['explained_fraction']:.1f}% of the golden change at step "
                  f"n={final['step']} on {validation['num_samples']} held-out sequences (rollout vs x_T unchanged)")
     return "\n".join(lines), facts
 
 
 def image_grid(images_dir: str | Path, indices: list[int], path: str | Path, scale: int = 3,
-               methods=("standard", "gnsnet", "oracle")) -> Path:
+               methods=METHODS) -> Path:
     """A grid image: one row per method, one column per prompt index, each image upscaled `scale`x."""
     from PIL import Image
 
     images_dir = Path(images_dir)
-    tiles = [[Image.open(images_dir / f"{m}_output" / f"{i}.png").convert("RGB") for i in indices] for m in methods]
+    tiles = [[Image.open(images_dir / folder(m) / f"{i}.png").convert("RGB") for i in indices] for m in methods]
     w, h = tiles[0][0].size
     w, h = w * scale, h * scale
     gap = 2

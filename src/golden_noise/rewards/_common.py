@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, one_line
+from ..io import looks_local
 from ..runtime import resolve_device, resolve_dtype
+
+# a reward path ending like this is a local file, never a hub id (e.g. `models/HPS_v2.pt`)
+REWARD_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json")
 
 
 def device_and_dtype(device="auto", dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -32,12 +35,6 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
     size = max(1, int(size))
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def looks_local(path: str) -> bool:
-    """True for a path the user meant as local: it exists, or starts like a filesystem path."""
-    return os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1 or \
-        Path(path).suffix in (".pt", ".pth", ".bin", ".safetensors", ".json")
 
 
 def check_local(path: str, metric: str) -> str:
@@ -64,17 +61,17 @@ def load_clip(model_id: str, processor_id: str | None, metric: str):
     """A transformers `CLIPModel` (eval, float32) and `CLIPProcessor` from hub ids or local folders."""
     from transformers import CLIPModel, CLIPProcessor
 
-    if looks_local(model_id):
+    if looks_local(model_id, REWARD_FILE_SUFFIXES):
         model_id = check_local(model_id, metric)
     processor_id = processor_id or model_id
-    if looks_local(processor_id):
+    if looks_local(processor_id, REWARD_FILE_SUFFIXES):
         processor_id = check_local(processor_id, metric)
     try:
         model = CLIPModel.from_pretrained(model_id, dtype=torch.float32)
         processor = CLIPProcessor.from_pretrained(processor_id)
     except (OSError, ValueError) as e:
         raise UserError(f"{metric}: cannot load the CLIP model {model_id} / processor {processor_id} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): pass a local copy with "
+                        f"({one_line(e, 200)}): pass a local copy with "
                         f"--reward_path {metric}=PATH") from None
     return model.eval().requires_grad_(False), processor
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ._common import ClipFeatures, check_local, device_and_dtype, hub_file, load_clip
 from .base import RewardModel, register_reward
 
@@ -49,9 +49,8 @@ def load_mlp(path: str) -> AestheticMLP:
         mlp = AestheticMLP(int(state["layers.0.weight"].shape[1]))
         mlp.load_state_dict(state)
     except Exception as e:
-        raise UserError(f"aesthetic: cannot load the predictor weights {path} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}): pass {MLP_FILES[0]} with --reward_path aesthetic=PATH") \
-            from None
+        raise UserError(f"aesthetic: cannot load the predictor weights {path} ({one_line(e, 200)}): pass "
+                        f"{MLP_FILES[0]} with --reward_path aesthetic=PATH") from None
     return mlp.eval().requires_grad_(False)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
 from ._common import ClipFeatures, device_and_dtype, load_clip
 from .base import RewardModel, register_reward
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ._common import autocast, batches, check_local, device_and_dtype, hub_file
 from .base import RewardModel, register_reward
 
@@ -55,7 +55,7 @@ def resolve_architecture(architecture: str) -> str:
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UserError(f"hpsv2: cannot read the model config {path}: {e}") from None
+            raise UserError(f"hpsv2: cannot read the model config {path} ({one_line(e)})") from None
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise UserError(f"hpsv2: {path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
         open_clip.add_model_config(path)
@@ -71,7 +71,7 @@ def load_hps_state_dict(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"hpsv2: cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]}): pass an "
+        raise UserError(f"hpsv2: cannot read checkpoint {path} ({one_line(e, 200)}): pass an "
                         "HPS_v2*.pt file with --hps_checkpoint") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
@@ -115,7 +115,7 @@ class HPSv2Reward(RewardModel):
             model.load_state_dict(load_hps_state_dict(self.checkpoint))
         except RuntimeError as e:
             raise UserError(f"hpsv2: checkpoint {self.checkpoint} does not fit the {model_name} architecture "
-                            f"({str(e).splitlines()[0][:200]})") from None
+                            f"({one_line(e, 200)})") from None
         self.model = model.to(self.device).eval().requires_grad_(False)
         size = model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)

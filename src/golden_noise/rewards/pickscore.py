@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
-from ._common import ClipFeatures, device_and_dtype, has_processor_files, load_clip, looks_local
+from ..io import looks_local
+from ._common import REWARD_FILE_SUFFIXES, ClipFeatures, device_and_dtype, has_processor_files, load_clip
 from .base import RewardModel, register_reward
 
 MODEL_ID = "yuvalkirstain/PickScore_v1"
@@ -26,7 +26,7 @@ class PickScoreReward(RewardModel):
                  processor: str | None = None, **_):
         model_id = path or MODEL_ID
         if processor is None:
-            local = looks_local(model_id)
+            local = looks_local(model_id, REWARD_FILE_SUFFIXES)
             processor = model_id if local and has_processor_files(model_id) else PROCESSOR_ID
         self.device, self.dtype = device_and_dtype(device, dtype)
         model, proc = load_clip(model_id, processor, self.name)

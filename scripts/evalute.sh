@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# The original project's spelling of scripts/evaluate.sh: runs exactly that script (same variables and arguments).
+exec bash "$(dirname "$0")/evaluate.sh" "$@"
