@@ -92,7 +92,7 @@ def measure_resume_scan(pipe, settings, num_samples: int) -> dict:
     print(f"resume scan of {num_samples} samples ({files} files): {scan:.2f}s ({1e6 * scan / files:.1f} us per "
           f"file); metadata scan {metadata:.2f}s; the one truncated file found: {truncated_found}")
     return {"samples": num_samples, "files": files, "scan_seconds": scan, "metadata_seconds": metadata,
-            "complete_found": clean.samples - clean.to_write == num_samples and rows == num_samples,
+            "complete_found": len(clean.ids) == num_samples and clean.to_write == 0 and rows == num_samples,
             "truncated_found": truncated_found}
 
 

@@ -267,8 +267,9 @@ def test_guidance_scales(tmp_path, tiny_pipeline_dir, capsys):
     assert code == 0, stderr
     # w_l = 0.5 runs both branches (2 evaluations), w_w = 0 the unconditional one alone (1): 3 per step
     assert "UNet evaluations per golden step: 3.0" in stdout
-    assert "--denoise_guidance_scale 0.5: the golden step uses eps_u + 0.5 (eps_c - eps_u)" in stderr
-    assert "--inversion_guidance_scale 0: the golden step uses the unconditional prediction eps_u alone" in stderr
+    assert ("--denoise_guidance_scale 0.5: the golden step uses eps = eps_u + 0.5 (eps_c - eps_u) (UNet branches: "
+            "uncond + cond)") in stderr
+    assert "--inversion_guidance_scale 0: the golden step uses eps = eps_u (UNet branches: uncond)" in stderr
     assert stderr.count("unlike diffusers' sampling, where w <= 1 means 'no guidance'") == 2
     effective = json.loads((out / "run_config.json").read_text())["effective_guidance"]
     assert effective["denoise"] == {"scale": 0.5, "eps": "eps_u + 0.5 (eps_c - eps_u)", "branches": ["uncond", "cond"]}

@@ -87,16 +87,14 @@ def effective_guidance(config: GoldenConfig) -> dict:
 
 
 def log_guidance(config: GoldenConfig) -> None:
-    """Say in the log what a guidance scale <= 1 means in the golden step."""
-    for flag, w in (("denoise_guidance_scale", config.denoise_guidance_scale),
-                    ("inversion_guidance_scale", config.inversion_guidance_scale)):
-        if w > 1:
-            continue
-        meaning = {1.0: "the conditional prediction eps_c alone (one UNet branch)",
-                   0.0: "the unconditional prediction eps_u alone (one UNet branch)"}.get(
-            w, f"eps_u + {w:g} (eps_c - eps_u), between the unconditional and conditional predictions (both branches)")
-        logger.info("--%s %g: the golden step uses %s; unlike diffusers' sampling, where w <= 1 means 'no "
-                    "guidance', the golden step applies eps_u + w (eps_c - eps_u) for any w >= 0", flag, w, meaning)
+    """Say in the log what a guidance scale <= 1 means in the golden step (its effective_guidance record)."""
+    record = effective_guidance(config)
+    for step, flag in (("denoise", "--denoise_guidance_scale"), ("inversion", "--inversion_guidance_scale")):
+        w, eps, branches = record[step]["scale"], record[step]["eps"], record[step]["branches"]
+        if w <= 1:
+            logger.info("%s %g: the golden step uses eps = %s (UNet branches: %s); unlike diffusers' sampling, where "
+                        "w <= 1 means 'no guidance', it applies eps_u + w (eps_c - eps_u) for any w >= 0", flag, w,
+                        eps, " + ".join(branches))
 
 
 def inputs_config(prompts: Sequence[Prompt], batch_size: int, device_type: str) -> dict:
@@ -106,11 +104,9 @@ def inputs_config(prompts: Sequence[Prompt], batch_size: int, device_type: str) 
 
 
 def early_config(settings: GenerationSettings, prompts: Sequence[Prompt], batch_size: int, device_type: str) -> dict:
-    """run_config's EARLY_KEYS, known before the model loads."""
-    return {"format_version": FORMAT_VERSION, "base_model_id": settings.base_model_id, "revision": settings.revision,
-            "variant": settings.variant, "golden": settings.golden.to_dict(), "num_steps": settings.num_steps,
-            "dtype": settings.dtype, "storage_dtype": settings.storage_dtype,
-            "save_prompt_embeds": settings.save_prompt_embeds, "start_seed": settings.start_seed,
+    """run_config's EARLY_KEYS, known before the model loads: the settings' own values, recorded as given."""
+    as_given = {k: getattr(settings, k) for k in EARLY_KEYS if hasattr(settings, k) and k != "golden"}
+    return {"format_version": FORMAT_VERSION, **as_given, "golden": settings.golden.to_dict(),
             **inputs_config(prompts, batch_size, device_type)}
 
 
@@ -257,7 +253,6 @@ class WorkPlan:
 
     batches: list[tuple[list[Prompt], dict[int, list[str]]]]  # (whole batch, {sample id: columns to write})
     ids: set[int] = field(default_factory=set)  # the samples of this process's share: complete once it ran
-    samples: int = 0        # samples of this process's batches
     to_write: int = 0       # samples with at least one file to write
     damaged: list[str] = field(default_factory=list)  # files present but truncated or unreadable
 
@@ -275,7 +270,6 @@ def plan_work(root: Path, prompts: Sequence[Prompt], batch_size: int, rank: int,
                 files = layout.sample_files(p.index, save_prompt_embeds)
                 plan.damaged += [files[c] for c in bad if os.path.lexists(root / files[c])]
         plan.ids.update(p.index for p in batch)
-        plan.samples += len(batch)
         plan.to_write += len(todo)
         if todo:
             plan.batches.append((batch, todo))
@@ -365,7 +359,7 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
     rows = write_metadata(root, prompts, settings, known_complete=plan.ids) if rank == 0 else None
     computed = sum(len(b) for b, _ in plan.batches) * settings.num_steps  # golden steps, whole batches
     evaluations = golden.counter.evaluations
-    return {"generated": plan.to_write, "already_complete": plan.samples - plan.to_write,
+    return {"generated": plan.to_write, "already_complete": len(plan.ids) - plan.to_write,
             "damaged_files": len(plan.damaged), "metadata_rows": rows, "seconds": elapsed,
             "unet_evaluations": evaluations, "process_index": rank, "num_processes": world,
             "unet_evaluations_per_golden_step": evaluations / computed if computed else None}
