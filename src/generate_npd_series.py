@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt_file", required=True, help="prompts: .txt (one per line) or .csv/.tsv (see --prompt_column)")
     g.add_argument("--prompt_column", default=None, help="column of a .csv/.tsv prompt file (default: prompt or caption)")
     g.add_argument("--output_dir", default="./data/npd_sequence_dataset_sdxl/", help="dataset directory to write")
-    g.add_argument("--max_prompts", type=int, default=None, help="use only the first N prompts of the file")
+    g.add_argument("--max_prompts", type=int, default=None,
+                   help="use only the first N prompts of the file (a rerun with a larger N adds samples)")
     g.add_argument("--start_seed", type=int, default=0, help="sample seed = start_seed + prompt index")
     g.add_argument("--storage_dtype", default="float16", choices=["float16", "float32"],
                    help="dtype of the stored noise tensors")
