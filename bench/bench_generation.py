@@ -3,8 +3,11 @@
 UNet evaluations per golden step (counted), the share of wall time inside UNet forwards, throughput at each
 batch size relative to batch 1, and channels_last vs the default memory format; all measured side by side.
 
-    python bench/bench_generation.py            # full: batch 1, 2, 4, 8; 3 interleaved rounds
-    python bench/bench_generation.py --quick    # seconds: a smaller UNet, one round
+Also times the resume scan (every sample file of a finished dataset checked for truncation, as a rerun does)
+on a dataset of the quickstart's size.
+
+    python bench/bench_generation.py            # full: batch 1, 2, 4, 8; 3 interleaved rounds; 26,400-sample scan
+    python bench/bench_generation.py --quick    # seconds: a smaller UNet, one round, a 2,000-sample scan
 """
 from __future__ import annotations
 
@@ -31,8 +34,12 @@ def parse_args(argv=None):
     p.add_argument("--latent_size", type=int, default=32, help="latent height = width")
     p.add_argument("--channels_last_batch", type=int, default=4,
                    help="batch size of the channels_last and w_w=2 (both CFG branches) comparisons (0: skip)")
+    p.add_argument("--scan_samples", type=int, default=None,
+                   help="samples of the dataset whose resume scan is timed (default 26400, the quickstart's; "
+                        "quick 2000; 0: skip)")
     args = p.parse_args(argv)
     q = args.quick
+    args.scan_samples = (2000 if q else 26_400) if args.scan_samples is None else args.scan_samples
     args.num_prompts = args.num_prompts or (8 if q else 16)
     args.num_steps = args.num_steps or (2 if q else 3)
     args.rounds = args.rounds or (1 if q else 3)
@@ -54,6 +61,39 @@ def run_generation(pipe, prompts, settings, batch_size: int) -> dict:
     return {"seconds": total, "unet_seconds": timer.seconds, "unet_share": timer.seconds / total,
             "samples_per_s": len(prompts) / total, "evals_per_step_counter": stats["unet_evaluations_per_golden_step"],
             "evals_per_step_hook": timer.samples / steps, "unet_calls": timer.calls}
+
+
+def measure_resume_scan(pipe, settings, num_samples: int) -> dict:
+    """Seconds of stage 2's resume scan (npd.plan_work) and of its metadata scan over a finished dataset of
+    `num_samples` samples, and whether the scan finds one truncated file among them."""
+    from golden_noise import layout
+    from golden_noise.npd import generate_dataset, plan_work, write_metadata
+    from golden_noise.prompts import Prompt
+
+    prompts = [Prompt(i, f"a shape number {i}") for i in range(num_samples)]
+    with tempfile.TemporaryDirectory() as out:
+        root = Path(out)
+        generate_dataset(pipe, prompts[:4], root, settings, batch_size=4, progress=False)
+        # the 4 real samples' bytes under every id: the scan reads each file's size and last bytes only
+        blobs = {(i, c): (root / rel).read_bytes() for i in range(4) for c, rel in layout.sample_files(i).items()}
+        for sid in range(4, num_samples):
+            for c, rel in layout.sample_files(sid).items():
+                (root / rel).write_bytes(blobs[(sid % 4, c)])
+        t0 = time.perf_counter()
+        clean = plan_work(root, prompts, 8, 0, 1, False)
+        scan = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = write_metadata(root, prompts, settings)
+        metadata = time.perf_counter() - t0
+        victim = layout.sample_files(num_samples // 2)["golden_sequence_file"]
+        (root / victim).write_bytes((root / victim).read_bytes()[:300])
+        truncated_found = plan_work(root, prompts, 8, 0, 1, False).damaged == [victim]
+    files = 3 * num_samples
+    print(f"resume scan of {num_samples} samples ({files} files): {scan:.2f}s ({1e6 * scan / files:.1f} us per "
+          f"file); metadata scan {metadata:.2f}s; the one truncated file found: {truncated_found}")
+    return {"samples": num_samples, "files": files, "scan_seconds": scan, "metadata_seconds": metadata,
+            "complete_found": len(clean.ids) == num_samples and clean.to_write == 0 and rows == num_samples,
+            "truncated_found": truncated_found}
 
 
 def main(args) -> int:
@@ -125,10 +165,15 @@ def main(args) -> int:
               "4 UNet evaluations per golden step with w_w = 2": evals[2.0]["evals_per_step_counter"] == 4,
               ">= 90% of wall time in UNet forwards at batch >= 4":
               all(shares[("contiguous", b, 1.0)] >= 0.9 for b in args.batch_sizes if b >= 4)}
+    if args.scan_samples:
+        scan = measure_resume_scan(pipe, settings(1), args.scan_samples)
+        ratios[f"resume_scan_seconds[{scan['samples']} samples]"] = scan["scan_seconds"]
+        checks[f"resume scan of {scan['samples']} samples under 3 s, one truncated file found"] = \
+            scan["scan_seconds"] < 3 and scan["truncated_found"] and scan["complete_found"]
     results = {"bench": "generation", "quick": args.quick, "unet": {
         "block_out_channels": list(args.block_out_channels), "latent_size": size, "gflops_per_sample": gflops},
         "num_prompts": args.num_prompts, "num_steps": args.num_steps, "rounds": args.rounds, "rows": rows,
-        "ratios": ratios}
+        "ratios": ratios, "resume_scan": scan if args.scan_samples else None}
     return common.finish(results, args, checks)
 
 

@@ -7,26 +7,27 @@ import argparse
 import sys
 from pathlib import Path
 
+from golden_noise.cli import (HelpFormatter, add_dataclass_arguments, add_list_argument, check_flag_minimum,
+                              dataclass_from_args)
+from golden_noise.golden import GoldenConfig
 from golden_noise.runtime import DEVICE_HELP, get_logger, run_cli, setup_logging
 
 logger = get_logger("measure_oracle_gain")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--world", required=True, help="toy world directory (built by scripts/build_toy_world.py)")
     p.add_argument("--prompt_file", default=None, help="prompts to cycle through (default: the world's prompts.txt)")
     p.add_argument("--metric", default="toy_attributes", help="reward that scores the images (loaded with path=--world)")
     p.add_argument("--num_pairs", type=int, default=200, help="number of (prompt, seed) pairs")
     p.add_argument("--seed_base", type=int, default=1_000_000,
                    help="pair i uses seed seed_base + i and prompt i mod (number of prompts)")
-    p.add_argument("--n", type=int, nargs="+", default=[1, 2, 3], help="golden steps applied (oracle x'_n)")
-    p.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 3.0],
-                   help="sampling guidance scales to compare at")
+    add_list_argument(p, "--n", item_type=int, default=[1, 2, 3], help="golden steps applied (oracle x'_n)")
+    add_list_argument(p, "--guidance_scales", item_type=float, default=[1.0, 2.0, 3.0],
+                      help="sampling guidance scales to compare at")
     p.add_argument("--num_inference_steps", type=int, default=10, help="DDIM sampling steps")
-    p.add_argument("--schedule_steps", type=int, default=10, help="N of the golden step's DDIM schedule")
-    p.add_argument("--denoise_guidance_scale", type=float, default=5.5, help="w_l of the golden step")
-    p.add_argument("--inversion_guidance_scale", type=float, default=1.0, help="w_w of the golden step")
+    add_dataclass_arguments(p, GoldenConfig)
     p.add_argument("--batch_size", type=int, default=50, help="pairs per UNet batch")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -37,6 +38,8 @@ def parse_args(argv=None):
         p.error("--num_pairs must be at least 2")
     if min(args.n) < 1:
         p.error("--n values must be >= 1")
+    check_flag_minimum(p, args, ("schedule_steps",))
+    check_flag_minimum(p, args, ("denoise_guidance_scale", "inversion_guidance_scale"), minimum=0)
     return args
 
 
@@ -44,7 +47,6 @@ def main(args):
     import torch
 
     from golden_noise.diffusion import load_pipeline
-    from golden_noise.golden import GoldenConfig
     from golden_noise.io import atomic_write_json
     from golden_noise.prompts import read_prompts
     from golden_noise.rewards.base import load_reward
@@ -57,7 +59,7 @@ def main(args):
     prompts = [p.text for p in read_prompts(args.prompt_file or Path(args.world) / "prompts.txt")]
     pairs = [prompts[i % len(prompts)] for i in range(args.num_pairs)]
     seeds = [args.seed_base + i for i in range(args.num_pairs)]
-    config = GoldenConfig(args.schedule_steps, args.denoise_guidance_scale, args.inversion_guidance_scale)
+    config = dataclass_from_args(GoldenConfig, args)
     result = measure_oracle_gain(pipe, reward, pairs, seeds, sorted(set(args.n)), args.guidance_scales,
                                  args.num_inference_steps, config, args.batch_size, quiet=args.quiet)
     result.update(world=args.world, metric=args.metric, seed_base=args.seed_base)

@@ -2,7 +2,7 @@
 DDIM inversion step with weak guidance, both at t0 = timesteps[0] of an N-step DDIM schedule."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -14,9 +14,14 @@ from .errors import UserError
 class GoldenConfig:
     """Parameters of the golden step (NPNet's SDXL defaults)."""
 
-    schedule_steps: int = 10            # N: DDIM schedule length; t0 = timesteps[0]
-    denoise_guidance_scale: float = 5.5  # w_l: CFG of the denoising step
-    inversion_guidance_scale: float = 1.0  # w_w: CFG of the inversion step
+    schedule_steps: int = field(default=10, metadata={
+        "help": "N: length of the golden step's DDIM schedule; the step runs at t0 = its first timestep"})
+    denoise_guidance_scale: float = field(default=5.5, metadata={
+        "help": "w_l: CFG scale of the golden step's denoising step, eps_u + w (eps_c - eps_u) for any w >= 0 "
+                "(1: the conditional prediction alone, 0: the unconditional one)"})
+    inversion_guidance_scale: float = field(default=1.0, metadata={
+        "help": "w_w: CFG scale of the golden step's inversion step, same rule as w_l (1 and 0 need one UNet "
+                "branch, other values both)"})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,17 +1,18 @@
-"""Stage 1: extract unique, whitespace-normalised prompts from a dataset (hub id or local data) into prompt files."""
+"""Stage 1: unique, whitespace-normalised prompts from a dataset (hub id or local data) into prompt files: the
+training prompts with an optional held-out part (`extract_prompts`), or a test file that excludes every prompt of a
+training file (`write_held_out_prompts`). Both read through the same code."""
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 
-from .errors import UserError
-
-from .io import atomic_write_text
-
-from .prompts import normalize_prompt
+from .errors import UserError, one_line
+from .io import atomic_write_text, looks_local
+from .prompts import normalize_prompt, read_prompts
+from .runs import check_writable_dir
 from .runtime import get_logger
 
 logger = get_logger(__name__)
@@ -23,6 +24,33 @@ LOCAL_BUILDERS = {
 }
 LOCAL_HELP = "a directory or a .parquet, .csv, .tsv, .json, .jsonl or .txt file"
 READ_BATCH = 1000
+DATASET_HELP = ("a hub dataset id (e.g. yuvalkirstain/pickapic_v1), or local data: a directory, or a .parquet, .csv, "
+                ".tsv, .json, .jsonl or .txt file (a .txt file is one prompt per line)")
+
+
+@dataclass
+class PromptSource:
+    """Which prompts to read and how: a dataset's split and column (the stage-1 CLIs' flags come from these fields)."""
+
+    dataset_name: str = field(default="yuvalkirstain/pickapic_v1", metadata={"help": DATASET_HELP})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "the hub dataset's config (subset) name, if it has several"})
+    split: str = field(default="train", metadata={
+        "help": "dataset split to read (a single local file is read as this split)"})
+    prompt_column: str = field(default="caption", metadata={
+        "help": "column holding the prompts; a text dataset without it uses its 'text' column"})
+    revision: str | None = field(default=None, metadata={
+        "help": "hub dataset revision (branch, tag or commit); hub ids only"})
+    streaming: bool = field(default=False, metadata={
+        "help": "stream the rows instead of downloading the dataset first; only the prompt column is read, so "
+                "Pick-a-Pic's image bytes are never downloaded"})
+    seed: int | None = field(default=None, metadata={
+        "help": "shuffle the rows with this seed before taking prompts (None: keep the dataset order); with "
+                "--streaming, shuffles shards and a buffer of --shuffle_buffer_size rows"})
+    shuffle_buffer_size: int = field(default=10_000, metadata={
+        "help": "rows in the shuffle buffer with --streaming and --seed"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "datasets cache directory (None: HF_DATASETS_CACHE)"})
 
 
 @dataclass(frozen=True)
@@ -45,27 +73,19 @@ class ExtractStats:
     read: int = 0
     empty: int = 0
     duplicates: int = 0
+    excluded: int = 0  # prompts of the training file (write_held_out_prompts)
     kept: int = 0
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """The exception (and its cause, which datasets' generic errors hide) as one line of bounded length."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if e.__cause__ is not None:
-        text += f": {type(e.__cause__).__name__}: {' '.join(str(e.__cause__).split())}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _with_cause(e: BaseException) -> str:
+    """The exception and its cause (which datasets' generic errors hide), each as errors.one_line."""
+    return one_line(e) + (f": {one_line(e.__cause__)}" if e.__cause__ is not None else "")
 
 
 def _hub_offline() -> bool:
     import datasets.config
 
     return bool(datasets.config.HF_HUB_OFFLINE)
-
-
-def _looks_like_path(name: str) -> bool:
-    """True for names that can only be a local path (a hub id is 'owner/name' or 'name')."""
-    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-            or Path(name).suffix.lower() in LOCAL_BUILDERS)
 
 
 def resolve_source(name: str, split: str, config: str | None = None, revision: str | None = None) -> Source:
@@ -84,7 +104,7 @@ def resolve_source(name: str, split: str, config: str | None = None, revision: s
         return Source(label=name, path=builder, data_files={split: str(path.resolve())}, config_kwargs=dict(options))
     if path.is_dir():
         return Source(label=name, path=str(path.resolve()), name=config)
-    if _looks_like_path(name):
+    if looks_local(name, tuple(LOCAL_BUILDERS)):
         raise UserError(f"--dataset_name {name}: no such file or directory: pass {LOCAL_HELP}, or a hub dataset id")
     return Source(label=name, path=name, name=config, revision=revision, is_hub=True)
 
@@ -94,7 +114,7 @@ def _cannot_load(source: Source, e: BaseException) -> UserError:
     if source.is_hub:
         hint = (": HF_HUB_OFFLINE is set, so only datasets already in the local cache load; unset it, or pass "
                 f"{LOCAL_HELP}" if _hub_offline() else f": check the id (and --revision), or pass {LOCAL_HELP}")
-    return UserError(f"cannot load dataset {source.label!r} ({_one_line(e)}){hint}")
+    return UserError(f"cannot load dataset {source.label!r} ({_with_cause(e)}){hint}")
 
 
 def _load_builder(source: Source, cache_dir: str | None, **config_kwargs):
@@ -217,8 +237,10 @@ def iter_prompts(ds, column: str, label: str, total: int | None = None) -> Itera
                 yield value
 
 
-def collect_prompts(values: Iterable[str | None], limit: int | None = None) -> tuple[list[str], ExtractStats]:
-    """Normalise whitespace and keep the first occurrence of each non-empty prompt, stopping at `limit` kept."""
+def collect_prompts(values: Iterable[str | None], limit: int | None = None,
+                    exclude: Collection[str] = frozenset()) -> tuple[list[str], ExtractStats]:
+    """Normalise whitespace and keep the first occurrence of each non-empty prompt not in `exclude` (normalised
+    texts), stopping at `limit` kept."""
     stats, seen, kept = ExtractStats(), set(), []
     if limit is not None and limit <= 0:
         return kept, stats
@@ -227,6 +249,8 @@ def collect_prompts(values: Iterable[str | None], limit: int | None = None) -> t
         text = normalize_prompt(value or "")
         if not text:
             stats.empty += 1
+        elif text in exclude:
+            stats.excluded += 1
         elif text in seen:
             stats.duplicates += 1
         else:
@@ -253,43 +277,55 @@ def _positive(value: int | None, flag: str) -> None:
         raise UserError(f"{flag} must be a positive integer, got {value}")
 
 
-def extract_prompts(dataset_name: str, output_dir: str | os.PathLike, output_filename: str = "prompts.txt", *,
-                    split: str = "train", prompt_column: str = "caption", dataset_config: str | None = None,
-                    revision: str | None = None, streaming: bool = False, max_prompts: int | None = None,
-                    seed: int | None = None, shuffle_buffer_size: int = 10_000, test_size: int | None = None,
-                    test_filename: str = "test_prompts.txt", cache_dir: str | None = None) -> ExtractStats:
+def check_source(source: PromptSource) -> None:
+    """The checks of a `PromptSource` that need no data: a UserError naming the flag."""
+    _positive(source.shuffle_buffer_size, "--shuffle_buffer_size")
+    if not re.fullmatch(r"\w+(\.\w+)*", source.split):
+        raise UserError(f"--split {source.split!r} is not a split name (like train or validation_unique)")
+
+
+def read_unique_prompts(source: PromptSource, limit: int | None = None,
+                        exclude: Collection[str] = frozenset()) -> tuple[list[str], ExtractStats]:
+    """Read the unique normalised prompts of `source` (shuffled with its seed) that are not in `exclude`, up to
+    `limit`; a UserError when none are found."""
+    resolved = resolve_source(source.dataset_name, source.split, source.dataset_config, source.revision)
+    import datasets  # after the cheap checks: importing it takes a second
+
+    ds, column = open_prompt_column(resolved, source.split, source.prompt_column, source.streaming, source.cache_dir)
+    if source.seed is not None:
+        if source.streaming:
+            ds = ds.shuffle(seed=source.seed, buffer_size=source.shuffle_buffer_size)
+        else:
+            ds = ds.shuffle(seed=source.seed, keep_in_memory=True)
+    logger.info("Reading %s split %r column %r%s%s", resolved.label, source.split, column,
+                " (streaming)" if source.streaming else "",
+                f", shuffled with seed {source.seed}" if source.seed is not None else "")
+    try:
+        rows = iter_prompts(ds, column, resolved.label, _num_rows(ds, source.split))
+        prompts, stats = collect_prompts(rows, limit, exclude)
+    except (OSError, datasets.exceptions.DatasetsError) as e:
+        raise UserError(f"reading {resolved.label} failed ({_with_cause(e)}): rerun, or check the data") from None
+    if not prompts:
+        outside = f" outside the training --prompt_file ({stats.excluded} were in it)" if exclude else ""
+        raise UserError(f"column {column!r} of {resolved.label} split {source.split!r} holds no non-empty prompts"
+                        f"{outside} ({stats.read} rows read)")
+    return prompts, stats
+
+
+def extract_prompts(source: PromptSource, output_dir: str | os.PathLike, output_filename: str = "prompts.txt", *,
+                    max_prompts: int | None = None, test_size: int | None = None,
+                    test_filename: str = "test_prompts.txt") -> ExtractStats:
     """Read a dataset's prompt column and write its unique prompts (and an optional disjoint test file)."""
     _positive(max_prompts, "--max_prompts")
     _positive(test_size, "--test_size")
-    _positive(shuffle_buffer_size, "--shuffle_buffer_size")
-    if not re.fullmatch(r"\w+(\.\w+)*", split):
-        raise UserError(f"--split {split!r} is not a split name (like train or validation_unique)")
+    check_source(source)
     output_path = Path(output_dir) / output_filename
     test_path = Path(output_dir) / test_filename if test_size else None
     if test_path is not None and test_path.resolve() == output_path.resolve():
         raise UserError(f"--test_filename and --output_filename both name {output_path}: give them different names")
-
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file, not a directory: pass a directory")
-    source = resolve_source(dataset_name, split, dataset_config, revision)
-    import datasets  # after the cheap checks: importing it takes a second
-
-    ds, column = open_prompt_column(source, split, prompt_column, streaming, cache_dir)
-    if seed is not None:
-        if streaming:
-            ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-        else:
-            ds = ds.shuffle(seed=seed, keep_in_memory=True)
+    check_writable_dir(output_dir, "--output_dir")  # before any prompt is read
     limit = None if max_prompts is None else max_prompts + (test_size or 0)
-    logger.info("Reading %s split %r column %r%s%s", source.label, split, column, " (streaming)" if streaming else "",
-                f", shuffled with seed {seed}" if seed is not None else "")
-    try:
-        prompts, stats = collect_prompts(iter_prompts(ds, column, source.label, _num_rows(ds, split)), limit)
-    except (OSError, datasets.exceptions.DatasetsError) as e:
-        raise UserError(f"reading {source.label} failed ({_one_line(e)}): rerun, or check the data") from None
-    if not prompts:
-        raise UserError(f"column {column!r} of {source.label} split {split!r} holds no non-empty prompts "
-                        f"({stats.read} rows read)")
+    prompts, stats = read_unique_prompts(source, limit)
     main, test = split_test(prompts, test_size)
     if max_prompts is not None and len(main) < max_prompts:
         logger.warning("only %d unique prompts available for %s, fewer than --max_prompts %d",
@@ -301,4 +337,29 @@ def extract_prompts(dataset_name: str, output_dir: str | os.PathLike, output_fil
     logger.info("Read %d rows: kept %d unique prompts (%s); dropped %d empty and %d duplicates%s", stats.read,
                 stats.kept, written, stats.empty, stats.duplicates,
                 "; stopped at --max_prompts" if limit is not None and stats.kept >= limit else "")
+    return stats
+
+
+def write_held_out_prompts(source: PromptSource, prompt_file: str | os.PathLike, output: str | os.PathLike,
+                           num_prompts: int = 500) -> ExtractStats:
+    """Write up to `num_prompts` unique prompts of `source` to `output`, leaving out every prompt of the training
+    `prompt_file` (compared as normalised text): a test file disjoint from the training prompts."""
+    _positive(num_prompts, "--num_prompts")
+    check_source(source)
+    output = Path(output)
+    for other, flag in ((prompt_file, "--prompt_file"), (source.dataset_name, "--dataset_name")):
+        if output.resolve() == Path(other).expanduser().resolve():
+            raise UserError(f"--output {output} is also the {flag}: write the test prompts to another file")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder: pass a file path such as {output / 'test_prompts.txt'}")
+    check_writable_dir(output.parent, "--output")  # before any prompt is read
+    training = {p.text for p in read_prompts(prompt_file)}
+    prompts, stats = read_unique_prompts(source, num_prompts, exclude=training)
+    if len(prompts) < num_prompts:
+        logger.warning("only %d prompts outside %s found, fewer than --num_prompts %d", len(prompts), prompt_file,
+                       num_prompts)
+    atomic_write_text(output, "".join(p + "\n" for p in prompts))
+    logger.info("Read %d rows: wrote %d test prompts to %s; dropped %d empty, %d duplicates and %d prompts of the "
+                "training file %s", stats.read, len(prompts), output, stats.empty, stats.duplicates, stats.excluded,
+                prompt_file)
     return stats
