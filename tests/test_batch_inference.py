@@ -3,6 +3,7 @@ pipeline and with the golden step, 1 vs 2 processes, resume after an interrupt, 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -88,6 +89,18 @@ def test_layout_manifest_summary(reference):
     assert summary["methods"]["gnsnet"]["mean_noise_seconds_per_image"] > 0
     settings = json.loads((reference / "batch_settings.json").read_text())
     assert settings["golden"] == TRAIN_GOLDEN.to_dict()  # the oracle follows the RNN's training data
+    # the job's flags, then what they resolved to
+    from golden_noise.prompts import prompt_fingerprint, read_prompts
+
+    weights = (reference.parent / "run" / "rnn_v3_model_final.safetensors").resolve()
+    assert (settings["batch_size"], settings["start_seed"], settings["methods"]) == (2, START_SEED, METHODS)
+    assert settings["prompt_fingerprint"] == prompt_fingerprint(read_prompts(reference.parent / "prompts.txt"))
+    assert settings["rnn_weights_file"] == str(weights)
+    assert settings["rnn_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert [settings[k] for k in ("dtype", "dtype_used", "num_gen_steps_used")] == ["auto", "float32", TRAIN_STEPS]
+    assert (settings["height_used"], settings["latent_shape"], settings["scheduler_class"]) == (16, [4, 16, 16],
+                                                                                               "DDIMScheduler")
+    assert settings["classifier_free_guidance"] and set(settings["versions"]) >= {"torch", "diffusers"}
     assert not (reference / ".manifest_parts").exists()
 
 

@@ -152,11 +152,13 @@ def test_single_cli_end_to_end(export, tiny_pipeline, tiny_pipeline_dir, tmp_pat
     saved noises; the oracle is the golden step of the RNN's training data applied n times; settings recorded."""
     out = tmp_path / "single"
     seed, steps, scale = 12345, 4, 5.5
-    run_cli("src/inference_rnn.py", "--rnn_weights_path", export / "rnn_v3_model_final.safetensors",
-            "--prompt", PROMPT, "--output_dir", out, "--output_name", "x", "--num_inference_steps", steps,
-            "--guidance_scale", scale, "--seed", seed, "--generate_standard", "--generate_oracle", "--save_noise",
-            "--device", "cpu", check=True)
+    cli = load_cli("src/inference_rnn.py")  # in process (the subprocess path is run in test_single_cli_bad_inputs)
+    returned = cli.main(cli.parse_args([str(a) for a in (
+        "--rnn_weights_path", export / "rnn_v3_model_final.safetensors", "--prompt", PROMPT, "--output_dir", out,
+        "--output_name", "x", "--num_inference_steps", steps, "--guidance_scale", scale, "--seed", seed,
+        "--generate_standard", "--generate_oracle", "--save_noise", "--device", "cpu")]))
     settings = json.loads((out / "x_settings.json").read_text())
+    assert settings == json.loads(json.dumps(returned))
     assert settings["base_model_id_used"] == str(tiny_pipeline_dir)  # read from the export, not retyped
     assert settings["num_gen_steps_used"] == TRAIN_STEPS and settings["seed"] == seed
     assert settings["num_inference_steps"] == steps and settings["scheduler_class"] == "DDIMScheduler"
@@ -273,15 +275,16 @@ def test_single_guidance_at_most_one_is_no_guidance(export, tmp_path, capsys):
     assert "--guidance_scale 0.5 <= 1: diffusers applies no classifier-free guidance" in capsys.readouterr().err
     one = cli.main(cli.parse_args([*common, "--guidance_scale", "1", "--output_dir", str(tmp_path / "one")]))
     cfg = cli.main(cli.parse_args([*common, "--output_dir", str(tmp_path / "cfg")]))
-    assert (low["guidance_scale"], low["guidance_scale_effective"], low["classifier_free_guidance"]) == (0.5, 1.0, False)
-    assert (cfg["guidance_scale"], cfg["guidance_scale_effective"], cfg["classifier_free_guidance"]) == (5.5, 5.5, True)
+    effective = ("guidance_scale", "guidance_scale_effective", "classifier_free_guidance")
+    assert [low[k] for k in effective] == [0.5, 1.0, False]
+    assert [cfg[k] for k in effective] == [5.5, 5.5, True]
     assert low["dtype"] == "auto" and low["dtype_used"] == "float32"
     saved = json.loads((tmp_path / "low" / "x_settings.json").read_text())
     assert saved["guidance_scale_effective"] == 1.0 and saved["classifier_free_guidance"] is False
     for method in ("standard", "gnsnet"):
-        assert np.array_equal(pixels(tmp_path / "low" / f"x_{method}.png"), pixels(tmp_path / "one" / f"x_{method}.png"))
-        assert not np.array_equal(pixels(tmp_path / "low" / f"x_{method}.png"),
-                                  pixels(tmp_path / "cfg" / f"x_{method}.png"))
+        low_pixels = pixels(tmp_path / "low" / f"x_{method}.png")
+        assert np.array_equal(low_pixels, pixels(tmp_path / "one" / f"x_{method}.png"))
+        assert not np.array_equal(low_pixels, pixels(tmp_path / "cfg" / f"x_{method}.png"))
 
 
 def test_single_one_line_errors_before_any_model(tmp_path, capsys):
@@ -291,8 +294,9 @@ def test_single_one_line_errors_before_any_model(tmp_path, capsys):
     base = ["--rnn_weights_path", tmp_path / "no_such_run", "--prompt", PROMPT, "--device", "cpu"]
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
-    cases = [(["--guidance_scale", "-1", "--output_dir", tmp_path / "o"], "error: --guidance_scale must not be negative"),
-             (["--guidance_scale", "nan", "--output_dir", tmp_path / "o"], "error: --guidance_scale must not be negative"),
+    negative = "error: --guidance_scale must not be negative"
+    cases = [(["--guidance_scale", "-1", "--output_dir", tmp_path / "o"], negative),
+             (["--guidance_scale", "nan", "--output_dir", tmp_path / "o"], negative),
              (["--output_dir", "/proc/x"], "error: --output_dir /proc/x is not a writable folder"),
              (["--output_dir", a_file / "sub"], f"error: --output_dir {a_file / 'sub'} is not a writable folder")]
     for extra, message in cases:

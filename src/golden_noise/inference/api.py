@@ -19,39 +19,38 @@ logger = get_logger(__name__)
 DEFAULT_NUM_GEN_STEPS = 10  # used only when no RNN export says how many steps its data had
 
 
-def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_variance: bool = False):
-    """Load a trained `NoiseSequenceRNN_v3` export -> (model in eval mode, meta); UserError when missing/invalid.
-
-    `path` is the .safetensors, the .json, their stem, the training run directory, or the seed's spelling
-    `.../rnn_v3_model_final.pth`, which means the safetensors export beside it (a pickle is never loaded).
-    `predict_variance=True` (the seed's flag) requires an export trained with the variance head."""
-    from ..model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, resolve_export_paths
+def export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights .safetensors, config .json) of an export: the .safetensors, the .json, their stem, the training run
+    directory, or the seed's spelling `.../rnn_v3_model_final.pth`, which means the safetensors export beside it."""
+    from ..model.rnn_seq_model_v3 import resolve_export_paths
 
     path = Path(path)
     if path.suffix == ".pth":
         stem = path.with_suffix("")
-        logger.info("--rnn_weights_path %s: .pth means the safetensors export %s.safetensors (+ .json); a pickled "
-                    ".pth is never loaded", path, stem)
         if path.is_file() and not stem.with_name(stem.name + ".safetensors").is_file():
             raise UserError(f"--rnn_weights_path {path} is a pickle, which is never loaded (it could run code), and "
                             f"there is no {stem.name}.safetensors beside it: pass the training run's safetensors "
                             "export (train_rnn_model_v3.py writes it)")
         path = stem
-    model, meta = NoiseSequenceRNN_v3.from_pretrained(str(path), device=device, dtype=dtype)
+    return resolve_export_paths(path)
+
+
+def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_variance: bool = False):
+    """Load a trained `NoiseSequenceRNN_v3` export (any path `export_paths` takes) -> (model in eval mode, meta);
+    UserError when missing/invalid. `predict_variance=True` (the seed's flag) requires an export trained with
+    the variance head."""
+    from ..model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
+
+    weights, meta_path = export_paths(path)
+    if Path(path).suffix == ".pth":
+        logger.info("--rnn_weights_path %s: .pth means the safetensors export %s (+ .json); a pickled .pth is never "
+                    "loaded", path, weights)
+    model, meta = NoiseSequenceRNN_v3.from_pretrained(str(weights), device=device, dtype=dtype)
     if predict_variance and not (meta.get("model_config") or {}).get("predict_variance", False):
-        _, meta_path = resolve_export_paths(path)
         raise UserError(f"--predict_variance was given, but the RNN export {meta_path} was trained without it "
                         "(model_config.predict_variance is false): drop --predict_variance or pass an export "
                         "trained with it")
     return model.eval(), meta
-
-
-def export_weights_file(path: str | os.PathLike) -> Path:
-    """The .safetensors file an export path (any spelling `load_rnn_export` takes) resolves to."""
-    from ..model.rnn_seq_model_v3 import resolve_export_paths
-
-    path = Path(path)
-    return resolve_export_paths(path.with_suffix("") if path.suffix == ".pth" else path)[0].resolve()
 
 
 def check_guidance_scale(flag: str, value: float | None) -> None:

@@ -29,7 +29,7 @@ from ..methods import METHODS, folder, order_key
 from ..prompts import Prompt
 from ..runtime import get_logger
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
-from .config import PipelineSpec, SamplingConfig
+from .config import PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig
 
 logger = get_logger(__name__)
 
@@ -58,16 +58,15 @@ class BatchJob:
     methods: list[str] = field(default_factory=lambda: ["standard", "gnsnet"])
     prompt_column: str | None = field(default=None, metadata={
         "help": "column of a .csv/.tsv prompt file (default: prompt or caption)"})
-    start_seed: int = field(default=0, metadata={"help": "seed of prompt index i = start_seed + i (default: %(default)s)"})
+    start_seed: int = field(default=0, metadata={
+        "help": "seed of prompt index i = start_seed + i (default: %(default)s)"})
     batch_size: int = field(default=4, metadata={"help": "prompts per pipeline call"})
     save_noise: bool = field(default=False, metadata={
         "help": "also save each method's initial latents as noise/{method}/{index}.pt (C, H, W)"})
     rnn_weights_path: str | None = field(default=None, metadata={
         "help": "trained RNN export (needed for gnsnet): .safetensors, .json, their stem, the run dir, or the "
                 "seed's rnn_v3_model_final.pth (= that export)"})
-    predict_variance: bool = field(default=False, metadata={
-        "help": "the seed's flag: check that the export was trained with predict_variance (the export's config "
-                "decides the architecture)"})
+    predict_variance: bool = field(default=False, metadata={"help": PREDICT_VARIANCE_HELP})
     num_gen_steps: int | None = field(default=None, metadata={
         "help": "n: RNN rollout / oracle steps (default: num_steps of the RNN's training data, else 10)"})
     golden_overrides: dict = field(default_factory=dict)  # GoldenConfig fields given for the oracle (else the RNN's)

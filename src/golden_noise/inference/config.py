@@ -11,9 +11,12 @@ import torch
 from ..diffusion import SCHEDULERS
 from ..errors import UserError
 from ..runtime import get_logger, model_dtype
-from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, check_guidance_scale, export_weights_file
+from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, check_guidance_scale, export_paths
 
 logger = get_logger(__name__)
+
+PREDICT_VARIANCE_HELP = ("the seed's flag: check that the export was trained with predict_variance (the export's "
+                         "config decides the architecture)")
 
 
 @dataclass
@@ -89,7 +92,7 @@ def rnn_record(gn: GoldenNoise | None, path: str | None) -> dict:
         return {"rnn_weights_file": None, "rnn_sha256": None, "rnn_model_config": None, "rnn_run_config": None}
     import hashlib
 
-    weights = export_weights_file(path)
+    weights = export_paths(path)[0].resolve()
     digest = hashlib.sha256()
     with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -12,8 +12,8 @@ from ..errors import UserError
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json
 from ..runtime import get_logger
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
-from .config import (PipelineSpec, SamplingConfig, flat_record, load_golden_noise, load_job_pipeline,
-                     pipeline_record, resolve_num_gen_steps, rnn_record, sampling_record)
+from .config import (PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig, flat_record, load_golden_noise,
+                     load_job_pipeline, pipeline_record, resolve_num_gen_steps, rnn_record, sampling_record)
 
 logger = get_logger(__name__)
 
@@ -41,9 +41,7 @@ class SingleJob:
                 "export trained with predict_variance"})
     save_noise: bool = field(default=False, metadata={
         "help": "save x_T and the golden noise(s) as .pt tensors (C, H, W)"})
-    predict_variance: bool = field(default=False, metadata={
-        "help": "the seed's flag: check that the export was trained with predict_variance (the export's config "
-                "decides the architecture)"})
+    predict_variance: bool = field(default=False, metadata={"help": PREDICT_VARIANCE_HELP})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
 
