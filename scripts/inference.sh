@@ -3,7 +3,8 @@
 # Override any variable from the environment, e.g.
 #   RNN_WEIGHTS=./output/rnn_v3_seq_model_output/rnn_v3_model_final DTYPE=float32 bash scripts/inference.sh
 # Multi-GPU batch inference gives the same files: NUM_PROCESSES=8 bash scripts/inference.sh
-# The pipeline and resolution default to the ones the RNN was trained with (read from its export).
+# The pipeline and resolution default to the ones the RNN was trained with (read from its export); DTYPE=auto is
+# float16 on CUDA and float32 elsewhere. Low on GPU memory? EXTRA_FLAGS="--enable_model_cpu_offload --enable_vae_tiling"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,8 @@ OUTPUT_DIR="${OUTPUT_DIR:-./inference_output/}"
 NUM_GEN_STEPS="${NUM_GEN_STEPS:-10}"
 NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS:-30}"
 GUIDANCE_SCALE="${GUIDANCE_SCALE:-5.5}"
-DTYPE="${DTYPE:-float16}"
+DTYPE="${DTYPE:-auto}"
+read -r -a EXTRA <<< "${EXTRA_FLAGS:-}"   # more flags for both stages, e.g. the memory savers
 NUM_PROCESSES="${NUM_PROCESSES:-1}"
 
 # 1. One prompt: the golden-noise image, the standard image from the same seed, and a JSON of every setting.
@@ -29,7 +31,7 @@ python src/inference_rnn.py \
   --guidance_scale "$GUIDANCE_SCALE" \
   --seed 12345 \
   --generate_standard \
-  --dtype "$DTYPE"
+  --dtype "$DTYPE" ${EXTRA[@]+"${EXTRA[@]}"}
 
 # 2. Every prompt of a file: ${OUTPUT_DIR}{standard,gnsnet}_output/{index}.png, seed = 1000 + index,
 #    plus manifest.csv and summary.json. Rerun to resume; add `--methods standard gnsnet oracle` for the upper bound.
@@ -47,4 +49,4 @@ fi
   --num_inference_steps "$NUM_INFERENCE_STEPS" \
   --guidance_scale "$GUIDANCE_SCALE" \
   --start_seed 1000 \
-  --dtype "$DTYPE"
+  --dtype "$DTYPE" ${EXTRA[@]+"${EXTRA[@]}"}

@@ -3,6 +3,7 @@ pipeline and with the golden step, 1 vs 2 processes, resume after an interrupt, 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -88,6 +89,18 @@ def test_layout_manifest_summary(reference):
     assert summary["methods"]["gnsnet"]["mean_noise_seconds_per_image"] > 0
     settings = json.loads((reference / "batch_settings.json").read_text())
     assert settings["golden"] == TRAIN_GOLDEN.to_dict()  # the oracle follows the RNN's training data
+    # the job's flags, then what they resolved to
+    from golden_noise.prompts import prompt_fingerprint, read_prompts
+
+    weights = (reference.parent / "run" / "rnn_v3_model_final.safetensors").resolve()
+    assert (settings["batch_size"], settings["start_seed"], settings["methods"]) == (2, START_SEED, METHODS)
+    assert settings["prompt_fingerprint"] == prompt_fingerprint(read_prompts(reference.parent / "prompts.txt"))
+    assert settings["rnn_weights_file"] == str(weights)
+    assert settings["rnn_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert [settings[k] for k in ("dtype", "dtype_used", "num_gen_steps_used")] == ["auto", "float32", TRAIN_STEPS]
+    assert (settings["height_used"], settings["latent_shape"], settings["scheduler_class"]) == (16, [4, 16, 16],
+                                                                                               "DDIMScheduler")
+    assert settings["classifier_free_guidance"] and set(settings["versions"]) >= {"torch", "diffusers"}
     assert not (reference / ".manifest_parts").exists()
 
 
@@ -166,10 +179,10 @@ def test_interrupted_run_resumes_to_the_same_result(reference, setup):
         assert "rerun the same command to resume" in err
         assert done < len(INDICES) * len(METHODS)
 
-    run_cli("scripts/batch_inference.py", *batch_args(setup, out), "--device", "cpu", env=ONE_THREAD, check=True)
+    cli = load_cli("scripts/batch_inference.py")  # the rerun in process (1 thread, like the subprocesses)
+    summary = cli.main(cli.parse_args([str(a) for a in batch_args(setup, out)] + ["--device", "cpu"]))
     assert outputs(out) == outputs(reference)
     assert manifest(out) == manifest(reference)
-    summary = json.loads((out / "summary.json").read_text())
     skipped = sum(s["skipped_existing"] for s in summary["methods"].values())
     generated = sum(s["generated_this_run"] for s in summary["methods"].values())
     assert (skipped, generated) == (done, len(INDICES) * len(METHODS) - done)
@@ -181,7 +194,7 @@ def test_rerun_with_other_settings_is_refused(reference, setup):
     before = outputs(reference)
     args = [str(a) for a in batch_args(setup, reference)]
     args[args.index("--guidance_scale") + 1] = "7.0"
-    with pytest.raises(UserError, match=r"other settings \(guidance_scale: 5.5 -> 7.0\)"):
+    with pytest.raises(UserError, match=r"other inputs or settings \(guidance_scale: 5.5 -> 7.0\)"):
         cli.main(cli.parse_args([*args, "--device", "cpu"]))
     assert outputs(reference) == before
 
@@ -195,7 +208,7 @@ def test_bad_inputs(setup, tiny_pipeline, tiny_pipeline_dir, tmp_path, capsys):
     with pytest.raises(UserError, match="holds no prompts"):
         cli.main(cli.parse_args(["--prompt_file", str(empty), "--methods", "standard", *base]))
     with pytest.raises(UserError, match="does not exist"):
-        cli.main(cli.parse_args(["--prompt_file", str(tmp_path / "none.txt"), *base]))
+        cli.main(cli.parse_args(["--prompt_file", str(tmp_path / "none.txt"), "--methods", "standard", *base]))
     with pytest.raises(UserError, match="needs --rnn_weights_path"):
         cli.main(cli.parse_args(["--prompt_file", str(setup["prompt_file"]), "--methods", "gnsnet", *base]))
     with pytest.raises(UserError, match="does not exist"):
@@ -211,3 +224,150 @@ def test_bad_inputs(setup, tiny_pipeline, tiny_pipeline_dir, tmp_path, capsys):
         assert e.value.code == 2
     assert "invalid choice: 'plms'" in capsys.readouterr().err
     assert not list((tmp_path / "out").rglob("*.png")) if (tmp_path / "out").exists() else True
+
+
+def snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `out` (hidden ones too): its bytes and modification time."""
+    return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*"))
+            if p.is_file()}
+
+
+def test_rerun_with_other_prompts_or_batch_size_is_refused(reference, setup, tmp_path):
+    """Another --prompt_file (other prompts) or another --batch_size into a finished folder is refused, naming the
+    difference, and no file there changes (not even its time stamp)."""
+    cli = load_cli("scripts/batch_inference.py")
+    before = snapshot(reference)
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join([*PROMPTS[:3], "a different prompt", *PROMPTS[4:]]) + "\n", encoding="utf-8")
+    args = [str(a) for a in batch_args(setup, reference)] + ["--device", "cpu"]
+    with pytest.raises(UserError, match=r"other inputs or settings \(prompt_fingerprint: [0-9a-f]{12}\.\.\. -> "
+                                        r"[0-9a-f]{12}\.\.\.\)"):
+        cli.main(cli.parse_args([*args, "--prompt_file", str(other)]))
+    with pytest.raises(UserError, match=r"other inputs or settings \(batch_size: 2 -> 3\)"):
+        cli.main(cli.parse_args([*args, "--batch_size", "3"]))
+    assert snapshot(reference) == before
+
+
+def test_methods_may_be_added_to_a_folder(setup, tmp_path):
+    """A rerun may add methods (the earlier images stay untouched, the settings list every method and keep the
+    RNN that made the gnsnet images); the standard images equal a single run with both methods."""
+    cli = load_cli("scripts/batch_inference.py")
+    out = tmp_path / "grow"
+    common = ["--prompt_file", str(setup["prompt_file"]), "--output_base_dir", str(out), "--num_inference_steps", "2",
+              "--batch_size", "2", "--device", "cpu", "--rnn_weights_path", str(setup["export"])]
+    first = cli.main(cli.parse_args([*common, "--methods", "standard"]))
+    assert first["methods"]["standard"]["generated_this_run"] == len(INDICES)
+    standard = snapshot(out / "standard_output")
+    second = cli.main(cli.parse_args([*common, "--methods", "standard,gnsnet"]))  # the old comma style
+    assert (second["methods"]["standard"]["skipped_existing"], second["methods"]["gnsnet"]["generated_this_run"]) \
+        == (len(INDICES), len(INDICES))
+    assert snapshot(out / "standard_output") == standard
+    cli.main(cli.parse_args([*common, "--methods", "standard"]))  # nothing to do; the gnsnet record stays
+    settings = json.loads((out / "batch_settings.json").read_text())
+    assert settings["methods"] == ["standard", "gnsnet"] and settings["rnn_sha256"] is not None
+    assert [(int(r["index"]), r["method"]) for r in manifest(out)] == [(i, m) for i in INDICES
+                                                                        for m in ("standard", "gnsnet")]
+    both = tmp_path / "both"
+    cli.main(cli.parse_args([*common, "--output_base_dir", str(both), "--methods", "standard", "gnsnet"]))
+    assert outputs(both) == outputs(out)
+
+
+def test_killed_run_with_default_flags_resumes_exactly(setup, tmp_path):
+    """kill -9 a run under the default flags right after its first image; a stale temporary file and a truncated
+    image are left behind as a crash can leave them. The rerun removes the temporary file, regenerates the damaged
+    image and ends byte-identical (images and manifest) to an uninterrupted run."""
+    cli = load_cli("scripts/batch_inference.py")
+    required = ["--prompt_file", str(setup["prompt_file"]), "--rnn_weights_path", str(setup["export"])]
+    reference = tmp_path / "uninterrupted"
+    cli.main(cli.parse_args([*required, "--output_base_dir", str(reference)]))
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "batch_inference.py"), *required,
+                             "--output_base_dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env, cwd=str(ROOT))
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not any(out.glob("*_output/*.png")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate(timeout=60)
+    images = sorted(out.glob("*_output/*.png"))
+    assert proc.returncode == -signal.SIGKILL and 1 <= len(images) < 2 * len(INDICES)
+    assert not (out / "manifest.csv").exists()  # killed before any merge
+    stale = images[0].with_name(f".{images[0].name}.99999.0123abcd.tmp")
+    stale.write_bytes(b"half an image")
+    foreign = out / ".notes.tmp"  # not a name atomic writes use: left alone
+    foreign.write_text("mine")
+    images[0].write_bytes(images[0].read_bytes()[:100])  # truncated
+
+    summary = cli.main(cli.parse_args([*required, "--output_base_dir", str(out)]))
+    assert outputs(out) == outputs(reference)
+    assert manifest(out) == manifest(reference)
+    assert not stale.exists() and foreign.read_text() == "mine"
+    assert sum(s["generated_this_run"] for s in summary["methods"].values()) == 2 * len(INDICES) - len(images) + 1
+
+
+def test_one_line_errors_before_any_model(setup, tmp_path, capsys):
+    """Unwritable --output_base_dir (/proc, below a regular file) and negative guidance scales (sampling and the
+    oracle's) fail with one line naming the flag, exit 2, before any model is loaded (the export does not exist)."""
+    from tests.test_inference import run_in_process
+
+    cli = load_cli("scripts/batch_inference.py")
+    base = ["--prompt_file", setup["prompt_file"], "--rnn_weights_path", tmp_path / "no_such_run", "--device", "cpu"]
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    out = ["--output_base_dir", tmp_path / "o"]
+    cases = [(["--output_base_dir", "/proc/x"], "error: --output_base_dir /proc/x is not a writable folder"),
+             (["--output_base_dir", a_file / "sub"], f"error: --output_base_dir {a_file / 'sub'} is not a writable"),
+             ([*out, "--guidance_scale", "-2"], "error: --guidance_scale must not be negative"),
+             ([*out, "--methods", "oracle", "--denoise_guidance_scale", "-1"],
+              "error: --denoise_guidance_scale must not be negative"),
+             ([*out, "--methods", "oracle", "--inversion_guidance_scale", "-1"],
+              "error: --inversion_guidance_scale must not be negative")]
+    for extra, message in cases:
+        code, err = run_in_process(cli, [*base, *extra], capsys)
+        assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert a_file.read_text() == "x" and not (tmp_path / "o").exists()
+
+
+def test_seed_spellings_memory_flags_and_guidance_record(setup, tiny_pipeline, tiny_pipeline_dir, tmp_path):
+    """The seed's `.pth` name and --predict_variance; --enable_vae_slicing/--enable_vae_tiling run and make images;
+    --enable_model_cpu_offload on CPU is a one-line error; a scale <= 1 is recorded as no guidance."""
+    from PIL import Image
+
+    cli = load_cli("scripts/batch_inference.py")
+    out = tmp_path / "flags"
+    common = ["--prompt_file", str(setup["prompt_file"]), "--num_inference_steps", "2", "--device", "cpu",
+              "--output_base_dir", str(out)]
+    pth = str(setup["export"] / "rnn_v3_model_final.pth")
+    cli.main(cli.parse_args([*common, "--rnn_weights_path", pth, "--predict_variance", "--enable_vae_slicing",
+                             "--enable_vae_tiling", "--guidance_scale", "0.8"]))
+    for method in ("standard", "gnsnet"):
+        for i in INDICES:
+            with Image.open(out / f"{method}_output" / f"{i}.png") as image:
+                assert image.size == (16, 16)
+    settings = json.loads((out / "batch_settings.json").read_text())
+    assert settings["rnn_weights_file"] == str((setup["export"] / "rnn_v3_model_final.safetensors").resolve())
+    assert settings["enable_vae_slicing"] and settings["enable_vae_tiling"] and settings["dtype_used"] == "float32"
+    assert (settings["guidance_scale_effective"], settings["classifier_free_guidance"]) == (1.0, False)
+    with pytest.raises(UserError, match="--enable_model_cpu_offload"):
+        cli.main(cli.parse_args([*common, "--rnn_weights_path", pth, "--enable_model_cpu_offload",
+                                 "--output_base_dir", str(tmp_path / "offload")]))
+    no_var = make_export(tmp_path / "novar" / "rnn_v3_model_final", tiny_pipeline, tiny_pipeline_dir,
+                         predict_variance=False)
+    with pytest.raises(UserError, match="--predict_variance was given, but the RNN export"):
+        cli.main(cli.parse_args([*common, "--rnn_weights_path", str(no_var), "--predict_variance",
+                                 "--output_base_dir", str(tmp_path / "nv")]))
+
+
+def test_folder_in_use_is_refused(setup, tmp_path):
+    """A second run into a folder a running job holds is refused (and writes nothing there)."""
+    from golden_noise.runs import RunLock
+
+    cli = load_cli("scripts/batch_inference.py")
+    out = tmp_path / "busy"
+    with RunLock(out, "--output_base_dir"):
+        with pytest.raises(UserError, match=r"busy is in use by a running job \(pid \d+\)"):
+            cli.main(cli.parse_args(["--prompt_file", str(setup["prompt_file"]), "--output_base_dir", str(out),
+                                     "--methods", "standard", "--num_inference_steps", "2", "--device", "cpu"]))
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -152,11 +152,13 @@ def test_single_cli_end_to_end(export, tiny_pipeline, tiny_pipeline_dir, tmp_pat
     saved noises; the oracle is the golden step of the RNN's training data applied n times; settings recorded."""
     out = tmp_path / "single"
     seed, steps, scale = 12345, 4, 5.5
-    run_cli("src/inference_rnn.py", "--rnn_weights_path", export / "rnn_v3_model_final.safetensors",
-            "--prompt", PROMPT, "--output_dir", out, "--output_name", "x", "--num_inference_steps", steps,
-            "--guidance_scale", scale, "--seed", seed, "--generate_standard", "--generate_oracle", "--save_noise",
-            "--device", "cpu", check=True)
+    cli = load_cli("src/inference_rnn.py")  # in process (the subprocess path is run in test_single_cli_bad_inputs)
+    returned = cli.main(cli.parse_args([str(a) for a in (
+        "--rnn_weights_path", export / "rnn_v3_model_final.safetensors", "--prompt", PROMPT, "--output_dir", out,
+        "--output_name", "x", "--num_inference_steps", steps, "--guidance_scale", scale, "--seed", seed,
+        "--generate_standard", "--generate_oracle", "--save_noise", "--device", "cpu")]))
     settings = json.loads((out / "x_settings.json").read_text())
+    assert settings == json.loads(json.dumps(returned))
     assert settings["base_model_id_used"] == str(tiny_pipeline_dir)  # read from the export, not retyped
     assert settings["num_gen_steps_used"] == TRAIN_STEPS and settings["seed"] == seed
     assert settings["num_inference_steps"] == steps and settings["scheduler_class"] == "DDIMScheduler"
@@ -221,10 +223,119 @@ def test_single_cli_bad_inputs(export, tiny_pipeline, tiny_pipeline_dir, tmp_pat
     no_var = make_export(tmp_path / "novar", tiny_pipeline, tiny_pipeline_dir, predict_variance=False)
     with pytest.raises(UserError, match="--sample_noise needs"):
         cli.main(cli.parse_args(["--rnn_weights_path", str(no_var), "--prompt", PROMPT, "--sample_noise",
-                                 "--device", "cpu"]))
+                                 "--device", "cpu", "--output_dir", str(tmp_path / "o")]))
     with pytest.raises(UserError, match="--prompt is empty"):
-        cli.main(cli.parse_args(["--rnn_weights_path", str(export), "--prompt", "  ", "--device", "cpu"]))
+        cli.main(cli.parse_args(["--rnn_weights_path", str(export), "--prompt", "  ", "--device", "cpu",
+                                 "--output_dir", str(tmp_path / "o")]))
     with pytest.raises(SystemExit) as e:
         cli.parse_args(["--rnn_weights_path", str(export), "--prompt", PROMPT, "--scheduler", "plms"])
     assert e.value.code == 2 and "invalid choice: 'plms'" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()  # nothing half-written
+    assert not list((tmp_path / "o").rglob("*"))  # nothing half-written (the checked folder stays empty)
+
+
+def run_in_process(cli, argv: list, capsys) -> tuple[int, str]:
+    """A CLI's exit code and stderr through golden_noise.runtime.run_cli, in process (as `python script` runs it)."""
+    from golden_noise.runtime import run_cli as run_main
+
+    capsys.readouterr()
+    code = run_main(cli.main, cli.parse_args, [str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_load_pipeline_dtype_kwarg_and_memory_flags(tiny_pipeline_dir):
+    """The dtype really reaches the weights (float16 on CPU), through the keyword the installed diffusers honours
+    (`dtype` from 0.40, `torch_dtype` before; no deprecation warning); 'auto' is float32 off CUDA; VAE slicing and
+    tiling are switched on; model offload on CPU is a one-line error before loading."""
+    import warnings
+
+    from golden_noise.diffusion import dtype_keyword, load_pipeline
+
+    assert [dtype_keyword(v) for v in ("0.35.0", "0.39.0", "0.40.0", "0.42.1", "1.0.0.dev0")] == \
+        ["torch_dtype", "torch_dtype", "dtype", "dtype", "dtype"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        half = load_pipeline(str(tiny_pipeline_dir), dtype="float16", device="cpu", vae_slicing=True, vae_tiling=True)
+    assert not [w for w in caught if "dtype" in str(w.message)], [str(w.message) for w in caught]
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert {p.dtype for p in getattr(half, name).parameters()} == {torch.float16}, name
+    assert half.vae.use_slicing and half.vae.use_tiling
+    auto = load_pipeline(str(tiny_pipeline_dir), dtype="auto", device="cpu")
+    assert {p.dtype for p in auto.unet.parameters()} == {torch.float32} and not auto.vae.use_slicing
+    with pytest.raises(UserError, match="--enable_model_cpu_offload moves each model to the GPU.*device is cpu"):
+        load_pipeline(str(tiny_pipeline_dir), device="cpu", cpu_offload=True)
+
+
+def test_single_guidance_at_most_one_is_no_guidance(export, tmp_path, capsys):
+    """--guidance_scale 0.5 gives the --guidance_scale 1 image, says so in the log and records the effective value;
+    the default --dtype auto is float32 on CPU."""
+    cli = load_cli("src/inference_rnn.py")
+    common = ["--rnn_weights_path", str(export), "--prompt", PROMPT, "--num_inference_steps", "2", "--device", "cpu",
+              "--generate_standard", "--output_name", "x"]
+    low = cli.main(cli.parse_args([*common, "--guidance_scale", "0.5", "--output_dir", str(tmp_path / "low")]))
+    assert "--guidance_scale 0.5 <= 1: diffusers applies no classifier-free guidance" in capsys.readouterr().err
+    one = cli.main(cli.parse_args([*common, "--guidance_scale", "1", "--output_dir", str(tmp_path / "one")]))
+    cfg = cli.main(cli.parse_args([*common, "--output_dir", str(tmp_path / "cfg")]))
+    effective = ("guidance_scale", "guidance_scale_effective", "classifier_free_guidance")
+    assert [low[k] for k in effective] == [0.5, 1.0, False]
+    assert [cfg[k] for k in effective] == [5.5, 5.5, True]
+    assert low["dtype"] == "auto" and low["dtype_used"] == "float32"
+    saved = json.loads((tmp_path / "low" / "x_settings.json").read_text())
+    assert saved["guidance_scale_effective"] == 1.0 and saved["classifier_free_guidance"] is False
+    for method in ("standard", "gnsnet"):
+        low_pixels = pixels(tmp_path / "low" / f"x_{method}.png")
+        assert np.array_equal(low_pixels, pixels(tmp_path / "one" / f"x_{method}.png"))
+        assert not np.array_equal(low_pixels, pixels(tmp_path / "cfg" / f"x_{method}.png"))
+
+
+def test_single_one_line_errors_before_any_model(tmp_path, capsys):
+    """Negative guidance and unwritable --output_dir (/proc, below a regular file) fail with one line, exit 2, before
+    the RNN or the pipeline is loaded (the export path here does not even exist)."""
+    cli = load_cli("src/inference_rnn.py")
+    base = ["--rnn_weights_path", tmp_path / "no_such_run", "--prompt", PROMPT, "--device", "cpu"]
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    negative = "error: --guidance_scale must not be negative"
+    cases = [(["--guidance_scale", "-1", "--output_dir", tmp_path / "o"], negative),
+             (["--guidance_scale", "nan", "--output_dir", tmp_path / "o"], negative),
+             (["--output_dir", "/proc/x"], "error: --output_dir /proc/x is not a writable folder"),
+             (["--output_dir", a_file / "sub"], f"error: --output_dir {a_file / 'sub'} is not a writable folder")]
+    for extra, message in cases:
+        code, err = run_in_process(cli, [*base, *extra], capsys)
+        assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert a_file.read_text() == "x" and not (tmp_path / "o").exists()
+
+
+def test_oracle_api_refuses_negative_guidance(tiny_pipeline):
+    from golden_noise.inference import oracle_noise
+
+    x_T = seeded_noise([0], (4, 16, 16))
+    for bad in (GoldenConfig(denoise_guidance_scale=-1.0), GoldenConfig(inversion_guidance_scale=-0.5)):
+        with pytest.raises(UserError, match=r"--(denoise|inversion)_guidance_scale must not be negative"):
+            oracle_noise(tiny_pipeline, [PROMPT], x_T, 1, bad)
+
+
+def test_single_seed_spellings(export, tiny_pipeline, tiny_pipeline_dir, tmp_path, capsys):
+    """`--rnn_weights_path .../rnn_v3_model_final.pth` means the safetensors export (said in the log; a pickle there
+    is never loaded); `--predict_variance` is accepted when the export has the variance head, refused otherwise."""
+    cli = load_cli("src/inference_rnn.py")
+    common = ["--prompt", PROMPT, "--num_inference_steps", "2", "--device", "cpu", "--output_dir", str(tmp_path / "o")]
+    settings = cli.main(cli.parse_args(["--rnn_weights_path", str(export / "rnn_v3_model_final.pth"),
+                                        "--predict_variance", "--save_noise", *common]))
+    assert ".pth means the safetensors export" in capsys.readouterr().err
+    assert settings["rnn_weights_file"] == str((export / "rnn_v3_model_final.safetensors").resolve())
+    golden = load_tensor(tmp_path / "o" / settings["files"]["golden_noise"])
+    from golden_noise import GoldenNoise
+
+    torch.testing.assert_close(golden[None], GoldenNoise.from_pretrained(export, pipe=tiny_pipeline)(PROMPT, seed=42),
+                               rtol=0, atol=1e-5)
+    no_var = make_export(tmp_path / "novar" / "rnn_v3_model_final", tiny_pipeline, tiny_pipeline_dir,
+                         predict_variance=False)
+    cli.main(cli.parse_args(["--rnn_weights_path", str(no_var.parent), *common]))  # no flag: no check
+    with pytest.raises(UserError, match=r"--predict_variance was given, but the RNN export .*novar.* was trained "
+                                        r"without it"):
+        cli.main(cli.parse_args(["--rnn_weights_path", str(no_var.parent), "--predict_variance", *common]))
+    pickle = tmp_path / "seed_run" / "rnn_v3_model_final.pth"
+    pickle.parent.mkdir()
+    pickle.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(UserError, match=r"is a pickle, which is never loaded"):
+        cli.main(cli.parse_args(["--rnn_weights_path", str(pickle), *common]))

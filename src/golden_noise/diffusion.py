@@ -16,7 +16,7 @@ import torch
 
 from .errors import UserError, one_line
 from .io import looks_local
-from .runtime import get_logger, resolve_device, resolve_dtype
+from .runtime import get_logger, model_dtype, resolve_device, resolve_dtype
 
 logger = get_logger(__name__)
 
@@ -34,14 +34,15 @@ def sdxl_scheduler_config() -> dict:
 def load_pipeline(base_model_id: str, revision: str | None = None, variant: str | None = None,
                   dtype: str | torch.dtype = "float32", device: str | torch.device = "auto", cpu_offload: bool = False,
                   vae_slicing: bool = False, vae_tiling: bool = False):
-    """Load a diffusers text-to-image pipeline from a hub id or a local directory, on `device` in `dtype`.
+    """Load a diffusers text-to-image pipeline from a hub id or a local directory, on `device` in `dtype`
+    ('auto': float16 on CUDA, float32 elsewhere).
 
     `cpu_offload` keeps each model on the CPU until it runs (diffusers' enable_model_cpu_offload: needs a GPU);
     `vae_slicing` / `vae_tiling` decode a batch image by image / in tiles (less memory)."""
     from diffusers import DiffusionPipeline
 
-    torch_dtype = resolve_dtype(dtype)
     device = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = resolve_dtype(model_dtype(dtype, device) if isinstance(dtype, str) else dtype)
     local = Path(base_model_id).expanduser()
     is_local = looks_local(base_model_id)
     if is_local and not (local / "model_index.json").is_file():
@@ -52,7 +53,7 @@ def load_pipeline(base_model_id: str, revision: str | None = None, variant: str 
                         f"{device}: drop the flag or run on a CUDA GPU")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(local) if is_local else base_model_id, revision=revision,
-                                                 variant=variant, dtype=torch_dtype)
+                                                 variant=variant, **{dtype_keyword(): torch_dtype})
     except Exception as e:  # hub errors come in many types (OSError, HfHubHTTPError, ValueError, ...)
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = ("HF_HUB_OFFLINE is set, so only models already in the cache load: unset it or pass a local path"
@@ -69,6 +70,20 @@ def load_pipeline(base_model_id: str, revision: str | None = None, variant: str 
         pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def dtype_keyword(version: str | None = None) -> str:
+    """The `from_pretrained` keyword that sets the dtype in the installed diffusers (or `version`).
+
+    diffusers 0.40 renamed `torch_dtype` to `dtype` (`torch_dtype` still works there, with a FutureWarning);
+    before 0.40, `dtype=` is ignored with a logged warning and the weights load in float32."""
+    if version is None:
+        import diffusers
+
+        version = diffusers.__version__
+    from packaging.version import Version
+
+    return "dtype" if Version(version).release[:2] >= (0, 40) else "torch_dtype"
 
 
 def latent_shape(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:

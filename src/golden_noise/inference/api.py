@@ -1,8 +1,10 @@
 """Golden noise from a trained RNN export (the `GoldenNoise` API) and from the real golden step (the oracle)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import fields
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -17,12 +19,44 @@ logger = get_logger(__name__)
 DEFAULT_NUM_GEN_STEPS = 10  # used only when no RNN export says how many steps its data had
 
 
-def load_rnn_export(path: str | os.PathLike, device=None, dtype=None):
-    """Load a trained `NoiseSequenceRNN_v3` export -> (model in eval mode, meta); UserError when missing/invalid."""
+def export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights .safetensors, config .json) of an export: the .safetensors, the .json, their stem, the training run
+    directory, or the seed's spelling `.../rnn_v3_model_final.pth`, which means the safetensors export beside it."""
+    from ..model.rnn_seq_model_v3 import resolve_export_paths
+
+    path = Path(path)
+    if path.suffix == ".pth":
+        stem = path.with_suffix("")
+        if path.is_file() and not stem.with_name(stem.name + ".safetensors").is_file():
+            raise UserError(f"--rnn_weights_path {path} is a pickle, which is never loaded (it could run code), and "
+                            f"there is no {stem.name}.safetensors beside it: pass the training run's safetensors "
+                            "export (train_rnn_model_v3.py writes it)")
+        path = stem
+    return resolve_export_paths(path)
+
+
+def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_variance: bool = False):
+    """Load a trained `NoiseSequenceRNN_v3` export (any path `export_paths` takes) -> (model in eval mode, meta);
+    UserError when missing/invalid. `predict_variance=True` (the seed's flag) requires an export trained with
+    the variance head."""
     from ..model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
 
-    model, meta = NoiseSequenceRNN_v3.from_pretrained(str(path), device=device, dtype=dtype)
+    weights, meta_path = export_paths(path)
+    if Path(path).suffix == ".pth":
+        logger.info("--rnn_weights_path %s: .pth means the safetensors export %s (+ .json); a pickled .pth is never "
+                    "loaded", path, weights)
+    model, meta = NoiseSequenceRNN_v3.from_pretrained(str(weights), device=device, dtype=dtype)
+    if predict_variance and not (meta.get("model_config") or {}).get("predict_variance", False):
+        raise UserError(f"--predict_variance was given, but the RNN export {meta_path} was trained without it "
+                        "(model_config.predict_variance is false): drop --predict_variance or pass an export "
+                        "trained with it")
     return model.eval(), meta
+
+
+def check_guidance_scale(flag: str, value: float | None) -> None:
+    """Refuse a negative (or NaN/infinite) guidance scale, naming its flag; None means "not set"."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{flag} must not be negative (a finite number >= 0), got {value}")
 
 
 def export_latent_shape(meta: dict) -> tuple[int, int, int]:
@@ -47,7 +81,15 @@ def golden_config_from(run_config: dict | None, **overrides) -> GoldenConfig:
             logger.warning("oracle: %s=%s differs from the %s the RNN's training data used; the oracle uses %s",
                            key, value, values[key], value)
         values[key] = value
-    return GoldenConfig(**values)
+    config = GoldenConfig(**values)
+    check_golden_config(config)
+    return config
+
+
+def check_golden_config(config: GoldenConfig) -> None:
+    """Refuse negative guidance scales of the golden step, naming the flag."""
+    for name in ("denoise_guidance_scale", "inversion_guidance_scale"):
+        check_guidance_scale(f"--{name}", getattr(config, name))
 
 
 def _sync(device) -> None:
@@ -61,6 +103,7 @@ def oracle_noise(pipe, prompts: Sequence[str], x_T: torch.Tensor, num_steps: int
     """The real golden step applied `num_steps` times to x_T: (B, C, H, W) -> x'_n (B, C, H, W) float32.
 
     Uses the pipeline's own (default) scheduler config, like the data generation stage."""
+    check_golden_config(config)
     scheduler = getattr(pipe, "_default_scheduler", pipe.scheduler)
     step = GoldenStep(pipe.unet, scheduler.config, config)
     cond = encode_prompts(pipe, list(prompts), height=height, width=width)
@@ -81,12 +124,15 @@ class GoldenNoise:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, pipe=None, device=None, dtype=None) -> "GoldenNoise":
-        """Load an export (the .safetensors, the .json, their stem or a run directory); the RNN runs on
-        `device` (default: the pipeline's device, else CPU) in `dtype` (default float32)."""
+    def from_pretrained(cls, path: str | os.PathLike, pipe=None, device=None, dtype=None,
+                        predict_variance: bool = False) -> "GoldenNoise":
+        """Load an export (the .safetensors, the .json, their stem, a run directory or the seed's `.pth` name);
+        the RNN runs on `device` (default: the pipeline's device, else CPU) in `dtype` (default float32).
+        `predict_variance=True` refuses an export trained without the variance head."""
         if device is None:
             device = pipe.unet.device if pipe is not None else torch.device("cpu")
-        model, meta = load_rnn_export(path, device=device, dtype=dtype or torch.float32)
+        model, meta = load_rnn_export(path, device=device, dtype=dtype or torch.float32,
+                                      predict_variance=predict_variance)
         gn = cls(model, meta, pipe=pipe, device=device)
         if pipe is not None:
             gn.check_pipeline(pipe)

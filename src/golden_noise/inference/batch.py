@@ -1,64 +1,317 @@
-"""Stage 5: the sharded, resumable batch runner behind `scripts/batch_inference.py`."""
+"""Stage 5: the sharded, resumable batch runner behind `scripts/batch_inference.py`.
+
+Layout of an output folder:
+    {method}_output/{index}.png     one image per prompt and method (methods.folder)
+    noise/{method}/{index}.pt       its initial latents (C, H, W), with --save_noise
+    manifest.csv                    index, prompt, seed, method, file, seconds, noise_seconds, sampling_seconds
+    summary.json                    counts and mean per-image noise / sampling times
+    batch_settings.json             every input and setting that shaped the images, and what they resolved to
+A rerun with the same prompts and settings resumes (methods may be added); any other rerun is refused.
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import os
+import re
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-import torch
-
-from ..diffusion import latent_shape, sample_images, seeded_noise
+from ..diffusion import sample_images, seeded_noise
 from ..errors import UserError
+from ..golden import GoldenConfig
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
-from ..prompts import read_prompts
+from ..methods import METHODS, folder, order_key
+from ..prompts import Prompt
 from ..runtime import get_logger
-from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, _sync, golden_config_from, oracle_noise
+from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
+from .config import PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig
 
 logger = get_logger(__name__)
 
-METHODS = ("standard", "gnsnet", "oracle")
 MANIFEST_FIELDS = ("index", "prompt", "seed", "method", "file", "seconds", "noise_seconds", "sampling_seconds")
+SETTINGS_FILE = "batch_settings.json"
+# What a rerun into an existing folder must keep (batch_settings.json's keys; --methods may grow). The batch
+# size is one of them: a sample's pixels depend on its batch-mates in the last bits.
+EARLY_KEYS = ("prompt_fingerprint", "start_seed", "batch_size", "num_inference_steps", "guidance_scale",
+              "negative_prompt", "scheduler", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
+              "enable_vae_slicing", "enable_vae_tiling", "num_gen_steps_used", "golden", "rnn_sha256")  # pre-load
+LOADED_KEYS = ("height_used", "width_used", "latent_shape", "pipeline_class", "scheduler_class")  # once loaded
+# None when this run's methods do not use them (no gnsnet / oracle): then the earlier run's values are kept
+KEPT_WHEN_UNUSED = ("num_gen_steps_used", "golden", "rnn_weights_file", "rnn_sha256", "rnn_model_config",
+                    "rnn_run_config")
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # io.atomic_path's temporary files
+_PNG_HEAD, _PNG_TAIL = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 @dataclass
 class BatchJob:
-    """Everything the batch runner needs; the CLI fills it from its flags."""
+    """Every prompt of a file, with each method: what stage 5 makes and where (the CLI fills it from its flags)."""
 
     prompt_file: str
-    output_base_dir: str
-    methods: list[str]
-    start_seed: int = 0
-    batch_size: int = 4
-    num_gen_steps: int | None = None
-    num_inference_steps: int = 30
-    guidance_scale: float = 5.5
-    negative_prompt: str | None = None
-    height: int | None = None
-    width: int | None = None
-    save_noise: bool = False
-    prompt_column: str | None = None
-    golden_overrides: dict = field(default_factory=dict)  # schedule_steps / *_guidance_scale flags (None = unset)
-    settings: dict = field(default_factory=dict)          # the CLI's flags, recorded in batch_settings.json
+    output_base_dir: str = field(default="./inference_output",
+                                 metadata={"help": "folder of the {method}_output/ folders"})
+    methods: list[str] = field(default_factory=lambda: ["standard", "gnsnet"])
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "column of a .csv/.tsv prompt file (default: prompt or caption)"})
+    start_seed: int = field(default=0, metadata={
+        "help": "seed of prompt index i = start_seed + i (default: %(default)s)"})
+    batch_size: int = field(default=4, metadata={"help": "prompts per pipeline call"})
+    save_noise: bool = field(default=False, metadata={
+        "help": "also save each method's initial latents as noise/{method}/{index}.pt (C, H, W)"})
+    rnn_weights_path: str | None = field(default=None, metadata={
+        "help": "trained RNN export (needed for gnsnet): .safetensors, .json, their stem, the run dir, or the "
+                "seed's rnn_v3_model_final.pth (= that export)"})
+    predict_variance: bool = field(default=False, metadata={"help": PREDICT_VARIANCE_HELP})
+    num_gen_steps: int | None = field(default=None, metadata={
+        "help": "n: RNN rollout / oracle steps (default: num_steps of the RNN's training data, else 10)"})
+    golden_overrides: dict = field(default_factory=dict)  # GoldenConfig fields given for the oracle (else the RNN's)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
 
 
-def method_dir(method: str) -> str:
-    """Output folder of a method: standard_output, gnsnet_output or oracle_output."""
-    return f"{method}_output"
+@dataclass
+class BatchRun:
+    """A prepared run: its job, prompts, models, resolved settings and this process's place."""
+
+    job: BatchJob
+    state: Any
+    out: Path
+    prompts: list[Prompt]
+    gn: GoldenNoise | None
+    settings: dict
+    golden: GoldenConfig | None = None
+    pipe: Any = None
 
 
-def global_batches(items: Sequence, batch_size: int) -> list[list]:
-    """Split into global batches items[kB:(k+1)B]; every process sees the same list."""
-    return [list(items[k:k + batch_size]) for k in range(0, len(items), batch_size)]
+def check_batch(job: BatchJob) -> None:
+    """Validate the job's flags before any work."""
+    unknown = [m for m in job.methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown --methods {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    if "gnsnet" in job.methods and not job.rnn_weights_path:
+        raise UserError("--methods gnsnet needs --rnn_weights_path (a trained RNN export); "
+                        "or choose --methods standard oracle")
+    for flag, value in (("--batch_size", job.batch_size), ("--num_gen_steps", job.num_gen_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    job.sampling.check()
+    golden_config_from(None, **job.golden_overrides)  # refuses negative guidance scales, naming the flag
 
 
-def my_batches(batches: Sequence, process_index: int, num_processes: int) -> list:
-    """Round-robin share of the global batches, so a sample's batch never depends on the process count."""
-    return list(batches[process_index::num_processes])
+def run_batch(job: BatchJob, state=None) -> dict | None:
+    """Generate every missing image of `job` on this process's share of the global batches.
+
+    Resumable: a batch whose images of a method are all there (and intact) is skipped; a batch with some missing
+    is recomputed whole (same batch composition, so the same pixels) and only the missing files are written.
+    Returns the summary on the main process (None elsewhere) after merging the manifest."""
+    from ..runs import RunLock
+    from ..runtime import distributed_state
+
+    state = state if state is not None else distributed_state()
+    run = prepare_batch(job, state)
+    lock = RunLock(run.out, "--output_base_dir")
+    on_main(state, lock.acquire)
+    if state.is_main_process:
+        logger.info("Running batch inference: %d prompts x methods %s, batch %d, %d process(es), into %s",
+                    len(run.prompts), " ".join(job.methods), job.batch_size, state.num_processes, run.out)
+    try:
+        load_pipeline_for(run)
+        stats = generate(run)
+        return finish(run, stats)
+    finally:
+        lock.release()
+
+
+def prepare_batch(job: BatchJob, state) -> BatchRun:
+    """Check the job, read the prompts, load the RNN and refuse a rerun with other inputs, before any pipeline."""
+    from ..prompts import prompt_fingerprint, read_prompts
+    from ..runs import check_writable_dir, refuse_mixed_rerun
+    from ..runtime import resolve_device
+    from .config import flat_record, load_golden_noise, pipeline_record, resolve_num_gen_steps, rnn_record
+
+    job.methods = list(dict.fromkeys(job.methods))
+    check_batch(job)
+    prompts = read_prompts(job.prompt_file, job.prompt_column)
+    out = check_writable_dir(job.output_base_dir, "--output_base_dir")  # before any model is loaded
+    device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
+    gn = load_golden_noise(job.rnn_weights_path, device, job.predict_variance)
+    noisy = [m for m in job.methods if m != "standard"]
+    golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
+        if "oracle" in job.methods else None
+    settings = {**flat_record(job), "prompt_fingerprint": prompt_fingerprint(prompts), "num_prompts": len(prompts),
+                "num_processes": state.num_processes, **pipeline_record(job.pipeline, gn, device),
+                **job.sampling.guidance_record(),
+                "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn) if noisy else None,
+                "golden": golden.to_dict() if golden else None,
+                **rnn_record(gn if "gnsnet" in job.methods else None, job.rnn_weights_path)}
+    refuse_mixed_rerun(out / SETTINGS_FILE, settings, EARLY_KEYS, "--output_base_dir", "images",
+                       lenient=KEPT_WHEN_UNUSED)  # every process checks, so all fail alike
+    return BatchRun(job, state, out, prompts, gn, settings, golden)
+
+
+def load_pipeline_for(run: BatchRun) -> None:
+    """Load the pipeline, refuse a rerun whose resolved sizes differ, then (main process) remove stale temporary
+    files and record the settings."""
+    from ..npd import package_versions
+    from ..runs import read_settings, refuse_mixed_rerun
+    from .config import load_job_pipeline, sampling_record
+
+    device = run.settings["device_used"]
+    if run.state.is_main_process:
+        logger.info("loading %s (%s on %s)", run.settings["base_model_id_used"], run.settings["dtype_used"], device)
+    run.pipe = load_job_pipeline(run.job.pipeline, run.job.sampling, run.settings, device)
+    run.settings.update(sampling_record(run.pipe, run.job.sampling, run.gn), versions=package_versions())
+    path = run.out / SETTINGS_FILE
+    refuse_mixed_rerun(path, run.settings, LOADED_KEYS, "--output_base_dir", "images")
+    run.state.wait_for_everyone()
+    if run.state.is_main_process:
+        old = read_settings(path, "--output_base_dir") or {}
+        for key in KEPT_WHEN_UNUSED:
+            if run.settings.get(key) is None and old.get(key) is not None:
+                run.settings[key] = old[key]
+        run.settings["methods"] = sorted({*old.get("methods", []), *run.job.methods}, key=order_key)
+        remove_stale_temps(run.out)
+        atomic_write_json(path, run.settings)
+    run.state.wait_for_everyone()
+
+
+def on_main(state, fn: Callable[[], Any]) -> None:
+    """Run `fn` on the main process; a UserError there is raised on every process, so none waits forever."""
+    error = None
+    if state.is_main_process:
+        try:
+            fn()
+        except UserError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        error = next((e for e in gather_object([error]) if e), None)
+    if error:
+        raise UserError(error)
+
+
+def remove_stale_temps(out: Path) -> int:
+    """Delete the temporary files (`.{name}.{pid}.{hex}.tmp`) a killed run left in the output folders."""
+    dirs = [out, *(out / folder(m) for m in METHODS), *(out / "noise" / m for m in METHODS)]
+    stale = [p for d in dirs if d.is_dir() for p in d.iterdir() if _TEMP_NAME.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d temporary file(s) an interrupted run left behind", len(stale))
+    return len(stale)
+
+
+def intact_png(path: Path) -> bool:
+    """True for a complete PNG file (its signature first, its IEND chunk last): a truncated or unreadable image
+    counts as missing. Reads 20 bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(-len(_PNG_TAIL), os.SEEK_END)
+            return head == _PNG_HEAD and f.read() == _PNG_TAIL
+    except OSError:
+        return False
+
+
+def intact_tensor_file(path: Path) -> bool:
+    """True for a complete torch.save file (a zip archive with its end record)."""
+    return zipfile.is_zipfile(path)
+
+
+def generate(run: BatchRun) -> dict:
+    """Make the missing images of this process's share of the global batches; returns its timing stats."""
+    from tqdm.auto import tqdm
+
+    from ..runtime import global_batches, shard
+
+    state = run.state
+    batches = shard(global_batches(run.prompts, run.job.batch_size), state.process_index, state.num_processes)
+    part = run.out / ".manifest_parts" / f"rank{state.process_index}-{os.getpid()}.jsonl"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    stats = {"generated": {}, "skipped": {}, "noise_seconds": {}, "sampling_seconds": {}}
+    bar = tqdm(total=len(batches) * len(run.job.methods), desc=f"batches x methods (process {state.process_index})",
+               unit="batch", disable=not state.is_main_process)
+    with open(part, "a", encoding="utf-8") as part_file:
+        for batch in batches:
+            generate_batch(run, batch, part_file, stats, bar)
+    bar.close()
+    return stats
+
+
+def generate_batch(run: BatchRun, batch: list[Prompt], part_file, stats: dict, bar) -> None:
+    """Every method's missing images of one global batch (the whole batch is computed, so pixels never depend
+    on which of its images were missing)."""
+    job, out, s = run.job, run.out, run.settings
+    texts = [p.text for p in batch]
+    seeds = [job.start_seed + p.index for p in batch]
+    x_T = None
+    for method in job.methods:
+        files = [out / folder(method) / f"{p.index}.png" for p in batch]
+        noises = [out / "noise" / method / f"{p.index}.pt" for p in batch]
+        missing = [i for i in range(len(batch))
+                   if not intact_png(files[i]) or (job.save_noise and not intact_tensor_file(noises[i]))]
+        stats["skipped"][method] = stats["skipped"].get(method, 0) + len(batch) - len(missing)
+        if not missing:
+            bar.update(1)
+            continue
+        if x_T is None:
+            x_T = seeded_noise(seeds, s["latent_shape"])  # (B, C, H, W) float32, one generator per seed
+        device = run.pipe.unet.device
+        _sync(device)
+        t0 = time.perf_counter()
+        latents = method_latents(run, method, texts, x_T)  # (B, C, H, W)
+        _sync(device)
+        t1 = time.perf_counter()
+        images = sample_images(run.pipe, texts, latents, job.sampling.num_inference_steps, job.sampling.guidance_scale,
+                               job.sampling.negative_prompt, s["height_used"], s["width_used"])
+        _sync(device)
+        t2 = time.perf_counter()
+        noise_s, sample_s = (t1 - t0) / len(batch), (t2 - t1) / len(batch)
+        for i in missing:
+            p = batch[i]
+            if job.save_noise:  # before the image: an intact image implies its noise is there
+                atomic_torch_save(latents[i].detach().float().cpu().clone(), noises[i])
+            atomic_save_image(images[i], files[i])
+            row = {"index": p.index, "prompt": p.text, "seed": seeds[i], "method": method,
+                   "file": f"{folder(method)}/{p.index}.png", "seconds": round(noise_s + sample_s, 6),
+                   "noise_seconds": round(noise_s, 6), "sampling_seconds": round(sample_s, 6)}
+            part_file.write(json.dumps(row) + "\n")
+            part_file.flush()
+            stats["generated"][method] = stats["generated"].get(method, 0) + 1
+            stats["noise_seconds"].setdefault(method, []).append(noise_s)
+            stats["sampling_seconds"].setdefault(method, []).append(sample_s)
+        bar.update(1)
+
+
+def method_latents(run: BatchRun, method: str, texts: list[str], x_T):
+    """A method's initial latents for a batch: x_T (standard), the RNN's rollout (gnsnet) or the oracle's."""
+    n = run.settings["num_gen_steps_used"]
+    if method == "standard":
+        return x_T
+    if method == "gnsnet":
+        return run.gn.rollout(x_T, run.gn.text_embeddings(texts, run.pipe), n)[:, -1]
+    return oracle_noise(run.pipe, texts, x_T, n, run.golden, run.settings["height_used"], run.settings["width_used"])
+
+
+def finish(run: BatchRun, stats: dict) -> dict | None:
+    """Gather every process's stats; on the main process merge the manifest and write summary.json."""
+    from accelerate.utils import gather_object
+
+    all_stats = gather_object([stats])
+    run.state.wait_for_everyone()
+    if not run.state.is_main_process:
+        return None
+    rows = merge_manifest(run.out)
+    summary = summarize(rows, all_stats, run.job.methods, run.state.num_processes, len(run.prompts),
+                        run.job.batch_size, run.settings["num_gen_steps_used"])
+    atomic_write_json(run.out / "summary.json", summary)
+    return summary
 
 
 def _read_manifest_rows(out: Path) -> list[dict]:
@@ -79,15 +332,14 @@ def _read_manifest_rows(out: Path) -> list[dict]:
     return rows
 
 
-def merge_manifest(out: Path, methods_order: Sequence[str] = METHODS) -> list[dict]:
+def merge_manifest(out: Path) -> list[dict]:
     """Write manifest.csv from the old manifest and every part, keeping rows whose image exists; drop parts."""
     merged: dict[tuple[int, str], dict] = {}
     for row in _read_manifest_rows(out):
         key = (int(row["index"]), row["method"])
         if (out / row["file"]).is_file():
             merged[key] = {k: row.get(k, "") for k in MANIFEST_FIELDS}
-    order = {m: i for i, m in enumerate(methods_order)}
-    rows = [merged[k] for k in sorted(merged, key=lambda k: (k[0], order.get(k[1], len(order)), k[1]))]
+    rows = [merged[k] for k in sorted(merged, key=lambda k: (k[0], order_key(k[1])))]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -108,157 +360,34 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(rows: Sequence[dict], stats: Sequence[dict], job: BatchJob, num_processes: int,
-              num_prompts: int, num_gen_steps: int) -> dict:
+def summarize(rows: Sequence[dict], stats: Sequence[dict], methods: Sequence[str], num_processes: int,
+              num_prompts: int, batch_size: int, num_gen_steps: int | None) -> dict:
     """The run's summary: counts, and mean per-image time of the noise (RNN rollout / oracle) and the sampling."""
     per_method = {}
-    for method in job.methods:
-        generated = sum(s["generated"].get(method, 0) for s in stats)
-        skipped = sum(s["skipped"].get(method, 0) for s in stats)
+    for method in methods:
         noise = [t for s in stats for t in s["noise_seconds"].get(method, [])]
         sampling = [t for s in stats for t in s["sampling_seconds"].get(method, [])]
         mean_noise, mean_sampling = _mean(noise), _mean(sampling)
         per_method[method] = {
             "images": sum(1 for r in rows if r["method"] == method),
-            "generated_this_run": generated,
-            "skipped_existing": skipped,
+            "generated_this_run": sum(s["generated"].get(method, 0) for s in stats),
+            "skipped_existing": sum(s["skipped"].get(method, 0) for s in stats),
             "mean_noise_seconds_per_image": mean_noise,
             "mean_sampling_seconds_per_image": mean_sampling,
             "noise_over_sampling": (mean_noise / mean_sampling) if mean_noise is not None and mean_sampling else None,
         }
-    return {"num_prompts": num_prompts, "num_processes": num_processes, "batch_size": job.batch_size,
+    return {"num_prompts": num_prompts, "num_processes": num_processes, "batch_size": batch_size,
             "num_gen_steps": num_gen_steps, "methods": per_method}
 
 
-# settings that shape every image: a rerun into the same folder must keep them (methods may be added)
-RESUME_KEYS = ("base_model_id_used", "revision", "variant", "dtype", "scheduler", "num_inference_steps",
-               "guidance_scale", "negative_prompt", "height", "width", "start_seed", "num_gen_steps", "golden",
-               "rnn_weights_path")
-
-
-def check_resume_compatible(path: Path, new: dict) -> None:
-    """Refuse to add images to a folder made with other settings, naming every difference."""
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}): remove it or choose another --output_base_dir") from None
-    fresh = json.loads(json.dumps(new, default=str))
-    diffs = [f"{k}: {old.get(k)!r} -> {fresh.get(k)!r}" for k in RESUME_KEYS
-             if old.get(k) != fresh.get(k)
-             and not (k in ("golden", "rnn_weights_path") and None in (old.get(k), fresh.get(k)))]
-    if diffs:
-        raise UserError(f"{path.parent} holds images made with other settings ({'; '.join(diffs)}): rerun with "
-                        "the same flags or choose another --output_base_dir")
-
-
-def run_batch(job: BatchJob, pipe, gn: GoldenNoise | None, state, prompts=None) -> dict | None:
-    """Generate every missing image of `job` on this process's share of the global batches.
-
-    Resumable: a batch whose images of a method all exist is skipped; a batch with some missing is recomputed
-    whole (same batch composition, so the same pixels) and only the missing files are written. Returns the
-    summary on the main process (None elsewhere) after merging the manifest. `prompts` defaults to
-    `read_prompts(job.prompt_file, job.prompt_column)`."""
-    from tqdm.auto import tqdm
-
-    out = Path(job.output_base_dir)
-    unknown = [m for m in job.methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"unknown --methods {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-    if "gnsnet" in job.methods and gn is None:
-        raise UserError("--methods gnsnet needs --rnn_weights_path (a trained RNN export)")
-    if job.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {job.batch_size}")
-    prompts = prompts if prompts is not None else read_prompts(job.prompt_file, job.prompt_column)
-    height = job.height or (gn.height if gn else None)
-    width = job.width or (gn.width if gn else None)
-    shape = latent_shape(pipe, height, width)
-    if gn is not None:
-        gn.check_pipeline(pipe, height, width)
-    n = job.num_gen_steps or (gn.num_steps if gn else None) or DEFAULT_NUM_GEN_STEPS
-    if gn is not None and gn.num_steps and n != gn.num_steps:
-        logger.warning("--num_gen_steps %d differs from the %d steps of the RNN's training sequences", n, gn.num_steps)
-    golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
-        if "oracle" in job.methods else None
-
-    settings = {**job.settings, "num_gen_steps": n, "height": height, "width": width, "latent_shape": list(shape),
-                "num_inference_steps": job.num_inference_steps, "guidance_scale": job.guidance_scale,
-                "negative_prompt": job.negative_prompt, "start_seed": job.start_seed,
-                "golden": golden.to_dict() if golden else None, "num_processes": state.num_processes,
-                "scheduler_class": type(pipe.scheduler).__name__,
-                "rnn_run_config": gn.run_config if gn else None, "rnn_model_config": gn.model_config if gn else None}
-    check_resume_compatible(out / "batch_settings.json", settings)  # every process checks, so all fail alike
-    state.wait_for_everyone()
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "batch_settings.json", settings)
-    state.wait_for_everyone()
-
-    batches = my_batches(global_batches(prompts, job.batch_size), state.process_index, state.num_processes)
-    part = out / ".manifest_parts" / f"rank{state.process_index}-{os.getpid()}.jsonl"
-    part.parent.mkdir(parents=True, exist_ok=True)
-    stats = {"generated": {}, "skipped": {}, "noise_seconds": {}, "sampling_seconds": {}}
-    device = pipe.unet.device
-    total = len(batches) * len(job.methods)
-    bar = tqdm(total=total, desc=f"batches x methods (process {state.process_index})", unit="batch",
-               disable=not state.is_main_process)
-    with open(part, "a", encoding="utf-8") as part_file:
-        for batch in batches:
-            texts = [p.text for p in batch]
-            seeds = [job.start_seed + p.index for p in batch]
-            x_T = None
-            for method in job.methods:
-                files = [out / method_dir(method) / f"{p.index}.png" for p in batch]
-                noises = [out / "noise" / method / f"{p.index}.pt" for p in batch]
-                missing = [i for i in range(len(batch))
-                           if not files[i].is_file() or (job.save_noise and not noises[i].is_file())]
-                stats["skipped"][method] = stats["skipped"].get(method, 0) + len(batch) - len(missing)
-                if not missing:
-                    bar.update(1)
-                    continue
-                if x_T is None:
-                    x_T = seeded_noise(seeds, shape)  # (B, C, H, W) float32, one generator per seed
-                _sync(device)
-                t0 = time.perf_counter()
-                if method == "standard":
-                    latents = x_T
-                elif method == "gnsnet":
-                    latents = gn.rollout(x_T, gn.text_embeddings(texts, pipe), n)[:, -1]
-                else:
-                    latents = oracle_noise(pipe, texts, x_T, n, golden, height, width)
-                _sync(device)
-                t1 = time.perf_counter()
-                images = sample_images(pipe, texts, latents, job.num_inference_steps, job.guidance_scale,
-                                       job.negative_prompt, height, width)
-                _sync(device)
-                t2 = time.perf_counter()
-                noise_s, sample_s = (t1 - t0) / len(batch), (t2 - t1) / len(batch)
-                for i in missing:
-                    p = batch[i]
-                    if job.save_noise:  # before the image: an existing image implies its noise is there
-                        atomic_torch_save(latents[i].detach().float().cpu().clone(), noises[i])
-                    atomic_save_image(images[i], files[i])
-                    row = {"index": p.index, "prompt": p.text, "seed": seeds[i], "method": method,
-                           "file": f"{method_dir(method)}/{p.index}.png", "seconds": round(noise_s + sample_s, 6),
-                           "noise_seconds": round(noise_s, 6), "sampling_seconds": round(sample_s, 6)}
-                    part_file.write(json.dumps(row) + "\n")
-                    part_file.flush()
-                    stats["generated"][method] = stats["generated"].get(method, 0) + 1
-                    stats["noise_seconds"].setdefault(method, []).append(noise_s)
-                    stats["sampling_seconds"].setdefault(method, []).append(sample_s)
-                bar.update(1)
-    bar.close()
-
-    from accelerate.utils import gather_object
-
-    all_stats = gather_object([stats])
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    rows = merge_manifest(out, job.methods)
-    summary = summarize(rows, all_stats, job, state.num_processes, len(prompts), n)
-    atomic_write_json(out / "summary.json", summary)
-    return summary
-
-
+def log_summary(summary: dict, out: Path) -> None:
+    """One log line per method (images, new, already there, mean noise and sampling times), then the files."""
+    for method, s in summary["methods"].items():
+        noise, sampling = s["mean_noise_seconds_per_image"], s["mean_sampling_seconds_per_image"]
+        timing = "" if sampling is None else f"; mean per image: noise {noise:.4f}s, sampling {sampling:.4f}s"
+        if s["noise_over_sampling"] is not None and method != "standard":
+            timing += f" (noise = {100 * s['noise_over_sampling']:.1f}% of sampling)"
+        logger.info("%s: %d images (%d new, %d already there)%s", method, s["images"], s["generated_this_run"],
+                    s["skipped_existing"], timing)
+    logger.info("manifest %s, summary %s (%d process(es))", out / "manifest.csv", out / "summary.json",
+                summary["num_processes"])

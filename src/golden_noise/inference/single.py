@@ -2,17 +2,48 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..diffusion import latent_shape, sample_images, seeded_noise
+from ..diffusion import sample_images, seeded_noise
 from ..errors import UserError
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json
 from ..runtime import get_logger
-from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, _sync, golden_config_from, oracle_noise
+from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
+from .config import (PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig, flat_record, load_golden_noise,
+                     load_job_pipeline, pipeline_record, resolve_num_gen_steps, rnn_record, sampling_record)
 
 logger = get_logger(__name__)
+
+
+@dataclass
+class SingleJob:
+    """One prompt and one seed: what stage 4 makes and where (the CLI fills it from its flags)."""
+
+    rnn_weights_path: str
+    prompt: str
+    output_dir: str = field(default="./inference_output",
+                            metadata={"help": "folder for the images, noises and settings"})
+    output_name: str | None = field(default=None, metadata={
+        "help": "file-name stem of the outputs (default: a slug of the prompt plus the seed)"})
+    seed: int = field(default=42, metadata={"help": "seed of the initial noise x_T"})
+    num_gen_steps: int | None = field(default=None, metadata={
+        "help": "RNN rollout length n (default: num_steps of the training data; another value warns)"})
+    generate_standard: bool = field(default=False, metadata={
+        "help": "also sample the standard image from x_T itself, same seed and settings"})
+    generate_oracle: bool = field(default=False, metadata={
+        "help": "also sample from the oracle: the real golden step applied n times to x_T (its parameters come "
+                "from the RNN's training data)"})
+    sample_noise: bool = field(default=False, metadata={
+        "help": "draw from the RNN's predicted Gaussian (seeded by --seed) instead of taking its mean; needs an "
+                "export trained with predict_variance"})
+    save_noise: bool = field(default=False, metadata={
+        "help": "save x_T and the golden noise(s) as .pt tensors (C, H, W)"})
+    predict_variance: bool = field(default=False, metadata={"help": PREDICT_VARIANCE_HELP})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
 
 
 def prompt_slug(prompt: str, limit: int = 48) -> str:
@@ -22,72 +53,89 @@ def prompt_slug(prompt: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-") or "prompt"
 
 
-def run_single(*, rnn_weights_path: str, prompt: str, output_dir: str = "./inference_output",
-               output_name: str | None = None, base_model_id: str | None = None, revision: str | None = None,
-               variant: str | None = None, num_gen_steps: int | None = None, num_inference_steps: int = 30,
-               guidance_scale: float = 5.5, negative_prompt: str | None = None, scheduler: str = "default",
-               seed: int = 42, height: int | None = None, width: int | None = None,
-               generate_standard: bool = False, generate_oracle: bool = False, sample_noise: bool = False,
-               save_noise: bool = False, dtype: str = "float32", device: str = "auto") -> dict:
-    """Stage 4: the golden-noise image of one prompt and seed (plus standard/oracle images on request);
-    writes images, noises and `{stem}_settings.json`, and returns the settings dict."""
-    settings = dict(locals())  # every flag, first: recorded in the settings JSON
-    from importlib.metadata import version
-
-    from ..diffusion import DEFAULT_MODEL_ID, load_pipeline, set_scheduler
+def check_single(job: SingleJob) -> str:
+    """Validate the job's flags before any work; returns the normalised prompt."""
     from ..prompts import normalize_prompt
-    from ..runtime import resolve_device
 
-    text = normalize_prompt(prompt)
+    text = normalize_prompt(job.prompt)
     if not text:
         raise UserError("--prompt is empty: pass a text prompt")
-    for name, value in (("--num_inference_steps", num_inference_steps), ("--num_gen_steps", num_gen_steps or 1)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    torch_device = resolve_device(device)
-    gn = GoldenNoise.from_pretrained(rnn_weights_path, device=torch_device)
-    if sample_noise and not gn.model_config.get("predict_variance", False):
+    job.sampling.check()
+    if job.num_gen_steps is not None and job.num_gen_steps < 1:
+        raise UserError(f"--num_gen_steps must be at least 1, got {job.num_gen_steps}")
+    return text
+
+
+def run_single(job: SingleJob) -> dict:
+    """Stage 4: write the images, noises and `{stem}_settings.json` of `job`; returns the settings dict."""
+    from ..runs import check_writable_dir
+    from ..runtime import resolve_device
+
+    text = check_single(job)
+    out = check_writable_dir(job.output_dir, "--output_dir")  # before any model is loaded
+    device = resolve_device(job.pipeline.device)
+    gn = load_golden_noise(job.rnn_weights_path, device, job.predict_variance)
+    if job.sample_noise and not gn.model_config.get("predict_variance", False):
         raise UserError("--sample_noise needs an export trained with predict_variance; this one predicts the "
                         "mean only: drop --sample_noise")
-    trained_id = gn.run_config.get("base_model_id")
-    model_id = base_model_id or trained_id or DEFAULT_MODEL_ID
-    if base_model_id and trained_id and base_model_id != trained_id:
-        logger.warning("--base_model_id %s differs from %s, which the RNN was trained with", base_model_id, trained_id)
-    pipe = load_pipeline(model_id, revision=revision, variant=variant, dtype=dtype, device=torch_device)
-    set_scheduler(pipe, scheduler)
-    height, width = height or gn.height, width or gn.width
-    gn.check_pipeline(pipe, height, width)
-    n = num_gen_steps or gn.num_steps or DEFAULT_NUM_GEN_STEPS
-    if gn.num_steps and n != gn.num_steps:
-        logger.warning("--num_gen_steps %d differs from the %d steps of the RNN's training sequences", n, gn.num_steps)
+    resolved = {"prompt_used": text, **pipeline_record(job.pipeline, gn, device),
+                "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn)}
+    pipe = load_job_pipeline(job.pipeline, job.sampling, resolved, device)
+    resolved.update(sampling_record(pipe, job.sampling, gn))
+    resolved.update(job.sampling.guidance_record())
 
-    x_T = seeded_noise([seed], latent_shape(pipe, height, width))  # (1, C, H, W) float32
-    generator = torch.Generator(device=gn.device).manual_seed(seed) if sample_noise else None
+    latents, timings, golden = golden_latents(job, text, gn, pipe, resolved)
+    stem = job.output_name or f"{prompt_slug(text)}_seed{job.seed}"
+    files = save_outputs(job, text, pipe, latents, timings, resolved, out, stem)
+    from ..npd import package_versions
+
+    settings = {**flat_record(job), **resolved, "oracle_golden": golden.to_dict() if golden else None,
+                "files": files, "timings": timings, **rnn_record(gn, job.rnn_weights_path),
+                "versions": package_versions()}
+    atomic_write_json(out / f"{stem}_settings.json", settings)
+    logger.info("rollout %.3fs (%d steps) = %.1f%% of sampling %.3fs; settings in %s", timings["rollout_seconds"],
+                resolved["num_gen_steps_used"], 100 * timings["rollout_over_sampling"],
+                timings["gnsnet_sampling_seconds"], out / f"{stem}_settings.json")
+    return settings
+
+
+def golden_latents(job: SingleJob, text: str, gn: GoldenNoise, pipe, resolved: dict):
+    """x_T of the seed and the latents of each asked method ({method: (1, C, H, W)}), their timings, and the
+    oracle's golden-step config (None without --generate_oracle)."""
+    n = resolved["num_gen_steps_used"]
+    x_T = seeded_noise([job.seed], resolved["latent_shape"])  # (1, C, H, W) float32
+    generator = torch.Generator(device=gn.device).manual_seed(job.seed) if job.sample_noise else None
     t0 = time.perf_counter()
     text_embed = gn.text_embeddings([text], pipe)  # (1, P)
     _sync(gn.device)
     t1 = time.perf_counter()
-    golden = gn.rollout(x_T, text_embed, n, sample=sample_noise, generator=generator)[:, -1]  # (1, C, H, W)
+    golden = gn.rollout(x_T, text_embed, n, sample=job.sample_noise, generator=generator)[:, -1]  # (1, C, H, W)
     _sync(gn.device)
     timings = {"text_embedding_seconds": t1 - t0, "rollout_seconds": time.perf_counter() - t1}
-
-    out = Path(output_dir)
-    stem = output_name or f"{prompt_slug(text)}_seed{seed}"
-    latents = {"gnsnet": golden}
-    if generate_standard:
-        latents["standard"] = x_T
-    if generate_oracle:
+    latents = {"gnsnet": golden, "source": x_T}
+    config = None
+    if job.generate_oracle:
         config = golden_config_from(gn.run_config)
         t0 = time.perf_counter()
-        latents["oracle"] = oracle_noise(pipe, [text], x_T, n, config, height, width)
+        latents["oracle"] = oracle_noise(pipe, [text], x_T, n, config, resolved["height_used"],
+                                         resolved["width_used"])
         _sync(pipe.unet.device)
         timings["oracle_seconds"] = time.perf_counter() - t0
-        settings["oracle_golden"] = config.to_dict()
+    return latents, timings, config
+
+
+def save_outputs(job: SingleJob, text: str, pipe, latents: dict, timings: dict, resolved: dict, out: Path,
+                 stem: str) -> dict:
+    """Sample and save the image of each method (and the noises with --save_noise); returns {what: file name}."""
+    methods = ["gnsnet", *(["standard"] if job.generate_standard else []), *(["oracle"] if "oracle" in latents else [])]
     files = {}
-    for method, z in latents.items():
+    s = job.sampling
+    for method in methods:
+        z = latents["source" if method == "standard" else method]
         _sync(pipe.unet.device)
         t0 = time.perf_counter()
-        image = sample_images(pipe, [text], z, num_inference_steps, guidance_scale, negative_prompt, height, width)[0]
+        image = sample_images(pipe, [text], z, s.num_inference_steps, s.guidance_scale, s.negative_prompt,
+                              resolved["height_used"], resolved["width_used"])[0]
         _sync(pipe.unet.device)
         timings[f"{method}_sampling_seconds"] = time.perf_counter() - t0
         files[method] = f"{stem}_{method}.png"
@@ -96,22 +144,11 @@ def run_single(*, rnn_weights_path: str, prompt: str, output_dir: str = "./infer
     sampling = timings["gnsnet_sampling_seconds"]
     timings["rollout_over_sampling"] = timings["rollout_seconds"] / sampling
     timings["noise_over_sampling"] = (timings["rollout_seconds"] + timings["text_embedding_seconds"]) / sampling
-    if save_noise:
-        noises = {"source_noise": x_T[0], "golden_noise": golden[0]}
+    if job.save_noise:
+        noises = {"source_noise": latents["source"], "golden_noise": latents["gnsnet"]}
         if "oracle" in latents:
-            noises["oracle_noise"] = latents["oracle"][0]
+            noises["oracle_noise"] = latents["oracle"]
         for name, z in noises.items():
             files[name] = f"{stem}_{name}.pt"
-            atomic_torch_save(z.detach().float().cpu().clone(), out / files[name])  # (C, H, W)
-    settings.update({
-        "prompt_used": text, "base_model_id_used": model_id, "num_gen_steps_used": n, "height_used": height,
-        "width_used": width, "latent_shape": list(x_T.shape[1:]), "scheduler_class": type(pipe.scheduler).__name__,
-        "device_used": str(torch_device), "files": files, "timings": timings,
-        "rnn_model_config": gn.model_config, "rnn_run_config": gn.run_config,
-        "versions": {pkg: version(pkg) for pkg in ("torch", "diffusers", "transformers")},
-    })
-    atomic_write_json(out / f"{stem}_settings.json", settings)
-    logger.info("rollout %.3fs (%d steps) = %.1f%% of sampling %.3fs; settings in %s", timings["rollout_seconds"], n,
-                100 * timings["rollout_over_sampling"], timings["gnsnet_sampling_seconds"],
-                out / f"{stem}_settings.json")
-    return settings
+            atomic_torch_save(z[0].detach().float().cpu().clone(), out / files[name])  # (C, H, W)
+    return files

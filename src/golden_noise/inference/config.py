@@ -1,0 +1,152 @@
+"""What stages 4 and 5 share: which pipeline to load and how to sample from it, and how both are resolved
+against the RNN export (model id, dtype, image size, rollout length) into the values recorded in their
+settings JSON."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from ..diffusion import SCHEDULERS
+from ..errors import UserError
+from ..runtime import get_logger, model_dtype
+from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, check_guidance_scale, export_paths
+
+logger = get_logger(__name__)
+
+PREDICT_VARIANCE_HELP = ("the seed's flag: check that the export was trained with predict_variance (the export's "
+                         "config decides the architecture)")
+
+
+@dataclass
+class PipelineSpec:
+    """Which diffusers pipeline to load, and how (the fields are named like golden_noise.cli's pipeline flags)."""
+
+    base_model_id: str | None = None  # None: the one the RNN was trained with, else diffusion.DEFAULT_MODEL_ID
+    revision: str | None = None
+    variant: str | None = None
+    dtype: str = "auto"               # auto: float16 on CUDA, float32 elsewhere (runtime.model_dtype)
+    device: str = "auto"
+    enable_model_cpu_offload: bool = False
+    enable_vae_slicing: bool = False
+    enable_vae_tiling: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    """How an image is sampled from its initial latents (the sampling flags of stages 4 and 5)."""
+
+    num_inference_steps: int = field(default=30, metadata={"help": "sampling steps of the pipeline"})
+    guidance_scale: float = field(default=5.5, metadata={
+        "help": "classifier-free guidance of the sampling; diffusers applies none for a scale <= 1 (as 1.0)"})
+    negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt of the sampling"})
+    scheduler: str = field(default="default", metadata={
+        "choices": SCHEDULERS,
+        "help": "sampling scheduler: the pipeline's own ('default'), DDIM, DPM-Solver++ or Euler"})
+    height: int | None = field(default=None, metadata={
+        "help": "image height in px (default: the RNN's training resolution, else the model's default size)"})
+    width: int | None = field(default=None, metadata={
+        "help": "image width in px (default: the RNN's training resolution, else the model's default size)"})
+
+    def check(self) -> None:
+        """UserError naming the flag of a value no run can use."""
+        if self.num_inference_steps < 1:
+            raise UserError(f"--num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        check_guidance_scale("--guidance_scale", self.guidance_scale)
+
+    def guidance_record(self) -> dict:
+        """The guidance the sampling really applies: diffusers runs no CFG for a scale <= 1 (it is then 1.0)."""
+        cfg = self.guidance_scale > 1
+        if not cfg:
+            logger.info("--guidance_scale %g <= 1: diffusers applies no classifier-free guidance; sampling uses the "
+                        "conditional prediction alone%s", self.guidance_scale,
+                        " (the same images as --guidance_scale 1)" if self.guidance_scale < 1 else "")
+        return {"guidance_scale_effective": self.guidance_scale if cfg else 1.0, "classifier_free_guidance": cfg}
+
+
+def flat_record(job) -> dict:
+    """A job dataclass as a flat dict: the fields of nested dataclasses (sampling, pipeline) lifted to the top."""
+    out = {}
+    for f in dataclasses.fields(job):
+        value = getattr(job, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_record(value))
+        else:
+            out[f.name] = value
+    return out
+
+
+def load_golden_noise(path: str | None, device, predict_variance: bool = False) -> GoldenNoise | None:
+    """The RNN export at `path` (None: no RNN), in float32 on `device`."""
+    if not path:
+        if predict_variance:
+            raise UserError("--predict_variance checks the RNN export: pass --rnn_weights_path too")
+        return None
+    return GoldenNoise.from_pretrained(path, device=device, predict_variance=predict_variance)
+
+
+def rnn_record(gn: GoldenNoise | None, path: str | None) -> dict:
+    """What identifies the RNN in a settings JSON: its weights file, their sha256, its configs."""
+    if gn is None:
+        return {"rnn_weights_file": None, "rnn_sha256": None, "rnn_model_config": None, "rnn_run_config": None}
+    import hashlib
+
+    weights = export_paths(path)[0].resolve()
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"rnn_weights_file": str(weights), "rnn_sha256": digest.hexdigest(), "rnn_model_config": gn.model_config,
+            "rnn_run_config": gn.run_config}
+
+
+def resolve_model_id(spec: PipelineSpec, gn: GoldenNoise | None) -> str:
+    """--base_model_id, else the pipeline the RNN was trained with, else DEFAULT_MODEL_ID (warns on a mismatch)."""
+    from ..diffusion import DEFAULT_MODEL_ID
+
+    trained = gn.run_config.get("base_model_id") if gn is not None else None
+    if spec.base_model_id and trained and spec.base_model_id != trained:
+        logger.warning("--base_model_id %s differs from %s, which the RNN was trained with", spec.base_model_id,
+                       trained)
+    return spec.base_model_id or trained or DEFAULT_MODEL_ID
+
+
+def resolve_num_gen_steps(requested: int | None, gn: GoldenNoise | None) -> int:
+    """n: --num_gen_steps, else the number of steps of the RNN's training sequences, else 10 (warns on a mismatch)."""
+    if requested is not None and requested < 1:
+        raise UserError(f"--num_gen_steps must be at least 1, got {requested}")
+    n = requested or (gn.num_steps if gn is not None else None) or DEFAULT_NUM_GEN_STEPS
+    if gn is not None and gn.num_steps and n != gn.num_steps:
+        logger.warning("--num_gen_steps %d differs from the %d steps of the RNN's training sequences", n, gn.num_steps)
+    return n
+
+
+def pipeline_record(spec: PipelineSpec, gn: GoldenNoise | None, device: torch.device) -> dict:
+    """What loading `spec` will resolve to, known before any model is loaded: model id, dtype, device."""
+    return {"base_model_id_used": resolve_model_id(spec, gn), "dtype_used": model_dtype(spec.dtype, device),
+            "device_used": str(device), "device_type": device.type}
+
+
+def load_job_pipeline(spec: PipelineSpec, sampling: SamplingConfig, record: dict, device: torch.device):
+    """Load the pipeline `record` (from `pipeline_record`) names, with `sampling`'s scheduler."""
+    from ..diffusion import load_pipeline, set_scheduler
+
+    pipe = load_pipeline(record["base_model_id_used"], revision=spec.revision, variant=spec.variant,
+                         dtype=record["dtype_used"], device=device, cpu_offload=spec.enable_model_cpu_offload,
+                         vae_slicing=spec.enable_vae_slicing, vae_tiling=spec.enable_vae_tiling)
+    return set_scheduler(pipe, sampling.scheduler)
+
+
+def sampling_record(pipe, sampling: SamplingConfig, gn: GoldenNoise | None) -> dict:
+    """The image size and latent shape used (--height/--width, else the RNN's, else the model's default size),
+    checked against the RNN, and the sampling scheduler's class."""
+    from ..diffusion import image_size, latent_shape
+
+    height, width = image_size(pipe, sampling.height or (gn.height if gn else None),
+                               sampling.width or (gn.width if gn else None))
+    if gn is not None:
+        gn.check_pipeline(pipe, height, width)
+    return {"height_used": height, "width_used": width, "latent_shape": list(latent_shape(pipe, height, width)),
+            "scheduler_class": type(pipe.scheduler).__name__, "pipeline_class": type(pipe).__name__}
+
