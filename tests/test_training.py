@@ -424,16 +424,50 @@ def test_resume_from_the_final_checkpoint_only_exports(npd_dataset, tmp_path, ca
     assert_same_tensors(first, export_tensors(tmp_path))
 
 
+TINY = dict(cnn_base_filters=8, cnn_num_blocks=[1, 1], cnn_feat_dim=32, gru_hidden_size=32, gru_num_layers=1,
+            text_proj_dim=32, norm_groups=8)
+
+
+def test_trainer_methods_in_process(tmp_path):
+    """The core API without the CLI: build, validate (an untrained model is the identity: it explains exactly 0),
+    save a verifiable checkpoint, close (which frees the output dir's lock)."""
+    from golden_noise.runs import RunLock
+    from golden_noise.training.checkpoints import verify_checkpoint
+    from golden_noise.training.config import architecture
+    from golden_noise.training.trainer import Trainer
+
+    root = write_synthetic_dataset(tmp_path / "ds", n=10)
+    config = TrainingConfig(dataset_dir=str(root), output_dir=str(tmp_path / "run"), batch_size=4,
+                            dataloader_num_workers=0, validation_fraction=0.2, report_to="none")
+    trainer = Trainer(config, architecture(**TINY)).build()
+    try:
+        assert trainer.model_config.noise_resolution == 8 and trainer.model_config.text_embed_dim == 16
+        assert (trainer.total_steps, trainer.warmup) == (100, 5)  # 8 samples / 4 = 2 steps per epoch, 50 epochs
+        report = trainer.validate()
+        assert report["num_samples"] == 2 and report["final_step"]["explained_fraction"] == 0.0
+        state = verify_checkpoint(trainer.save(0))
+        assert state["global_step"] == 0 and state["args"]["cnn_num_blocks"] == [1, 1]
+        with pytest.raises(UserError, match="in use by a running job"):
+            RunLock(tmp_path / "run", "--output_dir").acquire()
+    finally:
+        trainer.close()
+    RunLock(tmp_path / "run", "--output_dir").acquire().release()
+
+
 def test_export_is_byte_reproducible(tmp_path):
-    """Two identical trainings write identical export bytes (.safetensors and .json) and validation.json."""
+    """Two identical trainings (the Trainer, in process) write identical export bytes (.safetensors and .json)
+    and validation.json."""
+    from golden_noise.training.config import architecture
+    from golden_noise.training.trainer import Trainer
+
     root = write_synthetic_dataset(tmp_path / "ds", n=10)
     out = tmp_path / "run"
-    args = ["--dataset_dir", root, "--output_dir", out, "--max_train_steps", 3, "--batch_size", 4,
-            "--validation_fraction", 0.2, "--report_to", "none", "--predict_variance"]
+    config = TrainingConfig(dataset_dir=str(root), output_dir=str(out), max_train_steps=3, batch_size=4,
+                            dataloader_num_workers=0, validation_fraction=0.2, report_to="none")
     names = [f"{FINAL_STEM}.safetensors", f"{FINAL_STEM}.json", "validation.json"]
     hashes = []
     for _ in range(3):
-        train(*args)
+        Trainer(config, architecture(**TINY, predict_variance=True)).run()
         hashes.append({n: sha(out / n) for n in names})
         shutil.rmtree(out)
     assert hashes[0] == hashes[1] == hashes[2]

@@ -265,8 +265,8 @@ def verify_files(dataset_dir: str | Path, rows: list[SampleRow], run_config: dic
             if why == "missing":
                 raise UserError(f"missing file {path} (sample {row.id} of {meta}): regenerate the dataset (rerun "
                                 "generate_npd_series.py) or pass --skip_bad_samples")
-            raise UserError(f"{path} {why} (sample {row.id} of {meta}): rerun generate_npd_series.py to "
-                            "regenerate it, or pass --skip_bad_samples")
+            raise UserError(f"{path} {why} (sample {row.id} of {meta}): delete it and rerun generate_npd_series.py "
+                            "to regenerate the sample, or pass --skip_bad_samples")
         check.bad_ids.append(row.id)
         for p, why in problems:
             (check.missing if why == "missing" else check.damaged).append(str(p))
