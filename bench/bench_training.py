@@ -8,8 +8,6 @@ measured side by side on CPU, on stage 2's file layout; and the default SDXL-siz
 """
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import tempfile
 import time
@@ -50,25 +48,18 @@ def tiny_config(**kw):
 
 
 def write_dataset(root: Path, n: int, steps: int, shape, dim: int, dtype=torch.float16) -> Path:
-    """Random tensors in stage 2's layout and storage dtype (what the loader really reads)."""
+    """Random tensors in stage 2's layout (golden_noise.layout) and storage dtype (what the loader really reads)."""
+    from golden_noise import layout
+
     g = torch.Generator().manual_seed(0)
-    (root / "sequences").mkdir(parents=True)
-    rows = []
     for i in range(n):
-        files = {"source_noise_file": f"sequences/{i}_source.pt",
-                 "golden_sequence_file": f"sequences/{i}_golden_sequence.pt",
-                 "text_embedding_file": f"sequences/{i}_text.pt"}
-        torch.save(torch.randn(shape, generator=g).to(dtype), root / files["source_noise_file"])
-        torch.save(torch.randn(steps, *shape, generator=g).to(dtype), root / files["golden_sequence_file"])
-        torch.save(torch.randn(dim, generator=g).to(dtype), root / files["text_embedding_file"])
-        rows.append({"id": i, "prompt": "p", "seed": i, "num_steps": steps, **files})
-    with open(root / "metadata.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (root / "run_config.json").write_text(json.dumps({"format_version": 1, "num_steps": steps,
-                                                      "latent_shape": list(shape),
-                                                      "text_embedding": {"kind": "pooled", "dim": dim}}))
+        layout.write_sample(root, i, {"source_noise_file": torch.randn(shape, generator=g).to(dtype),
+                                      "golden_sequence_file": torch.randn(steps, *shape, generator=g).to(dtype),
+                                      "text_embedding_file": torch.randn(dim, generator=g).to(dtype)})
+    layout.write_metadata(root, [{"id": i, "prompt": "p", "seed": i, "num_steps": steps} for i in range(n)])
+    layout.write_run_config(root, {"format_version": layout.FORMAT_VERSION, "num_steps": steps,
+                                   "latent_shape": list(shape), "storage_dtype": str(dtype).replace("torch.", ""),
+                                   "text_embedding": {"kind": "pooled", "dim": dim}})
     return root
 
 

@@ -19,26 +19,34 @@ import torch.nn.functional as F
 
 FINAL_STEM = "rnn_v3_model_final"
 LOGVAR_MIN, LOGVAR_MAX = -20.0, 5.0
+# config fields that describe the data, not the architecture: training sets them from the dataset
+DATA_FIELDS = ("latent_channels", "noise_resolution", "text_embed_dim", "delta_scale")
 
 
 @dataclass
 class NoiseSequenceRNNConfig:
     """Every architecture choice of NoiseSequenceRNN_v3; the model's only constructor argument."""
 
-    latent_channels: int = 4             # C of the noise (SDXL: 4)
-    noise_resolution: int = 128          # H = W of the noise (SDXL 1024 px: 128)
-    text_embed_dim: int = 1280           # P of the text embedding (SDXL pooled: 1280; see --text_embedding)
-    text_proj_dim: int = 256             # the prompt embedding is projected to this size
-    cnn_base_filters: int = 64           # channels of the first encoder stage; doubled per stage
-    cnn_num_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # residual blocks per stage
-    cnn_max_filters: int = 512           # cap on the channels of any stage
-    cnn_feat_dim: int = 512              # pooled encoder feature fed to the GRU
-    gru_hidden_size: int = 1024
-    gru_num_layers: int = 2
-    dropout: float = 0.1                 # on the GRU input/output features and between GRU layers
-    norm_groups: int = 32                # GroupNorm groups (reduced to a divisor of the channels)
-    predict_variance: bool = False       # also predict a per-element log-variance
-    delta_scale: float = 0.05            # typical RMS of the golden change; the head predicts change / delta_scale
+    latent_channels: int = field(default=4, metadata={"help": "C of the noise (SDXL: 4)"})
+    noise_resolution: int = field(default=128, metadata={"help": "H = W of the noise (SDXL 1024 px: 128)"})
+    text_embed_dim: int = field(default=1280, metadata={
+        "help": "P of the text embedding (SDXL pooled: 1280; see generate_npd_series.py --text_embedding)"})
+    text_proj_dim: int = field(default=256, metadata={"help": "size the text embedding is projected to"})
+    cnn_base_filters: int = field(default=64, metadata={
+        "help": "channels of the first CNN stage (doubled per stage)"})
+    cnn_num_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2], metadata={
+        "help": "residual blocks per CNN stage; every stage after the first halves the resolution"})
+    cnn_max_filters: int = field(default=512, metadata={"help": "cap on the channels of a CNN stage"})
+    cnn_feat_dim: int = field(default=512, metadata={"help": "pooled CNN feature size fed to the GRU"})
+    gru_hidden_size: int = field(default=1024, metadata={"help": "GRU hidden size"})
+    gru_num_layers: int = field(default=2, metadata={"help": "GRU layers"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the GRU input/output and between layers"})
+    norm_groups: int = field(default=32, metadata={
+        "help": "GroupNorm groups (reduced to a divisor of the channels)"})
+    predict_variance: bool = field(default=False, metadata={
+        "help": "also predict a log-variance and train with the Gaussian NLL instead of MSE"})
+    delta_scale: float = field(default=0.05, metadata={
+        "help": "typical RMS of the golden change; the head predicts change / delta_scale"})
 
     def __post_init__(self):
         self.cnn_num_blocks = [int(b) for b in self.cnn_num_blocks]
@@ -256,8 +264,6 @@ class NoiseSequenceRNN_v3(nn.Module):
     # ---- export -----------------------------------------------------------------------------------------
     def save_pretrained(self, stem_path: str | os.PathLike, extra: dict | None = None) -> tuple[Path, Path]:
         """Write `{stem}.safetensors` (weights, float32 on CPU) and `{stem}.json` ({"model_config", **extra})."""
-        from safetensors.torch import save_file
-
         from golden_noise.io import atomic_path, atomic_write_json
 
         stem = Path(stem_path)
@@ -265,12 +271,10 @@ class NoiseSequenceRNN_v3(nn.Module):
             stem = stem.with_suffix("")
         weights, meta = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        blob = save_safetensors_bytes(state, {"format": "pt", "model": "NoiseSequenceRNN_v3",
+                                              "model_config": json.dumps(self.config.to_dict())})
         with atomic_path(weights) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt", "model": "NoiseSequenceRNN_v3",
-                                                 "model_config": json.dumps(self.config.to_dict())})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
+            tmp.write_bytes(blob)  # mode 0666 & ~umask: an export is meant to be shared
         atomic_write_json(meta, {"model_config": self.config.to_dict(), **(extra or {})})
         return weights, meta
 
@@ -297,6 +301,23 @@ class NoiseSequenceRNN_v3(nn.Module):
                             f"{str(e).splitlines()[0][:300]}") from None
         model.to(device=device, dtype=dtype)
         return model.eval(), meta
+
+
+def save_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's bytes, equal for equal tensors and metadata.
+
+    safetensors writes its metadata in the order of a hash map seeded per process, so two identical exports
+    differed; the header is rewritten here with the metadata keys sorted and the tensors in data order."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", {})
+    ordered = dict(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    head = json.dumps({"__metadata__": dict(sorted(meta.items())), **ordered}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to a multiple of 8 bytes with spaces
+    return len(head).to_bytes(8, "little") + head + blob[8 + n:]
 
 
 def resolve_export_paths(path: str | os.PathLike) -> tuple[Path, Path]:

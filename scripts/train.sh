@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage 3: train NoiseSequenceRNN_v3 on the golden-noise sequence dataset of stage 2 (the seed's command).
-# The latent shape and text-embedding size come from the dataset's run_config.json (the shape flags below
-# are checked against it). Override any variable from the environment, e.g.
+# The latent shape (--noise_resolution) and text-embedding size come from the dataset's run_config.json, and
+# the script follows the launcher's --mixed_precision. Override any variable from the environment, e.g.
 #   NUM_PROCESSES=8 bash scripts/train.sh                 # 8 GPUs on this machine (DDP through accelerate)
 #   EXTRA_ARGS="--resume_from_checkpoint latest" bash scripts/train.sh   # continue an interrupted run exactly
 #   EXTRA_ARGS="--max_train_steps 2" DATASET_DIR=./data/tiny_ds bash scripts/train.sh   # a CPU smoke run
@@ -24,7 +24,6 @@ if [ "$NUM_PROCESSES" -gt 1 ]; then LAUNCH+=(--multi_gpu); fi
 "${LAUNCH[@]}" src/train_rnn_model_v3.py \
   --dataset_dir "$DATASET_DIR" \
   --output_dir "$OUTPUT_DIR" \
-  --noise_resolution 128 \
   --cnn_base_filters 64 \
   --cnn_num_blocks 2 2 2 2 \
   --cnn_feat_dim 512 \
@@ -36,7 +35,6 @@ if [ "$NUM_PROCESSES" -gt 1 ]; then LAUNCH+=(--multi_gpu); fi
   --batch_size 8 \
   --gradient_accumulation_steps 4 \
   --learning_rate 1e-4 \
-  --mixed_precision "$MIXED_PRECISION" \
   --save_steps 1000 \
   --max_checkpoints 3 \
   $EXTRA_ARGS

@@ -1,6 +1,8 @@
-"""NoiseSequenceRNN_v3: shapes, identity start, rollout, save -> load round trip, bad exports, cost at SDXL size."""
+"""NoiseSequenceRNN_v3: shapes, identity start, rollout, save -> load round trip, byte-reproducible exports, bad
+exports, the config's field help, cost at SDXL size."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -90,6 +92,41 @@ def test_save_load_round_trip(tmp_path):
     half, _ = NoiseSequenceRNN_v3.from_pretrained(tmp_path, dtype=torch.float64)
     assert next(half.parameters()).dtype == torch.float64
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{FINAL_STEM}.json", f"{FINAL_STEM}.safetensors"]
+
+
+def test_export_bytes_depend_only_on_weights_and_config(tmp_path):
+    """safetensors orders its metadata by a per-call hash seed; the export sorts it, so equal models give equal
+    files (and the file still loads with safetensors' own reader)."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = perturbed(NoiseSequenceRNN_v3(tiny_config(predict_variance=True)))
+    files = [model.save_pretrained(tmp_path / f"m{i}", {"training": {"global_step": 3}}) for i in range(4)]
+    assert len({w.read_bytes() for w, _ in files}) == 1 and len({m.read_bytes() for _, m in files}) == 1
+    raw = files[0][0].read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    with safe_open(str(files[0][0]), framework="pt") as f:
+        meta = f.metadata()
+        assert meta == header["__metadata__"] and meta["model"] == "NoiseSequenceRNN_v3"
+        assert json.loads(meta["model_config"]) == model.config.to_dict()
+        for name, value in model.state_dict().items():
+            assert torch.equal(f.get_tensor(name), value)
+    assert files[0][0].stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_config_fields_carry_their_help():
+    """The training CLI's architecture flags are generated from these fields: each has a help text."""
+    for f in dataclasses.fields(NoiseSequenceRNNConfig):
+        assert f.metadata.get("help"), f.name
 
 
 def test_bad_exports_are_user_errors(tmp_path):

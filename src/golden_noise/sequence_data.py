@@ -1,30 +1,29 @@
 """The golden-noise sequence dataset written by stage 2, read for training (stage 3).
 
-`<dataset_dir>/metadata.csv` lists complete samples; `run_config.json` says the latent shape, the number of
-golden steps and the text-embedding size, and every tensor is checked against it when loaded.
+The file layout is golden_noise.layout's: `metadata.csv` lists complete samples; `run_config.json` says the
+latent shape, the number of golden steps, the storage dtype and the text-embedding size. Before training every
+listed file is verified from its size and zip directory (cheap: no tensor is read), and every tensor is checked
+against run_config.json when loaded.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
-import json
 import math
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .errors import UserError
-
+from . import layout
+from .errors import UserError, one_line
 from .io import load_tensor
-from .runtime import get_logger
+from .runtime import DTYPES, get_logger
 
 logger = get_logger(__name__)
-
-METADATA_COLUMNS = ("id", "num_steps", "source_noise_file", "golden_sequence_file", "text_embedding_file")
-FILE_COLUMNS = ("source_noise_file", "golden_sequence_file", "text_embedding_file")
 
 
 @dataclass(frozen=True)
@@ -37,15 +36,23 @@ class SampleRow:
     golden: Path
     text: Path
 
+    def files(self) -> dict[str, Path]:
+        """{field: path} of the sample's files in the layout's writing order (the golden sequence last)."""
+        return {FIELD_OF_COLUMN[c]: getattr(self, FIELD_OF_COLUMN[c]) for c in layout.FILE_COLUMNS}
+
+
+# SampleRow field of each tensor column of metadata.csv
+FIELD_OF_COLUMN = {"source_noise_file": "source", "golden_sequence_file": "golden", "text_embedding_file": "text"}
+
 
 def load_run_config(dataset_dir: str | Path) -> dict:
     """Read and check `run_config.json` (latent_shape, num_steps, text_embedding.dim)."""
-    path = Path(dataset_dir) / "run_config.json"
+    path = Path(dataset_dir) / layout.RUN_CONFIG
     if not Path(dataset_dir).is_dir():
         raise UserError(f"dataset directory {dataset_dir} does not exist: pass the --output_dir of "
                         "generate_npd_series.py as --dataset_dir")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = layout.read_run_config_json(dataset_dir)
     except FileNotFoundError:
         raise UserError(f"missing {path}: the dataset was not written by generate_npd_series.py "
                         "(or is incomplete); regenerate it") from None
@@ -60,15 +67,16 @@ def load_run_config(dataset_dir: str | Path) -> dict:
                         "regenerate the dataset with generate_npd_series.py") from None
     if len(shape) != 3 or min(shape) < 1 or n < 1 or dim < 1:
         raise UserError(f"{path}: invalid latent_shape {shape}, num_steps {n} or text_embedding.dim {dim}")
-    if cfg.get("format_version", 1) != 1:
-        raise UserError(f"{path} has format_version {cfg.get('format_version')}; this code reads version 1")
+    if cfg.get("format_version", 1) != layout.FORMAT_VERSION:
+        raise UserError(f"{path} has format_version {cfg.get('format_version')}; this code reads version "
+                        f"{layout.FORMAT_VERSION}")
     return cfg
 
 
 def read_metadata(dataset_dir: str | Path, num_steps: int) -> list[SampleRow]:
     """Parse `metadata.csv` into rows sorted by id; a malformed row is an error naming its line."""
     root = Path(dataset_dir)
-    path = root / "metadata.csv"
+    path = root / layout.METADATA
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -76,7 +84,7 @@ def read_metadata(dataset_dir: str | Path, num_steps: int) -> list[SampleRow]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [c for c in METADATA_COLUMNS if c not in (reader.fieldnames or [])]
+    missing = [c for c in layout.REQUIRED_METADATA if c not in (reader.fieldnames or [])]
     if missing:
         raise UserError(f"{path} lacks the column(s) {', '.join(missing)} (has: {', '.join(reader.fieldnames or [])})")
     rows, seen = [], set()
@@ -92,7 +100,7 @@ def read_metadata(dataset_dir: str | Path, num_steps: int) -> list[SampleRow]:
             raise UserError(f"{path} line {line}: sample {sid} has num_steps {n} but run_config.json says "
                             f"{num_steps}: one dataset must use one num_steps")
         seen.add(sid)
-        rows.append(SampleRow(sid, n, *(root / (r[c] or "") for c in FILE_COLUMNS)))
+        rows.append(SampleRow(sid, n, **{FIELD_OF_COLUMN[c]: root / (r[c] or "") for c in layout.FILE_COLUMNS}))
     if not rows:
         raise UserError(f"{path} lists no samples: generate some with generate_npd_series.py")
     return sorted(rows, key=lambda row: row.id)
@@ -194,6 +202,80 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+def tensor_file_problem(path: Path, min_bytes: int) -> str | None:
+    """Why `path` is not a complete torch tensor file holding at least `min_bytes` of tensor data, or None.
+
+    Reads only the file's size and its zip directory (at the end of the file: a truncated file has none), so it
+    costs microseconds however large the tensor; a full load checks the rest (shape, dtype, values)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"cannot be read ({one_line(e)})"
+    if size < min_bytes:
+        return f"has {size} bytes, fewer than its tensor's {min_bytes}: truncated"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        return f"is not a complete torch tensor file ({one_line(e)}): truncated or corrupt"
+    if not any(i.filename.endswith("/data.pkl") for i in infos):
+        return "is not a torch tensor file (its zip lacks data.pkl)"
+    stored = sum(i.file_size for i in infos if "/data/" in i.filename)
+    if stored < min_bytes:
+        return f"holds {stored} bytes of tensor data, fewer than its tensor's {min_bytes}"
+    return None
+
+
+def expected_bytes(run_config: dict) -> dict[str, int]:
+    """{SampleRow field: fewest bytes of tensor data its file holds}, from the shapes and storage dtype."""
+    c, h, w = (int(s) for s in run_config["latent_shape"])
+    dtype = DTYPES.get(str(run_config.get("storage_dtype")), torch.float16)  # float16: the smallest float
+    item = torch.empty((), dtype=dtype).element_size()
+    n, dim = int(run_config["num_steps"]), int(run_config["text_embedding"]["dim"])
+    return {"source": c * h * w * item, "golden": n * c * h * w * item, "text": dim * item}
+
+
+@dataclass
+class FileCheck:
+    """The verdict on a dataset's files: the good rows, and the files of the dropped ones by reason."""
+
+    good: list[SampleRow]
+    missing: list[str] = field(default_factory=list)   # files that do not exist
+    damaged: list[str] = field(default_factory=list)   # files that exist but are truncated or not tensor files
+    bad_ids: list[int] = field(default_factory=list)   # ids of the dropped samples
+
+
+def verify_files(dataset_dir: str | Path, rows: list[SampleRow], run_config: dict,
+                 skip_bad_samples: bool = False) -> FileCheck:
+    """Check every file of every row (tensor_file_problem): the first bad one is a UserError naming it, or with
+    `skip_bad_samples` its sample is dropped and counted."""
+    need = expected_bytes(run_config)
+    meta = Path(dataset_dir) / layout.METADATA
+    check = FileCheck(good=[])
+    for row in rows:
+        verdicts = [(path, tensor_file_problem(path, need[name])) for name, path in row.files().items()]
+        problems = [(path, why) for path, why in verdicts if why]
+        if not problems:
+            check.good.append(row)
+            continue
+        path, why = problems[0]
+        if not skip_bad_samples:
+            if why == "missing":
+                raise UserError(f"missing file {path} (sample {row.id} of {meta}): regenerate the dataset (rerun "
+                                "generate_npd_series.py) or pass --skip_bad_samples")
+            raise UserError(f"{path} {why} (sample {row.id} of {meta}): delete it and rerun generate_npd_series.py "
+                            "to regenerate the sample, or pass --skip_bad_samples")
+        check.bad_ids.append(row.id)
+        for p, why in problems:
+            (check.missing if why == "missing" else check.damaged).append(str(p))
+    if check.bad_ids:
+        logger.warning("skipping %d sample(s) with missing or damaged files, e.g. %s", len(check.bad_ids),
+                       (check.missing + check.damaged)[0])
+    return check
+
+
 @dataclass
 class SequenceData:
     """The train and validation datasets of one dataset directory, its run_config, and what was dropped."""
@@ -202,6 +284,8 @@ class SequenceData:
     train: SequenceDataset
     validation: SequenceDataset
     missing: list[str]  # files of samples dropped because they do not exist (with skip_bad_samples)
+    damaged: list[str] = field(default_factory=list)  # files of samples dropped as truncated or corrupt
+    dropped_ids: list[int] = field(default_factory=list)  # ids of the samples dropped for either reason
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -214,32 +298,22 @@ class SequenceData:
 
 def open_dataset(dataset_dir: str | Path, validation_fraction: float = 0.1, max_seq_len: int | None = None,
                  skip_bad_samples: bool = False, return_errors: bool = False) -> SequenceData:
-    """Read run_config + metadata, check that every listed file exists (`skip_bad_samples`: drop and count
-    the samples that lack one), and split train/validation by id. `return_errors`: see SequenceDataset."""
+    """Read run_config + metadata, verify every listed file of both splits (`verify_files`; `skip_bad_samples`:
+    drop and count the samples with a bad one), and split train/validation by id. `return_errors`: see
+    SequenceDataset."""
     cfg = load_run_config(dataset_dir)
     n = int(cfg["num_steps"])
     if max_seq_len is not None and max_seq_len < 1:
         raise UserError(f"--max_seq_len must be at least 1, got {max_seq_len}")
     rows = read_metadata(dataset_dir, n)
-    good, missing = [], []
-    for row in rows:
-        absent = [str(p) for p in (row.source, row.golden, row.text) if not p.is_file()]
-        if not absent:
-            good.append(row)
-            continue
-        if not skip_bad_samples:
-            raise UserError(f"missing file {absent[0]} (sample {row.id} of {Path(dataset_dir) / 'metadata.csv'}): "
-                            "regenerate the dataset or pass --skip_bad_samples")
-        missing.extend(absent)
-    if missing:
-        logger.warning("skipping %d sample(s) with missing files, e.g. %s", len(rows) - len(good), missing[0])
-    if not good:
-        raise UserError(f"no sample of {dataset_dir} has all its files")
-    train_ids, val_ids = split_ids([r.id for r in good], validation_fraction)
-    by_id = {r.id: r for r in good}
+    check = verify_files(dataset_dir, rows, cfg, skip_bad_samples)
+    if not check.good:
+        raise UserError(f"no sample of {dataset_dir} has all its files intact")
+    train_ids, val_ids = split_ids([r.id for r in check.good], validation_fraction)
+    by_id = {r.id: r for r in check.good}
     make = lambda ids: SequenceDataset([by_id[i] for i in ids], cfg["latent_shape"],  # noqa: E731
                                        cfg["text_embedding"]["dim"], max_seq_len, return_errors)
-    data = SequenceData(cfg, make(train_ids), make(val_ids), missing)
+    data = SequenceData(cfg, make(train_ids), make(val_ids), check.missing, check.damaged, check.bad_ids)
     if not skip_bad_samples:
         data.train.load_sample(0)  # fail fast on a dataset of the wrong shape
     return data

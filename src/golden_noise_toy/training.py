@@ -5,21 +5,20 @@ build is a deterministic function of its preset and seed on a given machine and 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from golden_noise.training.core import warmup_cosine
+
 from .components import AttributeClassifier, encode_token_ids
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Linear warmup then cosine decay to 0, as a multiplier of the peak learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    """Linear warmup then cosine decay to 0, as a multiplier of the peak learning rate (the core's rule)."""
+    return warmup_cosine(step, warmup, total)
 
 
 def _progress(total: int, desc: str, disable: bool):

@@ -1,9 +1,7 @@
-"""Training helpers for NoiseSequenceRNN_v3 (stage 3): losses, LR schedule, checkpoints, validation."""
+"""Training helpers for NoiseSequenceRNN_v3 (stage 3): data order, losses, LR schedule, validation summaries."""
 from __future__ import annotations
 
 import math
-import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -11,8 +9,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
 
 from ..errors import UserError
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class EpochSampler(Sampler[int]):
@@ -62,57 +58,18 @@ def sequence_loss(mean: torch.Tensor, logvar: torch.Tensor | None, target: torch
     return {"loss": loss, "recon": recon, "mse": mse, "kl": kl}
 
 
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """The LR multiplier at `step`: linear warmup from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio`
+    at `total_steps` (the one warmup-cosine rule: stage 3 and the toy world's builder use it)."""
+    if step < warmup_steps:
+        return (step + 1) / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def warmup_cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> LambdaLR:
-    """Linear warmup from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` x LR at `total_steps`."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return LambdaLR(optimizer, factor)
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """`checkpoint-{step}` folders in `output_dir`, oldest (lowest step) first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The step of a `checkpoint-{step}` folder."""
-    m = CHECKPOINT_RE.match(Path(path).name)
-    if not m:
-        raise UserError(f"{path} is not a checkpoint-<step> folder written by this training script")
-    return int(m.group(1))
-
-
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """`--resume_from_checkpoint`: None, 'latest' (None when there is none yet), or a checkpoint path."""
-    if not resume:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder (use 'latest' or a "
-                        f"checkpoint-<step> folder of {output_dir})")
-    checkpoint_step(path)
-    return path
-
-
-def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete the oldest checkpoints so that at most `keep` remain (keep <= 0 keeps all); returns the deleted."""
-    if keep <= 0:
-        return []
-    ckpts = list_checkpoints(output_dir)
-    doomed = ckpts[: max(0, len(ckpts) - keep)]
-    for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
-    return doomed
+    """A LambdaLR following `warmup_cosine`."""
+    return LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio))
 
 
 @torch.no_grad()

@@ -1,0 +1,96 @@
+"""What a stage-3 training run is given: `TrainingConfig` (data, optimisation, checkpoints) and the architecture
+(a `NoiseSequenceRNNConfig` whose data fields the trainer takes from the dataset). The CLI's flags are generated
+from both, so every default is written once."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNConfig
+
+# the architecture: every model config field that does not describe the data
+ARCH_FIELDS = tuple(f.name for f in fields(NoiseSequenceRNNConfig) if f.name not in DATA_FIELDS)
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+
+
+def _f(default, group: str, text: str, **metadata):
+    """A TrainingConfig field: its default, its --help group and text (and e.g. choices)."""
+    return field(default=default, metadata={"group": group, "help": text, **metadata})
+
+
+@dataclass
+class TrainingConfig:
+    """Data, optimisation, checkpoint and logging settings of a training run (each is the flag of that name)."""
+
+    dataset_dir: str = _f("./data/npd_sequence_dataset_sdxl/", "data",
+                          "dataset written by generate_npd_series.py (metadata.csv, run_config.json, sequences/)")
+    output_dir: str = _f("./output/rnn_v3_seq_model_output/", "data",
+                         "checkpoints, tensorboard logs, validation.json and the final export")
+    validation_fraction: float = _f(0.1, "data", "fraction of sample ids held out for validation (deterministic "
+                                    "split by id)")
+    max_seq_len: int | None = _f(None, "data", "train on the first N golden steps only")
+    skip_bad_samples: bool = _f(False, "data", "skip (and count) samples with missing, damaged or corrupt files "
+                                "instead of stopping")
+    dataloader_num_workers: int = _f(2, "data", "data-loading worker processes per GPU")
+    noise_resolution: int | None = _f(None, "model", "H = W of the noise; default and check: the dataset's "
+                                      "latent_shape")
+    text_embed_dim: int | None = _f(None, "model", "text-embedding size; default and check: the dataset's "
+                                    "text_embedding.dim")
+    base_model_id: str | None = _f(None, "model", "accepted for compatibility: the base model is the one recorded "
+                                   "in run_config.json")
+    npnet_model_id: str | None = _f(None, "model", "accepted for compatibility; not used by this model")
+    kl_weight: float = _f(0.0, "optimisation", "weight of KL(predicted Gaussian || N(0, I)) (default: 0, off)")
+    num_epochs: int = _f(50, "optimisation", "epochs (ignored when --max_train_steps is set)")
+    max_train_steps: int | None = _f(None, "optimisation", "optimizer steps in total; overrides --num_epochs")
+    batch_size: int = _f(8, "optimisation", "samples per device per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "optimisation", "micro-batches per optimizer step")
+    learning_rate: float = _f(1e-4, "optimisation", "peak AdamW learning rate")
+    weight_decay: float = _f(1e-2, "optimisation", "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "optimisation", "AdamW beta1")
+    adam_beta2: float = _f(0.999, "optimisation", "AdamW beta2")
+    lr_warmup_steps: int | None = _f(None, "optimisation", "linear warmup steps before the cosine decay "
+                                     "(default: 5%% of the steps, at most 500)")
+    max_grad_norm: float = _f(1.0, "optimisation", "gradient clipping norm (0: no clipping)")
+    mixed_precision: str | None = _f(None, "optimisation", "autocast precision (default: accelerate launch "
+                                     "--mixed_precision or the accelerate config, else no; fp16 needs a GPU, on "
+                                     "CPU it trains in float32)", choices=MIXED_PRECISION_CHOICES)
+    seed: int = _f(42, "optimisation", "seed of the model init, the data order and dropout")
+    save_steps: int = _f(1000, "checkpoints and logging", "save a resumable checkpoint-{step} every N steps")
+    max_checkpoints: int = _f(3, "checkpoints and logging", "keep only the newest N checkpoints (0: keep all)")
+    resume_from_checkpoint: str | None = _f(None, "checkpoints and logging", "'latest' or a checkpoint-{step} "
+                                            "folder; a damaged checkpoint is an error naming its file")
+    resume_fallback: bool = _f(False, "checkpoints and logging", "with --resume_from_checkpoint latest: when the "
+                               "newest checkpoint is damaged, resume from the newest intact one (and set the "
+                               "damaged ones aside as damaged-checkpoint-{step})")
+    validation_steps: int = _f(500, "checkpoints and logging", "validate every N steps (and always at the end)")
+    logging_steps: int = _f(10, "checkpoints and logging", "log the training losses every N steps")
+    report_to: str = _f("tensorboard", "checkpoints and logging", "experiment tracker",
+                        choices=("tensorboard", "none"))
+
+    # flag checks (golden_noise.cli.check_flag_minimum): at least 1, and not negative
+    POSITIVE = ("batch_size", "gradient_accumulation_steps", "num_epochs", "save_steps", "logging_steps",
+                "max_train_steps", "max_seq_len", "noise_resolution", "text_embed_dim")
+    NON_NEGATIVE = ("dataloader_num_workers", "max_checkpoints", "validation_steps", "kl_weight", "max_grad_norm",
+                    "weight_decay", "lr_warmup_steps")
+
+    def record(self, arch: NoiseSequenceRNNConfig) -> dict:
+        """Every setting of the run, flat and in flag order: what checkpoints and the export record as `args`."""
+        return {**asdict(self), **{k: getattr(arch, k) for k in ARCH_FIELDS}}
+
+
+def field_groups(cls=TrainingConfig) -> dict[str, list[str]]:
+    """{--help group: [field names]} of TrainingConfig, in field order."""
+    groups: dict[str, list[str]] = {}
+    for f in fields(cls):
+        groups.setdefault(f.metadata["group"], []).append(f.name)
+    return groups
+
+
+def architecture(**values) -> NoiseSequenceRNNConfig:
+    """A model config from architecture fields (ARCH_FIELDS) only; the trainer sets DATA_FIELDS from the dataset.
+
+    Its noise_resolution stands in until then: the smallest one the encoder stages accept."""
+    unknown = sorted(set(values) - set(ARCH_FIELDS))
+    if unknown:
+        raise ValueError(f"not architecture fields: {unknown}")
+    stages = len(values.get("cnn_num_blocks") or NoiseSequenceRNNConfig().cnn_num_blocks)
+    return NoiseSequenceRNNConfig(noise_resolution=2 ** max(0, stages - 1), **values)
