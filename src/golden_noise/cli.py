@@ -13,7 +13,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or "(default" in text or action.default in (None, argparse.SUPPRESS, False):
+        if "%(default)" in text or "(default" in text or any(action.default is v for v in (None, argparse.SUPPRESS,
+                                                                                              False)):
             return text
         if isinstance(action.default, (list, tuple)):
             return f"{text} (default: {' '.join(map(str, action.default))})"
