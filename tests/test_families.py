@@ -251,3 +251,112 @@ def test_standard_is_pixel_equal_to_plain_diffusers(fam, e2e):
     x_T = seeded_noise([100, 101], family_of(pipe).latent_shape(spec[5], spec[5]))
     expected = step.sequence(x_T, encode_prompts(pipe, PROMPTS, height=spec[5], width=spec[5]), 2)[:, -1]
     torch.testing.assert_close(oracle, expected, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- a separate sampler (SDXL base -> another UNet/LoRA)
+@pytest.fixture(scope="module")
+def sampler_setup(tiny_pipeline, tiny_pipeline_dir, tmp_path_factory):
+    """An SDXL-trained RNN export, a Lightning-style UNet state dict, a LoRA, and pipelines of other latent spaces."""
+    from safetensors.torch import save_file
+
+    from golden_noise.testing.pipelines import build_tiny_sdxl_pipeline, save_tiny_pipeline
+    from tests.test_inference import make_export
+
+    root = tmp_path_factory.mktemp("sampler")
+    make_export(root / "run" / "rnn_v3_model_final", tiny_pipeline, tiny_pipeline_dir)
+    other_unet = build_tiny_sdxl_pipeline(seed=7).unet
+    save_file({k: v.contiguous() for k, v in other_unet.state_dict().items()}, root / "fast_unet.safetensors")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return {"root": root, "other_unet": other_unet, "sd": save_tiny_pipeline(root / "sd", "sd"),
+            "base_dir": tiny_pipeline_dir}
+
+
+def _batch(setup, out, *extra):
+    batch = load_cli("scripts/batch_inference.py")
+    return batch.main(batch.parse_args(["--prompt_file", str(setup["root"] / "prompts.txt"), "--output_base_dir",
+                                        str(out), "--rnn_weights_path", str(setup["root"] / "run"), "--batch_size",
+                                        "2", "--num_inference_steps", "2", "--guidance_scale", "1.0",
+                                        "--start_seed", "100", "--device", "cpu", "--save_noise", *map(str, extra)]))
+
+
+def test_separate_sampler_unet_state_dict(sampler_setup, tiny_pipeline):
+    """--sampling_unet FILE.safetensors --scheduler euler --timestep_spacing trailing: images come from the base
+    pipeline with that UNet and scheduler (pixel-equal to plain diffusers), the noises from the base UNet."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from golden_noise.golden import GoldenStep
+    from tests.test_inference import TRAIN_GOLDEN
+
+    out = sampler_setup["root"] / "unet_out"
+    _batch(sampler_setup, out, "--methods", "standard", "gnsnet", "oracle", "--sampling_unet",
+           sampler_setup["root"] / "fast_unet.safetensors", "--scheduler", "euler", "--timestep_spacing", "trailing")
+    ref = StableDiffusionXLPipeline.from_pipe(tiny_pipeline, unet=sampler_setup["other_unet"])
+    ref.scheduler = EulerDiscreteScheduler.from_config(tiny_pipeline.scheduler.config, timestep_spacing="trailing")
+    ref.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 1.0}
+    standard = ref(PROMPTS, generator=[torch.Generator().manual_seed(100 + i) for i in range(2)], **kwargs).images
+    noise = {m: torch.stack([load_tensor(out / "noise" / m / f"{i}.pt") for i in range(2)]) for m in ("gnsnet", "oracle")}
+    golden = ref(PROMPTS, latents=noise["gnsnet"], **kwargs).images
+    for i in range(2):
+        assert np.array_equal(pixels(out / "standard_output" / f"{i}.png"), np.asarray(standard[i]))
+        assert np.array_equal(pixels(out / "gnsnet_output" / f"{i}.png"), np.asarray(golden[i]))
+    base_standard = tiny_pipeline(PROMPTS, generator=[torch.Generator().manual_seed(100 + i) for i in range(2)],
+                                  **kwargs).images
+    assert not np.array_equal(np.asarray(base_standard[0]), np.asarray(standard[0]))  # the swap changed the sampler
+    step = GoldenStep(tiny_pipeline.unet, tiny_pipeline.scheduler.config, TRAIN_GOLDEN)  # the oracle: the base UNet
+    x_T = seeded_noise([100, 101], (4, 16, 16))
+    expected = step.sequence(x_T, encode_prompts(tiny_pipeline, PROMPTS), 3)[:, -1]
+    torch.testing.assert_close(noise["oracle"], expected, atol=1e-6, rtol=1e-6)
+    settings = json.loads((out / "batch_settings.json").read_text())
+    assert settings["scheduler_class"] == "EulerDiscreteScheduler" and settings["timestep_spacing"] == "trailing"
+    assert settings["sampler"]["name"] == "sdxl" and settings["sampling_unet"].endswith("fast_unet.safetensors")
+    with pytest.raises(UserError, match="sampling_unet"):  # a rerun with another sampler is refused
+        _batch(sampler_setup, out, "--methods", "standard", "--scheduler", "euler", "--timestep_spacing", "trailing")
+
+
+def test_separate_sampler_lora_is_fused(sampler_setup, tiny_pipeline):
+    """--sampling_lora: the LoRA is fused into the sampler's own copy of the UNet; the images match the LoRA run
+    unfused by diffusers (up to float rounding), the base pipeline is untouched."""
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = sampler_setup["root"]
+    unet = copy.deepcopy(tiny_pipeline.unet)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    StableDiffusionXLPipeline.save_lora_weights(root / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
+    out = root / "lora_out"
+    _batch(sampler_setup, out, "--methods", "standard", "--sampling_lora", root / "lora")
+    ref = StableDiffusionXLPipeline.from_pipe(tiny_pipeline, unet=unet)  # LoRA layers active, not fused
+    ref.set_progress_bar_config(disable=True)
+    images = ref(PROMPTS, generator=[torch.Generator().manual_seed(100 + i) for i in range(2)],
+                 num_inference_steps=2, guidance_scale=1.0).images
+    base = tiny_pipeline(PROMPTS, generator=[torch.Generator().manual_seed(100 + i) for i in range(2)],
+                         num_inference_steps=2, guidance_scale=1.0).images
+    got = pixels(out / "standard_output" / "0.png").astype(int)
+    assert np.abs(got - np.asarray(images[0]).astype(int)).max() <= 1
+    assert np.abs(got - np.asarray(base[0]).astype(int)).max() > 1
+    assert not any("lora" in n for n, _ in tiny_pipeline.unet.named_parameters())
+
+
+def test_mismatched_sampler_is_refused(sampler_setup, tiny_pipeline):
+    """A sampler of another latent space (SD 1.5 for an SDXL-trained RNN) is refused with one line naming both,
+    through stage 5 (before any image) and the API."""
+    from golden_noise import GoldenNoise
+
+    out = sampler_setup["root"] / "mismatch"
+    with pytest.raises(UserError) as err:
+        _batch(sampler_setup, out, "--methods", "standard", "gnsnet", "--sampling_model_id", sampler_setup["sd"])
+    message = str(err.value)
+    assert "\n" not in message and "another latent space" in message
+    assert "[sd, 4 channels" in message and "[sdxl, 4 channels" in message
+    assert not (out / "standard_output").exists() and not (out / "batch_settings.json").exists()
+    gn = GoldenNoise.from_pretrained(sampler_setup["root"] / "run", pipe=tiny_pipeline)
+    sd = load_pipeline(str(sampler_setup["sd"]), device="cpu")
+    with pytest.raises(UserError, match=r"another latent space .*\[sd, 4 channels.*scaling_factor 0.18215"):
+        gn(PROMPTS[0], seed=0, sampler=sd)
+    assert gn(PROMPTS[0], seed=0, sampler=tiny_pipeline).shape == (1, 4, 16, 16)
