@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -360,3 +358,40 @@ def test_mismatched_sampler_is_refused(sampler_setup, tiny_pipeline):
     with pytest.raises(UserError, match=r"another latent space .*\[sd, 4 channels.*scaling_factor 0.18215"):
         gn(PROMPTS[0], seed=0, sampler=sd)
     assert gn(PROMPTS[0], seed=0, sampler=tiny_pipeline).shape == (1, 4, 16, 16)
+
+
+def test_stage_4_runs_each_family(fam, e2e, tmp_path):
+    """src/inference_rnn.py on the family's export: its standard image equals stage 5's for the same prompt and seed,
+    and the settings record the family."""
+    name, _, pipe, spec = fam
+    cli = load_cli("src/inference_rnn.py")
+    settings = cli.main(cli.parse_args(["--rnn_weights_path", str(e2e["root"] / "run"), "--prompt", PROMPTS[0],
+                                        "--seed", "100", "--output_dir", str(tmp_path), "--output_name", "x",
+                                        "--num_inference_steps", "2", "--guidance_scale", "3.0", "--device", "cpu",
+                                        "--generate_standard", "--generate_oracle"]))
+    assert settings["family"]["name"] == spec[2] and settings["latent_shape"] == list(spec[4])
+    assert np.array_equal(pixels(tmp_path / "x_standard.png"), pixels(e2e["images"] / "standard_output" / "0.png"))
+    assert np.array_equal(pixels(tmp_path / "x_oracle.png"), pixels(e2e["images"] / "oracle_output" / "0.png"))
+
+
+def test_stage_4_with_another_pipeline_as_sampler(sampler_setup, tiny_pipeline, tmp_path):
+    """--sampling_model_id: another pipeline of the same latent space samples the images (pixel-equal to it with the
+    same seed), the RNN's noise still comes from the base model."""
+    from golden_noise.testing.pipelines import save_tiny_sdxl_pipeline
+
+    other_dir = save_tiny_sdxl_pipeline(tmp_path / "other", seed=3)
+    other = load_pipeline(str(other_dir), device="cpu")
+    cli = load_cli("src/inference_rnn.py")
+    settings = cli.main(cli.parse_args(["--rnn_weights_path", str(sampler_setup["root"] / "run"), "--prompt",
+                                        PROMPTS[1], "--seed", "9", "--output_dir", str(tmp_path / "out"),
+                                        "--output_name", "x", "--num_inference_steps", "2", "--guidance_scale", "2.0",
+                                        "--device", "cpu", "--generate_standard", "--save_noise",
+                                        "--sampling_model_id", str(other_dir)]))
+    assert settings["sampler"]["name"] == "sdxl" and settings["sampling_model_id"] == str(other_dir)
+    expected = other(PROMPTS[1], generator=torch.Generator().manual_seed(9), num_inference_steps=2,
+                     guidance_scale=2.0).images[0]
+    assert np.array_equal(pixels(tmp_path / "out" / "x_standard.png"), np.asarray(expected))
+    from golden_noise import GoldenNoise
+
+    gn = GoldenNoise.from_pretrained(sampler_setup["root"] / "run", pipe=tiny_pipeline)
+    torch.testing.assert_close(load_tensor(tmp_path / "out" / "x_golden_noise.pt"), gn(PROMPTS[1], seed=9)[0])

@@ -15,9 +15,10 @@ from .base import (FAMILIES, TEXT_EMBEDDINGS, Conditioning, DiffusionFamily, Mod
                    family_of, fingerprint, guidance_branches, guided_prediction, register_family, seeded_noise)
 from .loading import (DEFAULT_MODEL_ID, SCHEDULERS, TIMESTEP_SPACINGS, dtype_keyword, load_pipeline, optimize_unet,
                       place_pipeline, set_scheduler)
-from .unet import SDFamily, SDXLFamily, predict_noise, sdxl_scheduler_config, sdxl_time_ids  # registers, in order:
-from .flux import FluxFamily  # noqa: E402  (FLUX and SD3 match by transformer class; SDXL before SD)
-from .flow import FlowMatchingFamily, SD3Family  # noqa: E402
+# importing a family module registers its families (SDXL is checked before SD; SD3 and FLUX match by transformer)
+from .unet import SDFamily, SDXLFamily, predict_noise, sdxl_scheduler_config, sdxl_time_ids
+from .flow import FlowMatchingFamily, SD3Family
+from .flux import FluxFamily
 
 __all__ = ["DEFAULT_MODEL_ID", "FAMILIES", "SCHEDULERS", "TEXT_EMBEDDINGS", "TIMESTEP_SPACINGS", "Conditioning",
            "DiffusionFamily", "FlowMatchingFamily", "FluxFamily", "ModelCounter", "SD3Family", "SDFamily",

@@ -40,9 +40,10 @@ class SamplingConfig:
     sweep; add them with `add_sampling_arguments`). The golden noise is always made by the base pipeline (the RNN's
     text embedding, the oracle); `sampling_model_id` / `sampling_unet` / `sampling_lora` make a separate sampler."""
 
-    num_inference_steps: int = field(default=30, metadata={"help": "sampling steps of the pipeline"})
+    num_inference_steps: int = field(default=30, metadata={"help": "sampling steps of the sampler"})
     guidance_scale: float = field(default=5.5, metadata={
-        "help": "classifier-free guidance of the sampling; diffusers applies none for a scale <= 1 (as 1.0)"})
+        "help": "classifier-free guidance of the sampling; diffusers applies none for a scale <= 1 (as 1.0); "
+                "FLUX.1 [dev]: the value of its guidance embedding"})
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt of the sampling"})
     scheduler: str = field(default="default", metadata={
         "choices": SCHEDULERS,
