@@ -24,7 +24,7 @@ from golden_noise.cli import parser as make_parser
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.golden import GoldenConfig
 from golden_noise.inference.batch import BatchJob
-from golden_noise.inference.config import PipelineSpec, SamplingConfig
+from golden_noise.inference.config import PipelineSpec, add_sampling_arguments, sampling_from_args
 from golden_noise.methods import METHODS
 from golden_noise.runtime import run_cli
 
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_dataclass_arguments(g, BatchJob, include=("rnn_weights_path", "predict_variance"))
     add_pipeline_arguments(g, None, f"diffusers pipeline (hub id or local dir); default: the RNN's, else "
                            f"{DEFAULT_MODEL_ID}")
-    add_dataclass_arguments(p.add_argument_group("sampling"), SamplingConfig)
+    add_sampling_arguments(p.add_argument_group("sampling"))
     g = p.add_argument_group("golden noise")
     add_dataclass_arguments(g, BatchJob, include=("num_gen_steps",))
     add_dataclass_arguments(g, GoldenConfig, defaults={f.name: None for f in dataclasses.fields(GoldenConfig)},
@@ -67,7 +67,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(GoldenConfig)
                  if getattr(args, f.name) is not None}
     return dataclass_from_args(BatchJob, args, golden_overrides=overrides,
-                               sampling=dataclass_from_args(SamplingConfig, args),
+                               sampling=sampling_from_args(args),
                                pipeline=dataclass_from_args(PipelineSpec, args))
 
 

@@ -12,7 +12,7 @@ import sys
 from golden_noise.cli import add_dataclass_arguments, add_pipeline_arguments, check_flag_minimum, dataclass_from_args
 from golden_noise.cli import parser as make_parser
 from golden_noise.diffusion import DEFAULT_MODEL_ID
-from golden_noise.inference.config import PipelineSpec, SamplingConfig
+from golden_noise.inference.config import PipelineSpec, add_sampling_arguments, sampling_from_args
 from golden_noise.inference.single import SingleJob
 from golden_noise.runtime import run_cli
 
@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "holding rnn_v3_model_final.*, or the seed's rnn_v3_model_final.pth (= that export)")
     p.add_argument("--prompt", required=True, help="the text prompt")
     add_dataclass_arguments(p, SingleJob, exclude=("rnn_weights_path", "prompt", "sampling", "pipeline"))
-    add_dataclass_arguments(p.add_argument_group("sampling"), SamplingConfig)
+    add_sampling_arguments(p.add_argument_group("sampling"))
     add_pipeline_arguments(p.add_argument_group("pipeline"), None,
                            f"diffusers pipeline (hub id or local dir); default: the one the RNN was trained with, "
                            f"else {DEFAULT_MODEL_ID}")
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def job_from_args(args: argparse.Namespace) -> SingleJob:
     """The stage-4 job the flags describe."""
-    return dataclass_from_args(SingleJob, args, sampling=dataclass_from_args(SamplingConfig, args),
+    return dataclass_from_args(SingleJob, args, sampling=sampling_from_args(args),
                                pipeline=dataclass_from_args(PipelineSpec, args))
 
 

@@ -1,12 +1,14 @@
-"""The golden step of NPNet (arXiv:2411.09502): one DDIM denoising step with strong guidance followed by one
-DDIM inversion step with weak guidance, both at t0 = timesteps[0] of an N-step DDIM schedule."""
+"""The golden step of NPNet (arXiv:2411.09502): one denoising step with strong guidance followed by one inversion
+step with weak guidance. UNet families (epsilon or v-prediction): DDIM denoise and DDIM inversion, both at
+t0 = timesteps[0] of an N-step DDIM schedule (`GoldenStep`). Flow matching: one Euler step down the pipeline
+scheduler's sigmas and one back up (`FlowGoldenStep`, a contract). Each family picks its step (diffusion.base)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .diffusion import Conditioning, UNetCounter, predict_noise
+from .diffusion import Conditioning, ModelCounter, predict_noise
 from .errors import UserError
 
 
@@ -15,7 +17,8 @@ class GoldenConfig:
     """Parameters of the golden step (NPNet's SDXL defaults)."""
 
     schedule_steps: int = field(default=10, metadata={
-        "help": "N: length of the golden step's DDIM schedule; the step runs at t0 = its first timestep"})
+        "help": "N: length of the golden step's schedule (DDIM for UNet models, the pipeline's own for flow matching); "
+                "the step runs at t0 = its first timestep"})
     denoise_guidance_scale: float = field(default=5.5, metadata={
         "help": "w_l: CFG scale of the golden step's denoising step, eps_u + w (eps_c - eps_u) for any w >= 0 "
                 "(1: the conditional prediction alone, 0: the unconditional one)"})
@@ -27,11 +30,25 @@ class GoldenConfig:
         return asdict(self)
 
 
-class GoldenStep:
+class _Sequence:
+    """Applying a golden step n times."""
+
+    @torch.no_grad()
+    def sequence(self, x: torch.Tensor, cond: Conditioning, n: int) -> torch.Tensor:
+        """Apply the step n times: (B, C, H, W) -> (B, n, C, H, W) holding x'_1 ... x'_n."""
+        out = []
+        for _ in range(n):
+            x = self(x, cond)
+            out.append(x)
+        return torch.stack(out, dim=1)
+
+
+class GoldenStep(_Sequence):
     """x' = DDIMInverse.step(eps_cfg(x_prev, t0, w_w), t0, x_prev) with x_prev = DDIM.step(eps_cfg(x, t0, w_l), t0, x).
 
-    Algebraically x' = x - c (eps_l - eps_w) with c = sqrt(1-a_t0) - sqrt(a_t0/a_prev) sqrt(1-a_prev).
-    Latents are kept in float32; the UNet runs in its own dtype.
+    With epsilon prediction x' = x - c (eps_l - eps_w), c = sqrt(1-a_t0) - sqrt(a_t0/a_prev) sqrt(1-a_prev); with
+    v_prediction both schedulers convert v themselves (no such closed form). Latents are kept in float32; the UNet
+    runs in its own dtype.
     """
 
     def __init__(self, unet, scheduler_config, config: GoldenConfig | None = None):
@@ -51,11 +68,13 @@ class GoldenStep:
                             f"{self.ddim.config.num_train_timesteps} training timesteps (steps_offset "
                             f"{self.ddim.config.steps_offset}): use fewer schedule steps")
         self.t_prev = self.t0 - self.ddim.config.num_train_timesteps // self.config.schedule_steps
-        self.counter = UNetCounter()
+        self.counter = ModelCounter()
 
     @property
-    def coefficient(self) -> float:
-        """c of the closed form x' = x - c (eps_l - eps_w)."""
+    def coefficient(self) -> float | None:
+        """c of the closed form x' = x - c (eps_l - eps_w); None unless the model predicts epsilon."""
+        if self.ddim.config.prediction_type != "epsilon":
+            return None
         a = self.ddim.alphas_cumprod
         a_t = a[self.t0].item()
         a_p = a[self.t_prev].item() if self.t_prev >= 0 else self.ddim.final_alpha_cumprod.item()
@@ -71,11 +90,53 @@ class GoldenStep:
         eps_w = predict_noise(self.unet, x_prev, self.t0, cond, cfg.inversion_guidance_scale, self.counter)
         return self.inverse.step(eps_w, self.t0, x_prev).prev_sample.float()
 
+    def record(self) -> dict:
+        """The schedule's facts run_config records beside the GoldenConfig."""
+        c = self.coefficient
+        return {"t0": self.t0, "t_prev": self.t_prev, "coefficient": round(c, 8) if c is not None else None}
+
+
+class FlowGoldenStep(_Sequence):
+    """The rectified-flow golden step (a contract, so results compare across implementations): with the pipeline
+    scheduler's set_timesteps(N) giving sigmas s0 > s1 and timesteps t0, t1,
+        x_prev = x      + (s1 - s0) v(x,      t0, w_l)
+        x'     = x_prev + (s0 - s1) v(x_prev, t1, w_w)      v(z, t, w) = v_u + w (v_c - v_u)
+    (FLUX: v(z, t, w) with the guidance embedding set to w). Closed form x' = x - (s0 - s1) (v_l - v_w).
+    Latents are kept in float32; the transformer runs in its own dtype."""
+
+    def __init__(self, family, sigmas: torch.Tensor, timesteps: torch.Tensor, config: GoldenConfig | None = None):
+        self.family = family
+        self.config = config or GoldenConfig()
+        if len(timesteps) < 2:
+            raise UserError(f"--schedule_steps {self.config.schedule_steps}: the flow-matching golden step needs two "
+                            "timesteps (t0, t1) of the schedule: use at least 2")
+        self.sigma0, self.sigma1 = float(sigmas[0]), float(sigmas[1])
+        self.t0, self.t1 = timesteps[0], timesteps[1]  # 0-d tensors, as the pipeline passes them
+        self.counter = ModelCounter()
+
+    @property
+    def coefficient(self) -> float:
+        """c of the closed form x' = x - c (v_l - v_w): s0 - s1."""
+        return self.sigma0 - self.sigma1
+
     @torch.no_grad()
-    def sequence(self, x: torch.Tensor, cond: Conditioning, n: int) -> torch.Tensor:
-        """Apply the step n times: (B, C, H, W) -> (B, n, C, H, W) holding x'_1 ... x'_n."""
-        out = []
-        for _ in range(n):
-            x = self(x, cond)
-            out.append(x)
-        return torch.stack(out, dim=1)
+    def __call__(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One golden step: (B, C, H, W) float32 -> (B, C, H, W) float32."""
+        x = x.float()
+        cfg, s0, s1 = self.config, self.sigma0, self.sigma1
+        v_l = self.family.predict(x, self.t0, cond, cfg.denoise_guidance_scale, self.counter)  # (B, C, H, W)
+        x_prev = x + (s1 - s0) * v_l
+        v_w = self.family.predict(x_prev, self.t1, cond, cfg.inversion_guidance_scale, self.counter)
+        return x_prev + (s0 - s1) * v_w
+
+    def record(self) -> dict:
+        """The schedule's facts run_config records beside the GoldenConfig."""
+        return {"t0": float(self.t0), "t1": float(self.t1), "sigma0": self.sigma0, "sigma1": self.sigma1,
+                "coefficient": round(self.coefficient, 8)}
+
+
+def golden_step(pipe, config: GoldenConfig | None = None, height: int | None = None, width: int | None = None):
+    """The golden step of `pipe`'s family (GoldenStep for UNets, FlowGoldenStep for flow matching)."""
+    from .diffusion import family_of
+
+    return family_of(pipe).golden_step(config or GoldenConfig(), height, width)

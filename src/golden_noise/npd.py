@@ -18,9 +18,9 @@ from typing import Collection, Sequence
 import torch
 
 from . import layout
-from .diffusion import (count_long_prompts, encode_prompts, image_size, latent_shape, load_pipeline, optimize_unet,
-                        resolve_text_embedding, seeded_noise, text_embedding)
-from .golden import GoldenConfig, GoldenStep
+from .diffusion import (count_long_prompts, encode_prompts, family_of, guidance_branches, image_size, latent_shape,
+                        load_pipeline, optimize_unet, resolve_text_embedding, text_embedding)
+from .golden import GoldenConfig, GoldenStep, golden_step
 from .prompts import Prompt, prompt_fingerprint, read_prompts
 from .runs import check_writable_dir, read_settings, refuse_mixed_rerun
 from .runtime import get_logger, global_batches, model_dtype, resolve_device, resolve_dtype, shard
@@ -72,11 +72,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def guidance_branches(scale: float) -> list[str]:
-    """The UNet branches the golden step evaluates for a CFG scale (diffusion.predict_noise's rule)."""
-    return ["cond"] if scale == 1.0 else ["uncond"] if scale == 0.0 else ["uncond", "cond"]
-
-
 def effective_guidance(config: GoldenConfig) -> dict:
     """run_config's record of what the golden step's two guidance scales do (GUIDANCE_RULE)."""
     steps = {"denoise": config.denoise_guidance_scale, "inversion": config.inversion_guidance_scale}
@@ -111,8 +106,8 @@ def early_config(settings: GenerationSettings, prompts: Sequence[Prompt], batch_
 
 
 def execution_device(pipe) -> torch.device:
-    """Where the UNet runs (with model CPU offload the UNet's parameters wait on the CPU)."""
-    return torch.device(getattr(pipe, "_execution_device", None) or pipe.unet.device)
+    """Where the denoiser runs (with model CPU offload its parameters wait on the CPU)."""
+    return family_of(pipe).device
 
 
 def build_run_config(pipe, settings: GenerationSettings, golden: GoldenStep, prompt_file: str | None = None,
@@ -120,6 +115,7 @@ def build_run_config(pipe, settings: GenerationSettings, golden: GoldenStep, pro
                      batch_size: int | None = None) -> dict:
     """The dataset's run_config.json: every parameter that shaped the data."""
     height, width = image_size(pipe, settings.height, settings.width)
+    family = family_of(pipe)
     inputs = inputs_config(prompts, batch_size, execution_device(pipe).type) if prompts is not None else {}
     return {
         "format_version": FORMAT_VERSION,
@@ -127,9 +123,10 @@ def build_run_config(pipe, settings: GenerationSettings, golden: GoldenStep, pro
         "revision": settings.revision,
         "variant": settings.variant,
         "pipeline_class": type(pipe).__name__,
+        "family": family.record(),
+        "latent_space": family.latent_space(),
         "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
-        "golden": {**settings.golden.to_dict(), "t0": golden.t0, "t_prev": golden.t_prev,
-                   "coefficient": round(golden.coefficient, 8)},
+        "golden": {**settings.golden.to_dict(), **golden.record()},
         "num_steps": settings.num_steps,
         "height": height,
         "width": width,
@@ -304,6 +301,7 @@ def prepare_output(root: Path, run_config: dict, prompts: Sequence[Prompt], batc
 def compute_batches(pipe, golden: GoldenStep, plan: WorkPlan, settings: GenerationSettings,
                     writer: SequenceDatasetWriter, bar) -> None:
     """Run the golden step on each planned batch and queue the files its samples still need."""
+    family = family_of(pipe)
     shape = latent_shape(pipe, settings.height, settings.width)
     height, width = image_size(pipe, settings.height, settings.width)
     storage = resolve_dtype(settings.storage_dtype)
@@ -314,7 +312,7 @@ def compute_batches(pipe, golden: GoldenStep, plan: WorkPlan, settings: Generati
         # the whole fixed batch is recomputed so each sample sees the same batch composition
         texts = [p.text for p in batch]
         cond = encode_prompts(pipe, texts, height=height, width=width, with_uncond=need_uncond)
-        x_t = seeded_noise([settings.start_seed + p.index for p in batch], shape, device=device)
+        x_t = family.initial_noise([settings.start_seed + p.index for p in batch], shape, device=device)
         seq = golden.sequence(x_t, cond, settings.num_steps)  # (B, n, C, H, W)
         # one device->host copy per batch and tensor, not a synchronising copy per sample
         x_host, seq_host = x_t.to("cpu", storage), seq.to("cpu", storage)  # (B, C, H, W), (B, n, C, H, W)
@@ -337,7 +335,7 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
 
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     root = Path(output_dir)
-    golden = GoldenStep(pipe.unet, pipe.scheduler.config, settings.golden)
+    golden = golden_step(pipe, settings.golden, settings.height, settings.width)
     run_config = build_run_config(pipe, settings, golden, prompt_file, prompt_column, prompts, batch_size)
     prepare_output(root, run_config, prompts, batch_size, settings, pipe, state)
     plan = plan_work(root, prompts, batch_size, rank, world, settings.save_prompt_embeds)
@@ -361,7 +359,7 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
     evaluations = golden.counter.evaluations
     return {"generated": plan.to_write, "already_complete": len(plan.ids) - plan.to_write,
             "damaged_files": len(plan.damaged), "metadata_rows": rows, "seconds": elapsed,
-            "unet_evaluations": evaluations, "process_index": rank, "num_processes": world,
+            "unet_evaluations": evaluations, "denoiser": family_of(pipe).denoiser_name, "process_index": rank, "num_processes": world,
             "unet_evaluations_per_golden_step": evaluations / computed if computed else None}
 
 
@@ -395,7 +393,7 @@ def run_generation(job: GenerationJob, state=None) -> dict:
     pipe = load_pipeline(settings.base_model_id, settings.revision, settings.variant, settings.dtype, device,
                          cpu_offload=job.enable_model_cpu_offload, vae_slicing=job.enable_vae_slicing,
                          vae_tiling=job.enable_vae_tiling)
-    optimize_unet(pipe.unet, channels_last=job.channels_last, compile_unet=job.compile)
+    optimize_unet(family_of(pipe).denoiser, channels_last=job.channels_last, compile_unet=job.compile)
     if state is None or state.is_main_process:
         g = settings.golden
         logger.info("Generating golden sequences: %d prompts, n=%d, N=%d, w_l=%g, w_w=%g, batch %d, %d process(es), "

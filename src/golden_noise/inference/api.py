@@ -9,9 +9,9 @@ from typing import Sequence
 
 import torch
 
-from ..diffusion import encode_prompts, latent_shape, resolve_text_embedding, seeded_noise, text_embedding
+from ..diffusion import encode_prompts, family_of, latent_shape, resolve_text_embedding, seeded_noise, text_embedding
 from ..errors import UserError
-from ..golden import GoldenConfig, GoldenStep
+from ..golden import GoldenConfig, golden_step
 from ..runtime import get_logger
 
 logger = get_logger(__name__)
@@ -92,6 +92,17 @@ def check_golden_config(config: GoldenConfig) -> None:
         check_guidance_scale(f"--{name}", getattr(config, name))
 
 
+def describe_latent_space(space: dict) -> str:
+    """One line naming a latent space: family, channels, VAE scale, scaling/shift factors and fingerprint."""
+    parts = [f"{space.get('family')}", f"{space.get('latent_channels')} channels", f"VAE /{space.get('vae_scale_factor')}",
+             f"scaling_factor {space.get('scaling_factor')}"]
+    if space.get("shift_factor") is not None:
+        parts.append(f"shift_factor {space['shift_factor']}")
+    if space.get("latents_mean") is not None:
+        parts.append("latents_mean/std")
+    return f"[{', '.join(parts)}; {space.get('fingerprint')}]"
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -102,19 +113,20 @@ def oracle_noise(pipe, prompts: Sequence[str], x_T: torch.Tensor, num_steps: int
                  height: int | None = None, width: int | None = None) -> torch.Tensor:
     """The real golden step applied `num_steps` times to x_T: (B, C, H, W) -> x'_n (B, C, H, W) float32.
 
-    Uses the pipeline's own (default) scheduler config, like the data generation stage."""
+    Uses the pipeline's own (default) scheduler config and its family's golden step, like the data generation stage."""
     check_golden_config(config)
-    scheduler = getattr(pipe, "_default_scheduler", pipe.scheduler)
-    step = GoldenStep(pipe.unet, scheduler.config, config)
+    step = golden_step(pipe, config, height, width)
     cond = encode_prompts(pipe, list(prompts), height=height, width=width)
-    return step.sequence(x_T.to(pipe.unet.device, torch.float32), cond, num_steps)[:, -1]
+    return step.sequence(x_T.to(family_of(pipe).device, torch.float32), cond, num_steps)[:, -1]
 
 
 class GoldenNoise:
-    """Turn a prompt and a seed into golden initial latents for your own diffusers SDXL pipeline.
+    """Turn a prompt and a seed into golden initial latents for your own diffusers pipeline (the family the RNN was
+    trained for: SDXL, SD 1.5/2.1, SD3, FLUX), or for a separate sampler of the same latent space.
 
         gn = GoldenNoise.from_pretrained("output/run/rnn_v3_model_final", pipe=pipe)
         image = pipe(prompt, latents=gn(prompt, seed=0)).images[0]
+        image = turbo(prompt, latents=gn(prompt, seed=0, sampler=turbo), num_inference_steps=1).images[0]
     """
 
     def __init__(self, model, meta: dict, pipe=None, device=None):
@@ -130,7 +142,7 @@ class GoldenNoise:
         the RNN runs on `device` (default: the pipeline's device, else CPU) in `dtype` (default float32).
         `predict_variance=True` refuses an export trained without the variance head."""
         if device is None:
-            device = pipe.unet.device if pipe is not None else torch.device("cpu")
+            device = family_of(pipe).device if pipe is not None else torch.device("cpu")
         model, meta = load_rnn_export(path, device=device, dtype=dtype or torch.float32,
                                       predict_variance=predict_variance)
         gn = cls(model, meta, pipe=pipe, device=device)
@@ -188,12 +200,31 @@ class GoldenNoise:
                             f"makes latents {list(have)}: pass --height/--width matching the training data "
                             f"({self.run_config.get('height')}x{self.run_config.get('width')}) or use an export "
                             "trained at this resolution")
+        self.check_sampler(pipe, "the pipeline")
         dim = self.model_config.get("text_embed_dim")
         have = resolve_text_embedding(pipe, self.text_embedding_kind)["dim"]
         if dim is not None and int(dim) != have:
             raise UserError(f"the RNN export expects {self.text_embedding_kind} text embeddings of size {dim}, but "
                             f"this pipeline's are of size {have}: use the base model the RNN was trained with "
                             f"({self.run_config.get('base_model_id', 'see its run_config')})")
+
+    @property
+    def latent_space(self) -> dict | None:
+        """The latent space the RNN was trained for (family, channels, VAE scale and normalisation, fingerprint);
+        None for exports made before it was recorded."""
+        return self.run_config.get("latent_space")
+
+    def check_sampler(self, sampler, what: str = "--sampling_model_id") -> None:
+        """Raise UserError unless `sampler` (a pipeline) has the latent space the RNN was trained for."""
+        want = self.latent_space
+        if want is None:
+            return
+        have = family_of(sampler).latent_space()
+        if have["fingerprint"] != want.get("fingerprint"):
+            raise UserError(f"{what} ({type(sampler).__name__}) works in another latent space than the RNN was "
+                            f"trained for: {describe_latent_space(have)} vs the RNN's {describe_latent_space(want)} "
+                            f"(base model {self.run_config.get('base_model_id')}); sample with a pipeline of the "
+                            "RNN's latent space")
 
     @property
     def text_embedding_kind(self) -> str:
@@ -209,7 +240,8 @@ class GoldenNoise:
         return text_embedding(pipe, prompts, cond, self.text_embedding_kind).to(self.device, torch.float32)
 
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        """x_T for each seed (B, C, H, W) float32 on CPU: what `pipe(generator=Generator().manual_seed(s))` draws."""
+        """x_T for each seed (B, C, H, W) float32 on CPU, unpacked: what `pipe(generator=Generator().manual_seed(s))`
+        draws (every family draws it so; FLUX packs it afterwards)."""
         return seeded_noise(list(seeds), self.latent_shape)
 
     @torch.no_grad()
@@ -227,8 +259,11 @@ class GoldenNoise:
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], seed: int | Sequence[int] | None = None, pipe=None,
                  latents: torch.Tensor | None = None, num_steps: int | None = None, sample: bool = False,
-                 generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Golden latents (B, C, H, W) for `pipe(prompt, latents=...)`, on the pipeline's device in its dtype.
+                 generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+                 sampler=None) -> torch.Tensor:
+        """Golden latents for `pipe(prompt, latents=...)` (B, C, H, W; FLUX: packed), on the pipeline's device in its
+        dtype. `sampler`: another pipeline of the same latent space that will sample them (checked; e.g. SDXL-Turbo
+        for an SDXL-trained RNN); the text embedding always comes from `pipe`, the RNN's base model.
 
         The start noise is `latents` (B, C, H, W) if given, else drawn per prompt: an int seed s gives prompt i
         the seed s + i, a list one seed each, exactly as `pipe(prompts, generator=[torch.Generator()
@@ -243,5 +278,12 @@ class GoldenNoise:
             if len(seeds) != len(prompts):
                 raise UserError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
             latents = self.initial_noise(seeds)
+        target = pipe
+        if sampler is not None:
+            self.check_sampler(sampler, "sampler")
+            target = sampler
         golden = self.rollout(latents, self.text_embeddings(prompts, pipe), num_steps, sample, generator)[:, -1]
-        return golden.to(pipe.unet.device, dtype or pipe.unet.dtype)
+        family = family_of(target)
+        golden = family.pipeline_latents(golden, self.height or family.default_size()[0],
+                                         self.width or family.default_size()[1])
+        return golden.to(family.device, dtype or family.denoiser.dtype)

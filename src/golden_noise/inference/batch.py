@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..diffusion import sample_images, seeded_noise
+from ..diffusion import family_of, sample_images
 from ..errors import UserError
 from ..golden import GoldenConfig
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
@@ -38,7 +38,8 @@ SETTINGS_FILE = "batch_settings.json"
 # What a rerun into an existing folder must keep (batch_settings.json's keys; --methods may grow). The batch
 # size is one of them: a sample's pixels depend on its batch-mates in the last bits.
 EARLY_KEYS = ("prompt_fingerprint", "start_seed", "batch_size", "num_inference_steps", "guidance_scale",
-              "negative_prompt", "scheduler", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
+              "negative_prompt", "scheduler", "timestep_spacing", "sampling_model_id", "sampling_unet", "sampling_lora",
+              "sampling_lora_scale", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
               "enable_vae_slicing", "enable_vae_tiling", "num_gen_steps_used", "golden", "rnn_sha256")  # pre-load
 LOADED_KEYS = ("height_used", "width_used", "latent_shape", "pipeline_class", "scheduler_class")  # once loaded
 # None when this run's methods do not use them (no gnsnet / oracle): then the earlier run's values are kept
@@ -85,7 +86,8 @@ class BatchRun:
     gn: GoldenNoise | None
     settings: dict
     golden: GoldenConfig | None = None
-    pipe: Any = None
+    pipe: Any = None     # the base pipeline: the RNN's text embedding and the oracle
+    sampler: Any = None  # the pipeline that samples the images (the base one unless a separate sampler is asked)
 
 
 def check_batch(job: BatchJob) -> None:
@@ -159,13 +161,13 @@ def load_pipeline_for(run: BatchRun) -> None:
     files and record the settings."""
     from ..npd import package_versions
     from ..runs import read_settings, refuse_mixed_rerun
-    from .config import load_job_pipeline, sampling_record
+    from .config import load_job_pipelines, sampling_record
 
     device = run.settings["device_used"]
     if run.state.is_main_process:
         logger.info("loading %s (%s on %s)", run.settings["base_model_id_used"], run.settings["dtype_used"], device)
-    run.pipe = load_job_pipeline(run.job.pipeline, run.job.sampling, run.settings, device)
-    run.settings.update(sampling_record(run.pipe, run.job.sampling, run.gn), versions=package_versions())
+    run.pipe, run.sampler = load_job_pipelines(run.job.pipeline, run.job.sampling, run.settings, device)
+    run.settings.update(sampling_record(run.pipe, run.job.sampling, run.gn, run.sampler), versions=package_versions())
     path = run.out / SETTINGS_FILE
     refuse_mixed_rerun(path, run.settings, LOADED_KEYS, "--output_base_dir", "images")
     run.state.wait_for_everyone()
@@ -261,14 +263,14 @@ def generate_batch(run: BatchRun, batch: list[Prompt], part_file, stats: dict, b
             bar.update(1)
             continue
         if x_T is None:
-            x_T = seeded_noise(seeds, s["latent_shape"])  # (B, C, H, W) float32, one generator per seed
-        device = run.pipe.unet.device
+            x_T = family_of(run.pipe).initial_noise(seeds, s["latent_shape"])  # (B, C, H, W) float32, per seed
+        device = family_of(run.pipe).device
         _sync(device)
         t0 = time.perf_counter()
         latents = method_latents(run, method, texts, x_T)  # (B, C, H, W)
         _sync(device)
         t1 = time.perf_counter()
-        images = sample_images(run.pipe, texts, latents, job.sampling.num_inference_steps, job.sampling.guidance_scale,
+        images = sample_images(run.sampler, texts, latents, job.sampling.num_inference_steps, job.sampling.guidance_scale,
                                job.sampling.negative_prompt, s["height_used"], s["width_used"])
         _sync(device)
         t2 = time.perf_counter()

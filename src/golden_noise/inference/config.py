@@ -1,6 +1,7 @@
-"""What stages 4 and 5 share: which pipeline to load and how to sample from it, and how both are resolved
-against the RNN export (model id, dtype, image size, rollout length) into the values recorded in their
-settings JSON."""
+"""What stages 4 and 5 (and the sweep) share: which pipeline to load, which sampler turns the noise into images
+(the same pipeline, or a separate one of the same latent space: another pipeline, a swapped UNet, a fused LoRA,
+with its own scheduler and step count), and how both are resolved against the RNN export (model id, dtype, image
+size, rollout length, latent space) into the values recorded in their settings JSON."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..diffusion import SCHEDULERS
+from ..diffusion import SCHEDULERS, TIMESTEP_SPACINGS
 from ..errors import UserError
 from ..runtime import get_logger, model_dtype
 from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, check_guidance_scale, export_paths
@@ -35,25 +36,54 @@ class PipelineSpec:
 
 @dataclass
 class SamplingConfig:
-    """How an image is sampled from its initial latents (the sampling flags of stages 4 and 5)."""
+    """The sampler: how an image is sampled from its initial latents (the sampling flags of stages 4 and 5 and the
+    sweep; add them with `add_sampling_arguments`). The golden noise is always made by the base pipeline (the RNN's
+    text embedding, the oracle); `sampling_model_id` / `sampling_unet` / `sampling_lora` make a separate sampler."""
 
-    num_inference_steps: int = field(default=30, metadata={"help": "sampling steps of the pipeline"})
+    num_inference_steps: int = field(default=30, metadata={"help": "sampling steps of the sampler"})
     guidance_scale: float = field(default=5.5, metadata={
-        "help": "classifier-free guidance of the sampling; diffusers applies none for a scale <= 1 (as 1.0)"})
+        "help": "classifier-free guidance of the sampling; diffusers applies none for a scale <= 1 (as 1.0); "
+                "FLUX.1 [dev]: the value of its guidance embedding"})
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt of the sampling"})
     scheduler: str = field(default="default", metadata={
         "choices": SCHEDULERS,
-        "help": "sampling scheduler: the pipeline's own ('default'), DDIM, DPM-Solver++ or Euler"})
+        "help": "sampling scheduler: the sampler's own ('default'), or for UNet models DDIM, DPM-Solver++, Euler, "
+                "Euler ancestral, LCM (LCM-LoRA) or TCD (Hyper-SD), built from the sampler's scheduler config"})
+    timestep_spacing: str | None = field(default=None, metadata={
+        "choices": TIMESTEP_SPACINGS,
+        "help": "override the sampling scheduler's timestep spacing (trailing for SDXL-Lightning/Turbo few-step "
+                "sampling; default: the scheduler config's)"})
     height: int | None = field(default=None, metadata={
         "help": "image height in px (default: the RNN's training resolution, else the model's default size)"})
     width: int | None = field(default=None, metadata={
         "help": "image width in px (default: the RNN's training resolution, else the model's default size)"})
+    sampling_model_id: str | None = field(default=None, metadata={
+        "help": "separate sampler: another diffusers pipeline (hub id or local dir) of the base model's latent "
+                "space that samples the images, e.g. stabilityai/sdxl-turbo for an SDXL-trained RNN (default: the "
+                "base pipeline)"})
+    sampling_unet: str | None = field(default=None, metadata={
+        "help": "separate sampler: a UNet swapped into the sampler, as a diffusers UNet folder or hub repo, or a "
+                "single .safetensors state dict (a local file, or hub 'org/repo/file.safetensors', e.g. "
+                "ByteDance/SDXL-Lightning/sdxl_lightning_4step_unet.safetensors)"})
+    sampling_lora: str | None = field(default=None, metadata={
+        "help": "separate sampler: LoRA weights fused into a copy of the sampler's denoiser (a .safetensors file, "
+                "a folder or hub repo holding pytorch_lora_weights.safetensors, or 'org/repo/file.safetensors'), "
+                "e.g. latent-consistency/lcm-lora-sdxl; needs peft"})
+    sampling_lora_scale: float | None = field(default=None, metadata={
+        "help": "weight of --sampling_lora when fused (default 1.0)"})
+
+    @property
+    def separate(self) -> bool:
+        """Whether the images are sampled by another pipeline than the base one."""
+        return bool(self.sampling_model_id or self.sampling_unet or self.sampling_lora)
 
     def check(self) -> None:
         """UserError naming the flag of a value no run can use."""
         if self.num_inference_steps < 1:
             raise UserError(f"--num_inference_steps must be at least 1, got {self.num_inference_steps}")
         check_guidance_scale("--guidance_scale", self.guidance_scale)
+        if self.sampling_lora_scale is not None and not self.sampling_lora:
+            raise UserError("--sampling_lora_scale is the weight of --sampling_lora: pass --sampling_lora too")
 
     def guidance_record(self) -> dict:
         """The guidance the sampling really applies: diffusers runs no CFG for a scale <= 1 (it is then 1.0)."""
@@ -63,6 +93,21 @@ class SamplingConfig:
                         "conditional prediction alone%s", self.guidance_scale,
                         " (the same images as --guidance_scale 1)" if self.guidance_scale < 1 else "")
         return {"guidance_scale_effective": self.guidance_scale if cfg else 1.0, "classifier_free_guidance": cfg}
+
+
+def add_sampling_arguments(group) -> list[str]:
+    """The sampler's flags (every SamplingConfig field: steps, guidance, scheduler, size, separate sampler), for
+    stages 4 and 5 and the sweep; read them back with `sampling_from_args`."""
+    from ..cli import add_dataclass_arguments
+
+    return add_dataclass_arguments(group, SamplingConfig)
+
+
+def sampling_from_args(args) -> SamplingConfig:
+    """The SamplingConfig the flags of `add_sampling_arguments` describe."""
+    from ..cli import dataclass_from_args
+
+    return dataclass_from_args(SamplingConfig, args)
 
 
 def flat_record(job) -> dict:
@@ -128,25 +173,37 @@ def pipeline_record(spec: PipelineSpec, gn: GoldenNoise | None, device: torch.de
             "device_used": str(device), "device_type": device.type}
 
 
-def load_job_pipeline(spec: PipelineSpec, sampling: SamplingConfig, record: dict, device: torch.device):
-    """Load the pipeline `record` (from `pipeline_record`) names, with `sampling`'s scheduler."""
-    from ..diffusion import load_pipeline, set_scheduler
+def load_job_pipelines(spec: PipelineSpec, sampling: SamplingConfig, record: dict, device: torch.device):
+    """(base pipeline, sampler): the pipeline `record` (from `pipeline_record`) names, which makes the golden noise,
+    and the one that samples the images with `sampling`'s scheduler (the same object unless `sampling.separate`)."""
+    from ..diffusion import load_pipeline
+    from .sampler import build_sampler
 
     pipe = load_pipeline(record["base_model_id_used"], revision=spec.revision, variant=spec.variant,
                          dtype=record["dtype_used"], device=device, cpu_offload=spec.enable_model_cpu_offload,
                          vae_slicing=spec.enable_vae_slicing, vae_tiling=spec.enable_vae_tiling)
-    return set_scheduler(pipe, sampling.scheduler)
+    sampler = build_sampler(pipe, sampling, record, device, spec.enable_model_cpu_offload, spec.enable_vae_slicing,
+                            spec.enable_vae_tiling)
+    return pipe, sampler
 
 
-def sampling_record(pipe, sampling: SamplingConfig, gn: GoldenNoise | None) -> dict:
+def sampling_record(pipe, sampling: SamplingConfig, gn: GoldenNoise | None, sampler=None) -> dict:
     """The image size and latent shape used (--height/--width, else the RNN's, else the model's default size),
-    checked against the RNN, and the sampling scheduler's class."""
-    from ..diffusion import image_size, latent_shape
+    checked against the RNN (and the sampler's latent space), the family, the sampling scheduler's class and the
+    guidance the sampler really applies."""
+    from ..diffusion import family_of, image_size, latent_shape
 
+    sampler = sampler if sampler is not None else pipe
     height, width = image_size(pipe, sampling.height or (gn.height if gn else None),
                                sampling.width or (gn.width if gn else None))
     if gn is not None:
         gn.check_pipeline(pipe, height, width)
-    return {"height_used": height, "width_used": width, "latent_shape": list(latent_shape(pipe, height, width)),
-            "scheduler_class": type(pipe.scheduler).__name__, "pipeline_class": type(pipe).__name__}
-
+        if sampler is not pipe:
+            gn.check_sampler(sampler)
+    family, sampler_family = family_of(pipe), family_of(sampler)
+    out = {"height_used": height, "width_used": width, "latent_shape": list(latent_shape(pipe, height, width)),
+           "scheduler_class": type(sampler.scheduler).__name__, "pipeline_class": type(pipe).__name__,
+           "family": family.record(), "latent_space": family.latent_space()}
+    if sampler is not pipe:
+        out["sampler"] = {**sampler_family.record(), "latent_space": sampler_family.latent_space()["fingerprint"]}
+    return {**out, **sampler_family.guidance_record(sampling.guidance_scale)}

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion import sample_images, seeded_noise
+from ..diffusion import family_of, sample_images
 from ..errors import UserError
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json
 from ..runtime import get_logger
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
 from .config import (PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig, flat_record, load_golden_noise,
-                     load_job_pipeline, pipeline_record, resolve_num_gen_steps, rnn_record, sampling_record)
+                     load_job_pipelines, pipeline_record, resolve_num_gen_steps, rnn_record, sampling_record)
 
 logger = get_logger(__name__)
 
@@ -80,13 +80,13 @@ def run_single(job: SingleJob) -> dict:
                         "mean only: drop --sample_noise")
     resolved = {"prompt_used": text, **pipeline_record(job.pipeline, gn, device),
                 "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn)}
-    pipe = load_job_pipeline(job.pipeline, job.sampling, resolved, device)
-    resolved.update(sampling_record(pipe, job.sampling, gn))
     resolved.update(job.sampling.guidance_record())
+    pipe, sampler = load_job_pipelines(job.pipeline, job.sampling, resolved, device)
+    resolved.update(sampling_record(pipe, job.sampling, gn, sampler))
 
     latents, timings, golden = golden_latents(job, text, gn, pipe, resolved)
     stem = job.output_name or f"{prompt_slug(text)}_seed{job.seed}"
-    files = save_outputs(job, text, pipe, latents, timings, resolved, out, stem)
+    files = save_outputs(job, text, sampler, latents, timings, resolved, out, stem)
     from ..npd import package_versions
 
     settings = {**flat_record(job), **resolved, "oracle_golden": golden.to_dict() if golden else None,
@@ -103,7 +103,7 @@ def golden_latents(job: SingleJob, text: str, gn: GoldenNoise, pipe, resolved: d
     """x_T of the seed and the latents of each asked method ({method: (1, C, H, W)}), their timings, and the
     oracle's golden-step config (None without --generate_oracle)."""
     n = resolved["num_gen_steps_used"]
-    x_T = seeded_noise([job.seed], resolved["latent_shape"])  # (1, C, H, W) float32
+    x_T = family_of(pipe).initial_noise([job.seed], resolved["latent_shape"])  # (1, C, H, W) float32
     generator = torch.Generator(device=gn.device).manual_seed(job.seed) if job.sample_noise else None
     t0 = time.perf_counter()
     text_embed = gn.text_embeddings([text], pipe)  # (1, P)
@@ -119,24 +119,26 @@ def golden_latents(job: SingleJob, text: str, gn: GoldenNoise, pipe, resolved: d
         t0 = time.perf_counter()
         latents["oracle"] = oracle_noise(pipe, [text], x_T, n, config, resolved["height_used"],
                                          resolved["width_used"])
-        _sync(pipe.unet.device)
+        _sync(family_of(pipe).device)
         timings["oracle_seconds"] = time.perf_counter() - t0
     return latents, timings, config
 
 
-def save_outputs(job: SingleJob, text: str, pipe, latents: dict, timings: dict, resolved: dict, out: Path,
+def save_outputs(job: SingleJob, text: str, sampler, latents: dict, timings: dict, resolved: dict, out: Path,
                  stem: str) -> dict:
-    """Sample and save the image of each method (and the noises with --save_noise); returns {what: file name}."""
+    """Sample and save the image of each method with `sampler` (and the noises with --save_noise); returns
+    {what: file name}."""
     methods = ["gnsnet", *(["standard"] if job.generate_standard else []), *(["oracle"] if "oracle" in latents else [])]
     files = {}
     s = job.sampling
+    device = family_of(sampler).device
     for method in methods:
         z = latents["source" if method == "standard" else method]
-        _sync(pipe.unet.device)
+        _sync(device)
         t0 = time.perf_counter()
-        image = sample_images(pipe, [text], z, s.num_inference_steps, s.guidance_scale, s.negative_prompt,
+        image = sample_images(sampler, [text], z, s.num_inference_steps, s.guidance_scale, s.negative_prompt,
                               resolved["height_used"], resolved["width_used"])[0]
-        _sync(pipe.unet.device)
+        _sync(device)
         timings[f"{method}_sampling_seconds"] = time.perf_counter() - t0
         files[method] = f"{stem}_{method}.png"
         atomic_save_image(image, out / files[method])
