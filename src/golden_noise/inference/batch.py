@@ -3,7 +3,8 @@
 Layout of an output folder:
     {method}_output/{index}.png     one image per prompt and method (methods.folder)
     noise/{method}/{index}.pt       its initial latents (C, H, W), with --save_noise
-    manifest.csv                    index, prompt, seed, method, file, seconds, noise_seconds, sampling_seconds
+    manifest.csv                    index, prompt, seed, method, file, seconds, noise_seconds, sampling_seconds,
+                                    unet_evals (denoiser rows per image: noise + sampling, counted by a hook)
     summary.json                    counts and mean per-image noise / sampling times
     batch_settings.json             every input and setting that shaped the images, and what they resolved to
 A rerun with the same prompts and settings resumes (methods may be added); any other rerun is refused.
@@ -28,12 +29,14 @@ from ..io import atomic_save_image, atomic_torch_save, atomic_write_json, atomic
 from ..methods import METHODS, folder, order_key
 from ..prompts import Prompt
 from ..runtime import get_logger
+from ..sweep.cost import ModelRows, denoiser
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
 from .config import PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig
 
 logger = get_logger(__name__)
 
-MANIFEST_FIELDS = ("index", "prompt", "seed", "method", "file", "seconds", "noise_seconds", "sampling_seconds")
+MANIFEST_FIELDS = ("index", "prompt", "seed", "method", "file", "seconds", "noise_seconds", "sampling_seconds",
+                   "unet_evals")
 SETTINGS_FILE = "batch_settings.json"
 # What a rerun into an existing folder must keep (batch_settings.json's keys; --methods may grow). The batch
 # size is one of them: a sample's pixels depend on its batch-mates in the last bits.
@@ -103,12 +106,13 @@ def check_batch(job: BatchJob) -> None:
     golden_config_from(None, **job.golden_overrides)  # refuses negative guidance scales, naming the flag
 
 
-def run_batch(job: BatchJob, state=None) -> dict | None:
+def run_batch(job: BatchJob, state=None, pipe=None) -> dict | None:
     """Generate every missing image of `job` on this process's share of the global batches.
 
     Resumable: a batch whose images of a method are all there (and intact) is skipped; a batch with some missing
     is recomputed whole (same batch composition, so the same pixels) and only the missing files are written.
-    Returns the summary on the main process (None elsewhere) after merging the manifest."""
+    Returns the summary on the main process (None elsewhere) after merging the manifest. `pipe`: a pipeline
+    already loaded as `job.pipeline` says (the sweep runs many jobs on one)."""
     from ..runs import RunLock
     from ..runtime import distributed_state
 
@@ -120,7 +124,7 @@ def run_batch(job: BatchJob, state=None) -> dict | None:
         logger.info("Running batch inference: %d prompts x methods %s, batch %d, %d process(es), into %s",
                     len(run.prompts), " ".join(job.methods), job.batch_size, state.num_processes, run.out)
     try:
-        load_pipeline_for(run)
+        load_pipeline_for(run, pipe)
         stats = generate(run)
         return finish(run, stats)
     finally:
@@ -154,17 +158,22 @@ def prepare_batch(job: BatchJob, state) -> BatchRun:
     return BatchRun(job, state, out, prompts, gn, settings, golden)
 
 
-def load_pipeline_for(run: BatchRun) -> None:
-    """Load the pipeline, refuse a rerun whose resolved sizes differ, then (main process) remove stale temporary
-    files and record the settings."""
+def load_pipeline_for(run: BatchRun, pipe=None) -> None:
+    """Load the pipeline (or take `pipe`, loaded from the same spec), refuse a rerun whose resolved sizes differ,
+    then (main process) remove stale temporary files and record the settings."""
+    from ..diffusion import set_scheduler
     from ..npd import package_versions
     from ..runs import read_settings, refuse_mixed_rerun
     from .config import load_job_pipeline, sampling_record
 
     device = run.settings["device_used"]
-    if run.state.is_main_process:
-        logger.info("loading %s (%s on %s)", run.settings["base_model_id_used"], run.settings["dtype_used"], device)
-    run.pipe = load_job_pipeline(run.job.pipeline, run.job.sampling, run.settings, device)
+    if pipe is not None:
+        run.pipe = set_scheduler(pipe, run.job.sampling.scheduler)
+    else:
+        if run.state.is_main_process:
+            logger.info("loading %s (%s on %s)", run.settings["base_model_id_used"], run.settings["dtype_used"],
+                        device)
+        run.pipe = load_job_pipeline(run.job.pipeline, run.job.sampling, run.settings, device)
     run.settings.update(sampling_record(run.pipe, run.job.sampling, run.gn), versions=package_versions())
     path = run.out / SETTINGS_FILE
     refuse_mixed_rerun(path, run.settings, LOADED_KEYS, "--output_base_dir", "images")
@@ -265,12 +274,14 @@ def generate_batch(run: BatchRun, batch: list[Prompt], part_file, stats: dict, b
         device = run.pipe.unet.device
         _sync(device)
         t0 = time.perf_counter()
-        latents = method_latents(run, method, texts, x_T)  # (B, C, H, W)
-        _sync(device)
-        t1 = time.perf_counter()
-        images = sample_images(run.pipe, texts, latents, job.sampling.num_inference_steps, job.sampling.guidance_scale,
-                               job.sampling.negative_prompt, s["height_used"], s["width_used"])
-        _sync(device)
+        with ModelRows(denoiser(run.pipe)) as rows:  # the cost, counted: denoiser rows of noise + sampling
+            latents = method_latents(run, method, texts, x_T)  # (B, C, H, W)
+            _sync(device)
+            t1 = time.perf_counter()
+            images = sample_images(run.pipe, texts, latents, job.sampling.num_inference_steps,
+                                   job.sampling.guidance_scale, job.sampling.negative_prompt, s["height_used"],
+                                   s["width_used"])
+            _sync(device)
         t2 = time.perf_counter()
         noise_s, sample_s = (t1 - t0) / len(batch), (t2 - t1) / len(batch)
         for i in missing:
@@ -280,7 +291,8 @@ def generate_batch(run: BatchRun, batch: list[Prompt], part_file, stats: dict, b
             atomic_save_image(images[i], files[i])
             row = {"index": p.index, "prompt": p.text, "seed": seeds[i], "method": method,
                    "file": f"{folder(method)}/{p.index}.png", "seconds": round(noise_s + sample_s, 6),
-                   "noise_seconds": round(noise_s, 6), "sampling_seconds": round(sample_s, 6)}
+                   "noise_seconds": round(noise_s, 6), "sampling_seconds": round(sample_s, 6),
+                   "unet_evals": rows.rows / len(batch)}
             part_file.write(json.dumps(row) + "\n")
             part_file.flush()
             stats["generated"][method] = stats["generated"].get(method, 0) + 1
