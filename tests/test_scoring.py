@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,8 +101,6 @@ def test_scored_dataset_records_both_rewards_and_keeps_every_sample(scored, tiny
             x_T = seeded_noise(ids, (4, 16, 16))
             x_n = step.sequence(x_T, encode_prompts(pipe, batch), STEPS)[:, -1]
             images = sample_images(pipe, batch + batch, torch.cat([x_T, x_n]), SCORE_STEPS, SCORE_W)
-            import numpy as np
-
             bright = [float(np.asarray(im.convert("L"), dtype=np.float64).mean() / 255) for im in images]
             for j, i in enumerate(ids):
                 r = rows[i]

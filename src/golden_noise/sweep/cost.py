@@ -1,7 +1,8 @@
 """What a sweep cell costs, counted rather than estimated: model rows through the pipeline's denoiser (a forward
 hook: one row = one sample through the UNet or transformer once, so CFG counts 2 per step), and the RNN
 rollout's FLOPs as a fraction of one denoiser evaluation (both counted with torch.utils.flop_counter on the
-meta device: no weights, no memory, exact for the matmuls and convolutions that dominate)."""
+meta device: no weights, no memory; attention is counted in its math form on every device, whereas on a CPU
+FlopCounterMode misses the fused attention kernel)."""
 from __future__ import annotations
 
 import torch

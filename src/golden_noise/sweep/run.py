@@ -114,15 +114,21 @@ def load_models(plan: SweepPlan) -> None:
 
 
 def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
-    """Every image of the unit is intact and listed in its merged manifest (nothing for the batch runner to do)."""
+    """Nothing for the batch runner to do: every image of the unit is intact, and its manifest lists them (or no
+    per-process manifest part is waiting to be merged: a row lost to a kill is never written again)."""
+    import csv
+
     from ..inference.batch import SETTINGS_FILE as BATCH_SETTINGS, intact_png
 
     base = unit.folder(plan.out)
-    if not (base / "manifest.csv").is_file() or not (base / BATCH_SETTINGS).is_file() \
-            or (base / ".manifest_parts").exists():
+    if not (base / "manifest.csv").is_file() or not (base / BATCH_SETTINGS).is_file():
         return False
     images = base / folder(unit.method)
-    return all(intact_png(images / f"{i}.png") for i in plan.indices)
+    if not all(intact_png(images / f"{i}.png") for i in plan.indices):
+        return False
+    with open(base / "manifest.csv", encoding="utf-8", newline="") as f:
+        listed = {int(r["index"]) for r in csv.DictReader(f) if r.get("method") == unit.method}
+    return listed >= set(plan.indices) or not (base / ".manifest_parts").exists()
 
 
 def _broadcast(state, value):

@@ -20,12 +20,15 @@ from .scores import UnitCost, UnitScores, cell_scores
 COLUMNS = ("guidance_scale", "num_inference_steps", "num_gen_steps", "method", "metric", "n", "mean",
            "mean_ci_low", "mean_ci_high", "diff", "ci_low", "ci_high", "win_rate", "diff_vs_tuned",
            "ci_low_vs_tuned", "ci_high_vs_tuned", "win_rate_vs_tuned", "tuned_guidance_scale",
-           "share_of_oracle_gain", "unet_evals_per_image", "unet_rows_per_image", "rollout_unet_fraction",
-           "reward_calls_per_image", "seconds_per_image", "selection_metric", "selection_bias")
+           "share_of_oracle_gain", "diff_vs_oracle", "ci_low_vs_oracle", "ci_high_vs_oracle",
+           "unet_evals_per_image", "unet_rows_per_image", "rollout_unet_fraction", "reward_calls_per_image",
+           "seconds_per_image", "selection_metric", "selection_bias")
 NOTES = ("n = evaluated (prompt, seed) pairs; mean with its 95% bootstrap CI; diff = method - standard at the same "
          "guidance scale and steps, paired by prompt and seed, with its 95% percentile bootstrap CI "
          "(golden_noise.stats) and the win rate (ties count half); *_vs_tuned: the same against standard at "
-         "tuned_guidance_scale, the grid's best standard guidance at those steps for that metric; "
+         "tuned_guidance_scale, the grid's best standard guidance at those steps for that metric; gnsnet's "
+         "share_of_oracle_gain = its diff / the oracle's at the same guidance, steps and n, and *_vs_oracle its "
+         "paired difference to the oracle's images; "
          "unet_evals_per_image = unet_rows_per_image (denoiser rows counted by a forward hook: 2 per sampling step "
          "with CFG, 1 without, 3 per golden step when w_w is 0 or 1; best_of_K: its K samplings) + "
          "rollout_unet_fraction (gnsnet: the RNN rollout's FLOPs / one denoiser evaluation's); seconds_per_image: "
@@ -105,6 +108,11 @@ def table_rows(inputs: TableInputs) -> list[dict]:
             if cell.method != "standard":
                 row.update(_paired(values, cell_scores(cell.baseline(), inputs.scores, metric, inputs.selection),
                                    inputs))
+            if cell.method == "gnsnet" and (oracle := _oracle_of(cell, inputs)) is not None:
+                p = paired_comparison(values, cell_scores(oracle, inputs.scores, metric, inputs.selection),
+                                      samples=inputs.bootstrap_samples, seed=inputs.seed)
+                row.update(diff_vs_oracle=p["diff_mean"], ci_low_vs_oracle=p["ci95_low"],
+                           ci_high_vs_oracle=p["ci95_high"])
             w = tuned[cell.num_inference_steps, metric]
             row["tuned_guidance_scale"] = w
             if not (cell.method == "standard" and cell.guidance_scale == w):
@@ -114,6 +122,12 @@ def table_rows(inputs: TableInputs) -> list[dict]:
             rows.append(row)
     _oracle_shares(rows)
     return rows
+
+
+def _oracle_of(cell: Cell, inputs: TableInputs) -> Cell | None:
+    """The oracle cell at a gnsnet cell's guidance, steps and n, if the grid has it."""
+    oracle = Cell(cell.guidance_scale, cell.num_inference_steps, "oracle", cell.num_gen_steps)
+    return oracle if oracle in inputs.cells else None
 
 
 def _oracle_shares(rows: list[dict]) -> None:
