@@ -337,6 +337,30 @@ def test_growing_a_sweep_reuses_its_cells_and_other_settings_are_refused(referen
     assert tree(out) == before
 
 
+def test_two_processes_make_the_same_sweep(reference, setup, tmp_path):
+    """accelerate launch with 2 processes (each takes its share of every unit's batches; the main process scores
+    and writes): the same images and the same sweep.csv (seconds aside) as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_training import free_port
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(ROOT / SCRIPT), *map(str, sweep_args(setup, out))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "cells" / f"w3.0_s{STEPS}" / "summary.json").read_text())["num_processes"] == 2
+    drop = ("seconds_per_image",)
+    assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop)
+    images = {k: v for k, v in tree(reference["out"]).items() if k.endswith(".png") and k.startswith("cells/")}
+    assert images and {k: v for k, v in tree(out).items() if k in images} == images
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "standard", "best_of_1"], "invalid choice 'best_of_1'"),
     (["--selection_metric", "Nope"], "--selection_metric Nope is not one of --metrics (Brightness, Redness)"),

@@ -208,6 +208,7 @@ def analyse(plan: SweepPlan) -> dict:
                          [m.name for m in job.metrics], job.selection, job.bootstrap_samples, job.seed)
     rows = table_rows(inputs)
     write_csv(out / "sweep.csv", rows)
+    plan.timings["table_seconds"] = time.perf_counter() - started - plan.timings["scoring_seconds"]
     plots = write_plots(rows, out)
     prompts = {p.index: p.text for p in plan.prompts}
     write_report(out / "report.html", rows, plots, image_rows(plan, scores, job.metrics[0].name), prompts,
@@ -215,6 +216,7 @@ def analyse(plan: SweepPlan) -> dict:
                  subtitle=f"{len(plan.prompts)} prompts from {job.prompt_file} (seeds from {job.start_seed}); "
                           f"model {plan.settings['base_model_id_used']}; generated "
                           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}")
+    plan.timings["analysis_seconds"] = time.perf_counter() - started - plan.timings["scoring_seconds"]
     return {"rows": rows, "table": text_table(rows), "plots": [str(p) for p in plots],
             "csv": str(out / "sweep.csv"), "report": str(out / "report.html"), "timings": plan.timings}
 
@@ -241,7 +243,9 @@ def run_sweep(job: SweepJob, state=None) -> dict | None:
     on_main(state, lock.acquire)
     result: dict = {}
     try:
+        started = time.perf_counter()
         load_models(plan)
+        plan.timings["load_seconds"] = time.perf_counter() - started
         resolved_sizes(plan)
         on_main(state, lambda: record_settings(plan))
         make_images(plan)
