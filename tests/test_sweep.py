@@ -400,3 +400,17 @@ def _state():
     from golden_noise.runtime import distributed_state
 
     return distributed_state()
+
+
+def test_bench_sweep_quick_measures_the_unet_and_vae_share(tmp_path):
+    """bench/bench_sweep.py --quick runs a real sweep on the toy world and reports the UNet + VAE share of its wall
+    time (the quotient of the times it printed) and of its image phase."""
+    from tests.test_bench import bench
+
+    res, stdout = bench("bench/bench_sweep.py", tmp_path, "--quick")
+    row = res["rows"][0]
+    assert row["batch"] == 8 and row["unet_s"] > 0 and row["vae_s"] > 0 and row["text_s"] > 0
+    assert row["share"] == pytest.approx((row["unet_s"] + row["vae_s"]) / row["wall_s"])
+    assert 0 < row["share"] < row["share_of_image_phase"] <= 1
+    assert res["ratios"]["unet_vae_share_of_sweep_wall_time[batch=8]"] == row["share"]
+    assert "unet_vae_share_of_sweep_wall_time[batch=8]" in stdout and "targets:" in stdout

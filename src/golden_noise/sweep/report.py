@@ -10,6 +10,7 @@ from typing import Sequence
 
 from ..io import atomic_write_text
 from ..report import _CSS, _rel, diff_class
+from .plots import pareto
 from .table import NOTES
 
 
@@ -49,6 +50,10 @@ def findings(rows: Sequence[dict]) -> list[str]:
                 if (r["guidance_scale"], r["num_inference_steps"], r["num_gen_steps"]) in oracle_up]
         if kept:
             out.append(f"{metric}: where the oracle's gain CI excludes 0, gnsnet keeps {', '.join(kept)} of it.")
+        front = pareto([(r["unet_evals_per_image"], r["mean"]) for r in rs])
+        on = [f"{r['method']} {_where(r)} ({r['unet_evals_per_image']:.1f} UNet evals, {r['mean']:.4f})" for r in rs
+              if (r["unet_evals_per_image"], r["mean"]) in front]
+        out.append(f"{metric}: on the cost frontier (no cheaper or equal cell scores higher): {'; '.join(on)}.")
     return out
 
 
