@@ -3,7 +3,7 @@
 rollout lengths, comparing standard noise, the RNN's golden noise (gnsnet), the real golden step (oracle) and
 best_of_K seeds picked by a reward, at their counted costs.
 
-    python scripts/sweep.py --prompt_file ./data/test_prompts.txt --output_dir ./sweep/ \
+    python scripts/sweep.py --prompt_file ./data/test_prompts.txt --output_dir ./results/sweep/ \
         --rnn_weights_path ./output/rnn_v3_seq_model_output --guidance_scales 1 1.5 2 3.5 5.5 \
         --num_inference_steps 4 20 --num_gen_steps 1 2 3 --methods standard gnsnet oracle best_of_4 \
         --metrics hpsv2 --start_seed 1000000

@@ -356,9 +356,10 @@ def test_two_processes_make_the_same_sweep(reference, setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "cells" / f"w3.0_s{STEPS}" / "summary.json").read_text())["num_processes"] == 2
     drop = ("seconds_per_image",)
-    assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop)
+    assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop), proc.stderr[-3000:]
     images = {k: v for k, v in tree(reference["out"]).items() if k.endswith(".png") and k.startswith("cells/")}
-    assert images and {k: v for k, v in tree(out).items() if k in images} == images
+    made = {k: v for k, v in tree(out).items() if k in images}
+    assert images and made == images, sorted(k for k in images if made.get(k) != images[k])
 
 
 @pytest.mark.parametrize("args, message", [

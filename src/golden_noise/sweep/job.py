@@ -34,7 +34,7 @@ class SweepJob:
     """A grid of guidance scales x sampling steps x rollout lengths x methods, scored by reward metrics."""
 
     prompt_file: str
-    output_dir: str = _f("./sweep_output", "folder of the cells, sweep.csv, plots and report.html")
+    output_dir: str = _f("./results/sweep", "folder of the cells, sweep.csv, plots and report.html")
     guidance_scales: list[float] = _f(text="sampling CFG scales (diffusers applies none for a scale <= 1)",
                                       default_factory=lambda: [1.0, 5.5])
     num_inference_steps: list[int] = _f(text="sampling step counts", default_factory=lambda: [30])
