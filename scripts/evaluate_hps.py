@@ -19,7 +19,7 @@ from pathlib import Path
 
 from golden_noise.cli import add_list_argument, check_flag_minimum, parser
 from golden_noise.errors import UserError
-from golden_noise.evaluation import EvaluationJob, Metric, run_evaluation
+from golden_noise.evaluation import EvaluationJob, Metric, parse_reward_paths, run_evaluation
 from golden_noise.methods import METHOD_HELP, is_method, method_of_folder
 from golden_noise.report import format_table
 from golden_noise.rewards.base import PLUGIN_HELP, available_rewards, is_reward_name, metric_names
@@ -67,15 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _reward_paths(args, metrics: list[str], names: list[str]) -> dict[str, str]:
     """{metric as given in --metrics: path} from --reward_path METRIC=PATH (METRIC may be the output name)."""
-    by_name = {**dict(zip(metrics, metrics)), **dict(zip(names, metrics))}
-    paths: dict[str, str] = {}
-    for item in args.reward_path or []:
-        metric, sep, path = item.partition("=")
-        if not sep or not metric or not path:
-            raise UserError(f"--reward_path {item!r}: write METRIC=PATH, e.g. pickscore=/models/PickScore_v1")
-        if metric not in by_name:
-            raise UserError(f"--reward_path {item!r} names {metric!r}, which is not in --metrics {' '.join(metrics)}")
-        paths[by_name[metric]] = path
+    paths = parse_reward_paths(args.reward_path, metrics, names)
     if args.hps_checkpoint:
         if "hpsv2" in paths and paths["hpsv2"] != args.hps_checkpoint:
             raise UserError("--hps_checkpoint and --reward_path hpsv2=... disagree: pass only one")

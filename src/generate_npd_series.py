@@ -15,11 +15,12 @@ import argparse
 import sys
 
 from golden_noise.cli import (add_dataclass_arguments, add_pipeline_arguments, check_flag_minimum,
-                              dataclass_from_args, parser)
+                              dataclass_defaults, dataclass_from_args, parser)
 from golden_noise.diffusion import DEFAULT_MODEL_ID, TEXT_EMBEDDINGS
 from golden_noise.golden import GoldenConfig
 from golden_noise.npd import GenerationJob, GenerationSettings, run_generation
 from golden_noise.runtime import distributed_state, end_distributed, run_cli, setup_logging
+from golden_noise.scoring import ScoringConfig
 
 GUIDANCE_FLAGS = ("denoise_guidance_scale", "inversion_guidance_scale")
 
@@ -57,9 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--batch_size", type=int, default=8,
                    help="prompts per UNet call (2x that with CFG); part of the dataset's settings: a sample's "
                         "sequence depends on its batch in the last float bits, so a rerun must keep it")
+    g = p.add_argument_group("scores (NPNet's data recipe: train on samples whose golden image scores higher)")
+    add_dataclass_arguments(g, ScoringConfig)
     args = p.parse_args(argv)
-    check_flag_minimum(p, args, ("num_steps", "schedule_steps", "batch_size", "max_prompts"))
-    check_flag_minimum(p, args, GUIDANCE_FLAGS, minimum=0)
+    check_flag_minimum(p, args, ("num_steps", "schedule_steps", "batch_size", "max_prompts",
+                                 "score_num_inference_steps", "score_batch_size"))
+    check_flag_minimum(p, args, (*GUIDANCE_FLAGS, "score_guidance_scale"), minimum=0)
+    given = [f"--{k}" for k, v in dataclass_defaults(ScoringConfig).items() if getattr(args, k) != v]
+    if given and not args.score_metric:
+        p.error(f"{' '.join(given)} set(s) how samples are scored: add --score_metric METRIC")
     return args
 
 
@@ -70,7 +77,8 @@ def main(args: argparse.Namespace) -> dict:
         base_model_id=args.base_model_id, num_steps=args.num_steps, golden=dataclass_from_args(GoldenConfig, args),
         height=args.height, width=args.width, start_seed=args.start_seed, dtype=args.dtype,
         storage_dtype=args.storage_dtype, save_prompt_embeds=args.save_prompt_embeds,
-        text_embedding=args.text_embedding, revision=args.revision, variant=args.variant)
+        text_embedding=args.text_embedding, revision=args.revision, variant=args.variant,
+        scoring=dataclass_from_args(ScoringConfig, args) if args.score_metric else None)
     job = GenerationJob(
         prompt_file=args.prompt_file, output_dir=args.output_dir, settings=settings, prompt_column=args.prompt_column,
         max_prompts=args.max_prompts, batch_size=args.batch_size, device=args.device,

@@ -361,3 +361,42 @@ def run_evaluation(job: EvaluationJob) -> dict:
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def parse_reward_paths(items: Sequence[str] | None, metrics: Sequence[str], names: Sequence[str],
+                       flag: str = "--reward_path") -> dict[str, str]:
+    """{metric as given in --metrics: path} from `METRIC=PATH` items (METRIC may be the metric's output name)."""
+    by_name = {**dict(zip(metrics, metrics)), **dict(zip(names, metrics))}
+    paths: dict[str, str] = {}
+    for item in items or []:
+        metric, sep, path = item.partition("=")
+        if not sep or not metric or not path:
+            raise UserError(f"{flag} {item!r}: write METRIC=PATH, e.g. pickscore=/models/PickScore_v1")
+        if metric not in by_name:
+            raise UserError(f"{flag} {item!r} names {metric!r}, which is not in --metrics {' '.join(metrics)}")
+        paths[by_name[metric]] = path
+    return paths
+
+
+def build_metrics(metrics: Sequence[str], reward_paths: Sequence[str] | None, device, dtype: str | None,
+                  batch_size: int) -> list[Metric]:
+    """The `Metric`s of `--metrics` names (built-in or FILE.py:NAME) with their `--reward_path METRIC=PATH` items
+    and the common options (device, dtype: None = auto, batch_size)."""
+    from .rewards.base import metric_names
+
+    if len(set(metrics)) != len(metrics):
+        raise UserError(f"--metrics {' '.join(metrics)} names a metric twice: choose distinct metrics")
+    names = metric_names(metrics)
+    paths = parse_reward_paths(reward_paths, metrics, names)
+    return [Metric(name, metric, {"path": paths.get(metric), "device": device, "dtype": dtype,
+                                  "batch_size": batch_size}) for metric, name in zip(metrics, names)]
+
+
+def score_loaded_images(reward, images: Sequence, prompts: Sequence[str], batch_size: int,
+                        metric: str = "reward") -> list[float]:
+    """Score in-memory PIL images against their prompts, `batch_size` at a time; one finite float per image."""
+    scores: list[float] = []
+    for start in range(0, len(images), max(1, batch_size)):
+        chunk = list(images[start:start + batch_size])
+        scores.extend(check_scores(reward.score(chunk, list(prompts[start:start + len(chunk)])), len(chunk), metric))
+    return scores

@@ -6,6 +6,8 @@
     <root>/sequences/{id}_golden_sequence.pt    x'_1 ... x'_n                    (n, C, H, W)
     <root>/sequences/{id}_text.pt               the RNN's text embedding         (P,)
     <root>/sequences/{id}_prompt_embeds.pt      token embeddings (optional)      (77, D)
+    <root>/sequences/{id}_scores.pt             rewards of the standard and the golden image (optional, scored
+                                                datasets: --score_metric)        (2,) float64
 
 Stage 2 writes it, the training reader reads it, and the benches and tests build datasets with it.
 """
@@ -29,44 +31,69 @@ SEQUENCES = "sequences"
 # sequence exists has all its files
 FILE_COLUMNS = ("source_noise_file", "text_embedding_file", "golden_sequence_file")
 OPTIONAL_FILE_COLUMNS = ("prompt_embeds_file",)
+SCORES_COLUMN = "scores_file"  # a scored dataset's tensor column: [reward_standard, reward_golden]
+# a scored dataset's metadata columns: the reward of the image sampled from x_T, from x'_n, and golden - standard
+SCORE_FIELDS = ("reward_standard", "reward_golden", "reward_gain")
 METADATA_FIELDS = ("id", "prompt", "seed", "num_steps", "source_noise_file", "golden_sequence_file",
                    "text_embedding_file")
 REQUIRED_METADATA = ("id", "num_steps", *FILE_COLUMNS)
 _SUFFIX = {"source_noise_file": "source", "golden_sequence_file": "golden_sequence",
-           "text_embedding_file": "text", "prompt_embeds_file": "prompt_embeds"}
+           "text_embedding_file": "text", "prompt_embeds_file": "prompt_embeds", SCORES_COLUMN: "scores"}
 
 
-def sample_files(sample_id: int, save_prompt_embeds: bool = False) -> dict[str, str]:
+def sample_files(sample_id: int, save_prompt_embeds: bool = False, scored: bool = False) -> dict[str, str]:
     """{metadata column: path relative to the dataset root} of one sample's files, in writing order."""
-    columns = FILE_COLUMNS + (OPTIONAL_FILE_COLUMNS if save_prompt_embeds else ())
+    columns = FILE_COLUMNS + (OPTIONAL_FILE_COLUMNS if save_prompt_embeds else ()) + ((SCORES_COLUMN,) if scored
+                                                                                       else ())
     ordered = sorted(columns, key=lambda c: c == "golden_sequence_file")
     return {c: f"{SEQUENCES}/{sample_id}_{_SUFFIX[c]}.pt" for c in ordered}
 
 
-def metadata_fields(save_prompt_embeds: bool = False) -> list[str]:
-    return list(METADATA_FIELDS) + (list(OPTIONAL_FILE_COLUMNS) if save_prompt_embeds else [])
+def metadata_fields(save_prompt_embeds: bool = False, scored: bool = False) -> list[str]:
+    return list(METADATA_FIELDS) + (list(OPTIONAL_FILE_COLUMNS) if save_prompt_embeds else []) + \
+        ([SCORES_COLUMN, *SCORE_FIELDS] if scored else [])
 
 
 def write_sample(root: str | Path, sample_id: int, tensors: Mapping[str, object],
-                 save_prompt_embeds: bool = False, only: Collection[str] | None = None) -> None:
+                 save_prompt_embeds: bool = False, only: Collection[str] | None = None, scored: bool = False) -> None:
     """Save one sample's tensors ({column: tensor}) atomically, the golden sequence last; `only` names the
     columns to (re)write, leaving the sample's other files untouched."""
     root = Path(root)
-    for column, rel in sample_files(sample_id, save_prompt_embeds).items():
+    for column, rel in sample_files(sample_id, save_prompt_embeds, scored).items():
         if only is None or column in only:
             atomic_torch_save(tensors[column], root / rel)
 
 
-def write_metadata(root: str | Path, rows: Iterable[dict], save_prompt_embeds: bool = False) -> int:
-    """Write metadata.csv from rows ({id, prompt, seed, num_steps}; file columns are filled in); returns the count.
+def score_fields(root: str | Path, sample_id: int) -> dict[str, str]:
+    """A scored sample's metadata values: reward_standard, reward_golden and reward_gain (full float precision)."""
+    from .io import load_tensor
+
+    standard, golden = (float(v) for v in load_tensor(Path(root) / sample_files(sample_id, scored=True)[
+        SCORES_COLUMN]).double())  # (2,)
+    return dict(zip(SCORE_FIELDS, map(repr, (standard, golden, golden - standard))))
+
+
+def read_reward_gains(root: str | Path) -> dict[int, float] | None:
+    """{sample id: reward_gain} from metadata.csv, or None when the dataset was not scored (no such column)."""
+    with open(Path(root) / METADATA, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if "reward_gain" not in (reader.fieldnames or []):
+            return None
+        return {int(r["id"]): float(r["reward_gain"]) for r in reader}
+
+
+def write_metadata(root: str | Path, rows: Iterable[dict], save_prompt_embeds: bool = False,
+                   scored: bool = False) -> int:
+    """Write metadata.csv from rows ({id, prompt, seed, num_steps} + SCORE_FIELDS when `scored`; file columns are
+    filled in); returns the count.
 
     An existing metadata.csv with the same text is left as it is (a rerun that adds nothing changes no file)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=metadata_fields(save_prompt_embeds), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=metadata_fields(save_prompt_embeds, scored), lineterminator="\n")
     writer.writeheader()
     count = 0
     for row in sorted(rows, key=lambda r: int(r["id"])):
-        writer.writerow({**row, **sample_files(int(row["id"]), save_prompt_embeds)})
+        writer.writerow({**row, **sample_files(int(row["id"]), save_prompt_embeds, scored)})
         count += 1
     path = Path(root) / METADATA
     try:
@@ -147,8 +174,9 @@ def _zip_tail_ok(tail: bytes, size: int) -> bool:
     return pos == cd_end - base
 
 
-def damaged_columns(root: str | Path, sample_id: int, save_prompt_embeds: bool = False) -> list[str]:
+def damaged_columns(root: str | Path, sample_id: int, save_prompt_embeds: bool = False,
+                    scored: bool = False) -> list[str]:
     """The columns of one sample whose file is missing, truncated or unreadable (`tensor_file_intact`)."""
     root = os.fspath(root)
-    return [column for column, rel in sample_files(sample_id, save_prompt_embeds).items()
+    return [column for column, rel in sample_files(sample_id, save_prompt_embeds, scored).items()
             if not tensor_file_intact(os.path.join(root, rel))]

@@ -23,6 +23,7 @@ from .diffusion import (count_long_prompts, encode_prompts, family_of, guidance_
 from .golden import GoldenConfig, GoldenStep, golden_step
 from .prompts import Prompt, prompt_fingerprint, read_prompts
 from .runs import check_writable_dir, read_settings, refuse_mixed_rerun
+from .scoring import ScoringConfig
 from .runtime import get_logger, global_batches, model_dtype, resolve_device, resolve_dtype, shard
 
 logger = get_logger(__name__)
@@ -33,10 +34,12 @@ PROMPT_KEYS = ("num_prompts", "prompt_fingerprint")
 # batch_size: a sample's golden sequence differs in the last float bits with its batch's composition.
 SIGNATURE_KEYS = ("format_version", "base_model_id", "revision", "variant", "pipeline_class", "scheduler_config",
                   "golden", "num_steps", "height", "width", "latent_shape", "dtype", "storage_dtype",
-                  "text_embedding", "save_prompt_embeds", "start_seed", "batch_size", "device_type", *PROMPT_KEYS)
+                  "text_embedding", "save_prompt_embeds", "start_seed", "batch_size", "device_type", "scoring",
+                  *PROMPT_KEYS)
 # the subset known before the model loads: checked first, so a refused rerun costs no model load
 EARLY_KEYS = ("format_version", "base_model_id", "revision", "variant", "golden", "num_steps", "dtype",
-              "storage_dtype", "save_prompt_embeds", "start_seed", "batch_size", "device_type", *PROMPT_KEYS)
+              "storage_dtype", "save_prompt_embeds", "start_seed", "batch_size", "device_type", "scoring",
+              *PROMPT_KEYS)
 GUIDANCE_RULE = ("eps = eps_u + w (eps_c - eps_u) for any w >= 0, exactly as given: w = 1 evaluates the conditional "
                  "branch alone, w = 0 the unconditional branch alone, any other w both (0 < w < 1 interpolates, "
                  "w > 1 extrapolates); diffusers' sampling rule 'w <= 1 means no guidance' does not apply here")
@@ -55,6 +58,7 @@ class GenerationSettings:
     dtype: str = "float32"
     storage_dtype: str = "float16"
     save_prompt_embeds: bool = False
+    scoring: ScoringConfig | None = None  # score each sample (golden_noise.scoring); None: no scores
     text_embedding: str = "auto"  # see diffusion.TEXT_EMBEDDINGS
     revision: str | None = None
     variant: str | None = None
@@ -100,8 +104,10 @@ def inputs_config(prompts: Sequence[Prompt], batch_size: int, device_type: str) 
 
 def early_config(settings: GenerationSettings, prompts: Sequence[Prompt], batch_size: int, device_type: str) -> dict:
     """run_config's EARLY_KEYS, known before the model loads: the settings' own values, recorded as given."""
-    as_given = {k: getattr(settings, k) for k in EARLY_KEYS if hasattr(settings, k) and k != "golden"}
+    as_given = {k: getattr(settings, k) for k in EARLY_KEYS
+                if hasattr(settings, k) and k not in ("golden", "scoring")}
     return {"format_version": FORMAT_VERSION, **as_given, "golden": settings.golden.to_dict(),
+            "scoring": settings.scoring.record() if settings.scoring else None,
             **inputs_config(prompts, batch_size, device_type)}
 
 
@@ -140,6 +146,7 @@ def build_run_config(pipe, settings: GenerationSettings, golden: GoldenStep, pro
         "prompt_column": prompt_column,
         **inputs,
         "effective_guidance": effective_guidance(settings.golden),
+        **({"scoring": settings.scoring.record()} if settings.scoring else {}),  # unscored: the key is absent
         "versions": package_versions(),
     }
 
@@ -180,10 +187,13 @@ def write_metadata(root: Path, prompts: Sequence[Prompt], settings: GenerationSe
                    skip: Collection[int] = (), known_complete: Collection[int] = ()) -> int:
     """Write metadata.csv (sorted by id) for every complete sample not in `skip`; return the number of rows.
     Samples in `known_complete` (checked or written by this process) are not checked again."""
+    scored = settings.scoring is not None
     rows = [{"id": p.index, "prompt": p.text, "seed": settings.start_seed + p.index, "num_steps": settings.num_steps}
             for p in prompts if p.index not in skip and (p.index in known_complete or not layout.damaged_columns(
-                root, p.index, settings.save_prompt_embeds))]
-    return layout.write_metadata(root, rows, settings.save_prompt_embeds)
+                root, p.index, settings.save_prompt_embeds, scored))]
+    if scored:
+        rows = [{**r, **layout.score_fields(root, r["id"])} for r in rows]
+    return layout.write_metadata(root, rows, settings.save_prompt_embeds, scored)
 
 
 def extend_dataset(root: Path, plan: RerunPlan, run_config: dict, settings: GenerationSettings) -> None:
@@ -194,7 +204,8 @@ def extend_dataset(root: Path, plan: RerunPlan, run_config: dict, settings: Gene
     if stale:
         write_metadata(root, plan.old_prompts, settings, skip=stale)
         for sample_id in sorted(stale):
-            for rel in layout.sample_files(sample_id, settings.save_prompt_embeds).values():
+            scored = settings.scoring is not None
+            for rel in layout.sample_files(sample_id, settings.save_prompt_embeds, scored).values():
                 (root / rel).unlink(missing_ok=True)
     layout.write_run_config(root, run_config)
     logger.info("the prompt list extends the dataset's %d prompts to %d; %d samples of the old last batch are "
@@ -213,22 +224,26 @@ def remove_stale_temp_files(root: Path) -> int:
 class SequenceDatasetWriter:
     """Writes samples (layout.write_sample) on a background thread so file I/O overlaps the next batch's UNet work."""
 
-    def __init__(self, root: Path, storage_dtype: torch.dtype, save_prompt_embeds: bool):
+    def __init__(self, root: Path, storage_dtype: torch.dtype, save_prompt_embeds: bool, scored: bool = False):
         self.root, self.storage_dtype, self.save_prompt_embeds = root, storage_dtype, save_prompt_embeds
+        self.scored = scored
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending: list[Future] = []
 
     def submit(self, sample_id: int, source, sequence, text, prompt_embeds=None,
-               only: Collection[str] | None = None) -> None:
-        """Queue one sample's tensors; `only` names the layout columns to write (default: all)."""
+               only: Collection[str] | None = None, scores=None) -> None:
+        """Queue one sample's tensors (`scores`: (2,) float64, kept in float64); `only` names the layout columns
+        to write (default: all)."""
         tensors = {"source_noise_file": source, "golden_sequence_file": sequence, "text_embedding_file": text}
         if self.save_prompt_embeds:
             tensors["prompt_embeds_file"] = prompt_embeds
         # .clone(): a saved view would carry its whole batch's storage
         tensors = {k: v.detach().to("cpu", self.storage_dtype).clone() for k, v in tensors.items()
                    if only is None or k in only}
+        if self.scored and (only is None or layout.SCORES_COLUMN in only):
+            tensors[layout.SCORES_COLUMN] = scores.detach().to("cpu", torch.float64).clone()
         self.pending.append(self.pool.submit(layout.write_sample, self.root, sample_id, tensors,
-                                             self.save_prompt_embeds, only))
+                                             self.save_prompt_embeds, only, self.scored))
         self._reap(block=len(self.pending) > 4)
 
     def _reap(self, block: bool) -> None:
@@ -255,16 +270,16 @@ class WorkPlan:
 
 
 def plan_work(root: Path, prompts: Sequence[Prompt], batch_size: int, rank: int, world: int,
-              save_prompt_embeds: bool) -> WorkPlan:
+              save_prompt_embeds: bool, scored: bool = False) -> WorkPlan:
     """Scan this process's share of the fixed global batches for missing or damaged files (fast: no tensor load)."""
     plan = WorkPlan(batches=[])
     for batch in shard(global_batches(prompts, batch_size), rank, world):
         todo = {}
         for p in batch:
-            bad = layout.damaged_columns(root, p.index, save_prompt_embeds)
+            bad = layout.damaged_columns(root, p.index, save_prompt_embeds, scored)
             if bad:
                 todo[p.index] = bad
-                files = layout.sample_files(p.index, save_prompt_embeds)
+                files = layout.sample_files(p.index, save_prompt_embeds, scored)
                 plan.damaged += [files[c] for c in bad if os.path.lexists(root / files[c])]
         plan.ids.update(p.index for p in batch)
         plan.to_write += len(todo)
@@ -299,8 +314,9 @@ def prepare_output(root: Path, run_config: dict, prompts: Sequence[Prompt], batc
 
 @torch.no_grad()
 def compute_batches(pipe, golden: GoldenStep, plan: WorkPlan, settings: GenerationSettings,
-                    writer: SequenceDatasetWriter, bar) -> None:
-    """Run the golden step on each planned batch and queue the files its samples still need."""
+                    writer: SequenceDatasetWriter, bar, scorer=None) -> None:
+    """Run the golden step on each planned batch (and the `scorer`, if any) and queue the files its samples still
+    need."""
     family = family_of(pipe)
     shape = latent_shape(pipe, settings.height, settings.width)
     height, width = image_size(pipe, settings.height, settings.width)
@@ -318,10 +334,12 @@ def compute_batches(pipe, golden: GoldenStep, plan: WorkPlan, settings: Generati
         x_host, seq_host = x_t.to("cpu", storage), seq.to("cpu", storage)  # (B, C, H, W), (B, n, C, H, W)
         text_host = text_embedding(pipe, texts, cond, settings.text_embedding).to("cpu", storage)  # (B, P)
         embeds_host = cond.cond_embeds.to("cpu", storage) if settings.save_prompt_embeds else None  # (B, 77, D)
+        scores = scorer(texts, x_t, seq[:, -1]) if scorer is not None else None  # (B, 2) float64
         for i, p in enumerate(batch):
             if p.index in todo:
                 writer.submit(p.index, x_host[i], seq_host[i], text_host[i],
-                              embeds_host[i] if embeds_host is not None else None, only=todo[p.index])
+                              embeds_host[i] if embeds_host is not None else None, only=todo[p.index],
+                              scores=scores[i] if scores is not None else None)
         bar.update(len(todo))
 
 
@@ -338,16 +356,22 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
     golden = golden_step(pipe, settings.golden, settings.height, settings.width)
     run_config = build_run_config(pipe, settings, golden, prompt_file, prompt_column, prompts, batch_size)
     prepare_output(root, run_config, prompts, batch_size, settings, pipe, state)
-    plan = plan_work(root, prompts, batch_size, rank, world, settings.save_prompt_embeds)
+    scored = settings.scoring is not None
+    plan = plan_work(root, prompts, batch_size, rank, world, settings.save_prompt_embeds, scored)
     if plan.damaged:
         logger.warning("%d sample files are truncated or unreadable and are regenerated: %s%s", len(plan.damaged),
                        ", ".join(plan.damaged[:3]), ", ..." if len(plan.damaged) > 3 else "")
-    writer = SequenceDatasetWriter(root, resolve_dtype(settings.storage_dtype), settings.save_prompt_embeds)
+    writer = SequenceDatasetWriter(root, resolve_dtype(settings.storage_dtype), settings.save_prompt_embeds, scored)
+    scorer = None
+    if scored and plan.batches:
+        from .scoring import SampleScorer
+
+        scorer = SampleScorer(pipe, settings.scoring, *image_size(pipe, settings.height, settings.width))
     start = time.perf_counter()
     bar = tqdm(total=plan.to_write, desc=f"golden sequences [{rank}/{world}]", unit="sample",
                disable=not (progress and rank == 0), dynamic_ncols=True)
     try:
-        compute_batches(pipe, golden, plan, settings, writer, bar)
+        compute_batches(pipe, golden, plan, settings, writer, bar, scorer)
     finally:
         bar.close()
         writer.close()
@@ -388,6 +412,8 @@ def run_generation(job: GenerationJob, state=None) -> dict:
     prompts = read_prompts(job.prompt_file, job.prompt_column)[: job.max_prompts]
     device = state.device if job.device == "auto" and state is not None else resolve_device(job.device)
     settings = replace(job.settings, dtype=model_dtype(job.settings.dtype, device))
+    if settings.scoring is not None:
+        settings.scoring.check()  # an unknown --score_metric fails before any model loads
     check_rerun(job.output_dir, early_config(settings, prompts, job.batch_size, torch.device(device).type), prompts,
                 job.batch_size, EARLY_KEYS)
     pipe = load_pipeline(settings.base_model_id, settings.revision, settings.variant, settings.dtype, device,

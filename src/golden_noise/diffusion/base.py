@@ -82,6 +82,30 @@ class ModelCounter:
 UNetCounter = ModelCounter
 
 
+class ModelRows:
+    """Counts the rows (batch entries) of every forward of the given denoiser modules while the context is open:
+    the cost of whatever runs inside (golden steps, RNN rollouts do not count, sampling through `pipe(...)` does).
+    A module given twice (the sampler shares the base pipeline's UNet) is hooked once."""
+
+    def __init__(self, *modules):
+        self.modules = list({id(m): m for m in modules if m is not None}.values())
+        self.rows, self.calls, self._handles = 0, 0, []
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        x = args[0] if args else next(kwargs[k] for k in ("sample", "hidden_states") if k in kwargs)
+        self.rows += int(x.shape[0])
+        self.calls += 1
+
+    def __enter__(self) -> "ModelRows":
+        self._handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def guidance_branches(scale: float) -> list[str]:
     """The branches eps_u + w (eps_c - eps_u) needs: w = 1 the conditional alone, w = 0 the unconditional alone."""
     return ["cond"] if scale == 1.0 else ["uncond"] if scale == 0.0 else ["uncond", "cond"]

@@ -3,7 +3,8 @@
 Layout of an output folder:
     {method}_output/{index}.png     one image per prompt and method (methods.folder)
     noise/{method}/{index}.pt       its initial latents (C, H, W), with --save_noise
-    manifest.csv                    index, prompt, seed, method, file, seconds, noise_seconds, sampling_seconds
+    manifest.csv                    index, prompt, seed, method, file, seconds, noise_seconds, sampling_seconds,
+                                    unet_evals (denoiser rows per image: noise + sampling, counted by a hook)
     summary.json                    counts and mean per-image noise / sampling times
     batch_settings.json             every input and setting that shaped the images, and what they resolved to
 A rerun with the same prompts and settings resumes (methods may be added); any other rerun is refused.
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..diffusion import family_of, sample_images
+from ..diffusion.base import ModelRows
 from ..errors import UserError
 from ..golden import GoldenConfig
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
@@ -33,7 +35,8 @@ from .config import PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig
 
 logger = get_logger(__name__)
 
-MANIFEST_FIELDS = ("index", "prompt", "seed", "method", "file", "seconds", "noise_seconds", "sampling_seconds")
+MANIFEST_FIELDS = ("index", "prompt", "seed", "method", "file", "seconds", "noise_seconds", "sampling_seconds",
+                   "unet_evals")
 SETTINGS_FILE = "batch_settings.json"
 # What a rerun into an existing folder must keep (batch_settings.json's keys; --methods may grow). The batch
 # size is one of them: a sample's pixels depend on its batch-mates in the last bits.
@@ -105,12 +108,13 @@ def check_batch(job: BatchJob) -> None:
     golden_config_from(None, **job.golden_overrides)  # refuses negative guidance scales, naming the flag
 
 
-def run_batch(job: BatchJob, state=None) -> dict | None:
+def run_batch(job: BatchJob, state=None, pipe=None) -> dict | None:
     """Generate every missing image of `job` on this process's share of the global batches.
 
     Resumable: a batch whose images of a method are all there (and intact) is skipped; a batch with some missing
     is recomputed whole (same batch composition, so the same pixels) and only the missing files are written.
-    Returns the summary on the main process (None elsewhere) after merging the manifest."""
+    Returns the summary on the main process (None elsewhere) after merging the manifest. `pipe`: a pipeline
+    already loaded as `job.pipeline` says (the sweep runs many jobs on one)."""
     from ..runs import RunLock
     from ..runtime import distributed_state
 
@@ -122,7 +126,7 @@ def run_batch(job: BatchJob, state=None) -> dict | None:
         logger.info("Running batch inference: %d prompts x methods %s, batch %d, %d process(es), into %s",
                     len(run.prompts), " ".join(job.methods), job.batch_size, state.num_processes, run.out)
     try:
-        load_pipeline_for(run)
+        load_pipeline_for(run, pipe)
         stats = generate(run)
         return finish(run, stats)
     finally:
@@ -156,17 +160,25 @@ def prepare_batch(job: BatchJob, state) -> BatchRun:
     return BatchRun(job, state, out, prompts, gn, settings, golden)
 
 
-def load_pipeline_for(run: BatchRun) -> None:
-    """Load the pipeline, refuse a rerun whose resolved sizes differ, then (main process) remove stale temporary
-    files and record the settings."""
+def load_pipeline_for(run: BatchRun, pipe=None) -> None:
+    """Load the pipeline (or take `pipe`, loaded from the same spec), refuse a rerun whose resolved sizes differ,
+    then (main process) remove stale temporary files and record the settings."""
     from ..npd import package_versions
     from ..runs import read_settings, refuse_mixed_rerun
     from .config import load_job_pipelines, sampling_record
+    from .sampler import build_sampler
 
     device = run.settings["device_used"]
-    if run.state.is_main_process:
-        logger.info("loading %s (%s on %s)", run.settings["base_model_id_used"], run.settings["dtype_used"], device)
-    run.pipe, run.sampler = load_job_pipelines(run.job.pipeline, run.job.sampling, run.settings, device)
+    if pipe is not None:  # the sweep's pipeline, loaded once from the same spec
+        run.pipe = pipe
+        spec = run.job.pipeline
+        run.sampler = build_sampler(pipe, run.job.sampling, run.settings, device, spec.enable_model_cpu_offload,
+                                    spec.enable_vae_slicing, spec.enable_vae_tiling)
+    else:
+        if run.state.is_main_process:
+            logger.info("loading %s (%s on %s)", run.settings["base_model_id_used"], run.settings["dtype_used"],
+                        device)
+        run.pipe, run.sampler = load_job_pipelines(run.job.pipeline, run.job.sampling, run.settings, device)
     run.settings.update(sampling_record(run.pipe, run.job.sampling, run.gn, run.sampler), versions=package_versions())
     path = run.out / SETTINGS_FILE
     refuse_mixed_rerun(path, run.settings, LOADED_KEYS, "--output_base_dir", "images")
@@ -267,12 +279,15 @@ def generate_batch(run: BatchRun, batch: list[Prompt], part_file, stats: dict, b
         device = family_of(run.pipe).device
         _sync(device)
         t0 = time.perf_counter()
-        latents = method_latents(run, method, texts, x_T)  # (B, C, H, W)
-        _sync(device)
-        t1 = time.perf_counter()
-        images = sample_images(run.sampler, texts, latents, job.sampling.num_inference_steps, job.sampling.guidance_scale,
-                               job.sampling.negative_prompt, s["height_used"], s["width_used"])
-        _sync(device)
+        # the cost, counted: denoiser rows of the noise (oracle) and of the sampling (base and sampler)
+        with ModelRows(family_of(run.pipe).denoiser, family_of(run.sampler).denoiser) as rows:
+            latents = method_latents(run, method, texts, x_T)  # (B, C, H, W)
+            _sync(device)
+            t1 = time.perf_counter()
+            images = sample_images(run.sampler, texts, latents, job.sampling.num_inference_steps,
+                                   job.sampling.guidance_scale, job.sampling.negative_prompt, s["height_used"],
+                                   s["width_used"])
+            _sync(device)
         t2 = time.perf_counter()
         noise_s, sample_s = (t1 - t0) / len(batch), (t2 - t1) / len(batch)
         for i in missing:
@@ -282,7 +297,8 @@ def generate_batch(run: BatchRun, batch: list[Prompt], part_file, stats: dict, b
             atomic_save_image(images[i], files[i])
             row = {"index": p.index, "prompt": p.text, "seed": seeds[i], "method": method,
                    "file": f"{folder(method)}/{p.index}.png", "seconds": round(noise_s + sample_s, 6),
-                   "noise_seconds": round(noise_s, 6), "sampling_seconds": round(sample_s, 6)}
+                   "noise_seconds": round(noise_s, 6), "sampling_seconds": round(sample_s, 6),
+                   "unet_evals": rows.rows / len(batch)}
             part_file.write(json.dumps(row) + "\n")
             part_file.flush()
             stats["generated"][method] = stats["generated"].get(method, 0) + 1

@@ -30,6 +30,9 @@ class TrainingConfig:
     max_seq_len: int | None = _f(None, "data", "train on the first N golden steps only")
     skip_bad_samples: bool = _f(False, "data", "skip (and count) samples with missing, damaged or corrupt files "
                                 "instead of stopping")
+    min_reward_gain: float | None = _f(None, "data", "train only on samples whose recorded reward_gain (reward of "
+                                       "the image from x'_n minus that from x_T: generate_npd_series.py "
+                                       "--score_metric) is >= X, NPNet's filter; the validation split is unchanged")
     dataloader_num_workers: int = _f(2, "data", "data-loading worker processes per GPU")
     noise_resolution: int | None = _f(None, "model", "H = W of the noise; default and check: the dataset's "
                                       "latent_shape")

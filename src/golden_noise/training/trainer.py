@@ -453,11 +453,15 @@ def _close_inherited_fd(fd: int | None, worker_id: int) -> None:
 
 
 def _open_data(cfg: TrainingConfig):
-    """The dataset, every file of both splits verified before the first step."""
+    """The dataset, every file of both splits verified before the first step; with --min_reward_gain, the training
+    samples whose recorded reward gain reaches it."""
     from ..sequence_data import open_dataset
 
-    return open_dataset(cfg.dataset_dir, cfg.validation_fraction, cfg.max_seq_len, cfg.skip_bad_samples,
+    data = open_dataset(cfg.dataset_dir, cfg.validation_fraction, cfg.max_seq_len, cfg.skip_bad_samples,
                         return_errors=True)
+    if cfg.min_reward_gain is not None:
+        data.train = T.keep_reward_gain(data.train, cfg.dataset_dir, cfg.min_reward_gain)
+    return data
 
 
 def done_message(summary: dict, weights: Path) -> str:

@@ -1,0 +1,83 @@
+"""NPNet's data recipe, measured: stage 2 can score each sample, so training can keep only the samples whose
+golden noise helped (train_rnn_model_v3.py --min_reward_gain).
+
+For a batch of samples, the image sampled from x_T (what `standard` makes) and the one sampled from x'_n (the
+oracle's image) are made with the given sampling settings (golden_noise.diffusion.sample_images, stage 5's
+sampling) and scored by a reward (stage 6's scoring: one finite float per image). The scores are stored per
+sample (layout.SCORES_COLUMN) and listed in metadata.csv as reward_standard, reward_golden, reward_gain; no
+sample is dropped. Sampling reads no random numbers, so a scored dataset's tensors equal an unscored one's."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .cli import dataclass_defaults
+from .errors import UserError
+from .inference.config import SamplingConfig
+
+_SAMPLING = dataclass_defaults(SamplingConfig)
+
+
+@dataclass
+class ScoringConfig:
+    """How stage 2 scores its samples (the --score_* flags); part of the dataset's settings."""
+
+    score_metric: str | None = field(default=None, metadata={
+        "help": "score each sample: the images sampled from x_T and from x'_n, scored by this reward (a built-in "
+                "name or FILE.py:NAME), recorded in metadata.csv as reward_standard, reward_golden, reward_gain "
+                "(no sample is dropped; train with --min_reward_gain to filter)"})
+    score_reward_path: str | None = field(default=None, metadata={
+        "help": "model file/folder (or hub id) of --score_metric, e.g. worlds/toy_shapes for toy_attributes"})
+    score_guidance_scale: float = field(default=_SAMPLING["guidance_scale"], metadata={
+        "help": "sampling CFG scale of the scored images (diffusers applies none for a scale <= 1)"})
+    score_num_inference_steps: int = field(default=_SAMPLING["num_inference_steps"], metadata={
+        "help": "sampling steps of the scored images"})
+    score_batch_size: int = field(default=32, metadata={"help": "images per reward forward pass"})
+
+    def check(self) -> None:
+        """Flag errors before any model loads (an unknown metric or a bad FILE.py:NAME included)."""
+        from .inference.api import check_guidance_scale
+        from .rewards.base import reward_factory
+
+        check_guidance_scale("--score_guidance_scale", self.score_guidance_scale)
+        for flag, value in (("--score_num_inference_steps", self.score_num_inference_steps),
+                            ("--score_batch_size", self.score_batch_size)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        reward_factory(self.score_metric)
+
+    def record(self) -> dict:
+        """run_config.json's `scoring`: what the scores mean (a rerun with another one is refused)."""
+        from .rewards.base import metric_names
+
+        return {"metric": metric_names([self.score_metric])[0], "reward": self.score_metric,
+                "reward_path": self.score_reward_path, "guidance_scale": self.score_guidance_scale,
+                "num_inference_steps": self.score_num_inference_steps, "images": ["x_T", "x'_n"]}
+
+
+class SampleScorer:
+    """Scores a batch of samples: (prompts, x_T, x'_n) -> (B, 2) float64 [reward_standard, reward_golden]."""
+
+    def __init__(self, pipe, config: ScoringConfig, height: int | None = None, width: int | None = None):
+        from .rewards.base import load_reward
+
+        self.pipe, self.config, self.height, self.width = pipe, config, height, width
+        self.name = config.record()["metric"]
+        self.reward = load_reward(config.score_metric, path=config.score_reward_path, device=pipe.device,
+                                  batch_size=config.score_batch_size)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], x_T: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
+        """x_T, golden: (B, C, H, W) -> (B, 2): both sampled in one pipeline call of 2B, then scored."""
+        from .diffusion import sample_images
+        from .evaluation import score_loaded_images
+
+        prompts = list(prompts)
+        latents = torch.cat([x_T.float(), golden.float()])  # (2B, C, H, W)
+        images = sample_images(self.pipe, prompts + prompts, latents, self.config.score_num_inference_steps,
+                               self.config.score_guidance_scale, None, self.height, self.width)
+        scores = score_loaded_images(self.reward, images, prompts + prompts, self.config.score_batch_size,
+                                     self.name)
+        return torch.tensor(scores, dtype=torch.float64).view(2, len(prompts)).T.contiguous()  # (B, 2)

@@ -1,0 +1,171 @@
+"""The sweep's plots (matplotlib, Agg), one set per metric: reward vs guidance scale per method with 95% CI bands
+(and the gain vs standard below it), reward vs cost with the frontier, and the gain vs the rollout length n."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..methods import order_key
+
+COLORS = {"standard": "#4c72b0", "gnsnet": "#55a868", "oracle": "#c44e52"}
+BEST_OF_COLORS = ("#8172b2", "#937860", "#da8bc3", "#8c8c8c")
+
+
+def _pyplot():
+    from ..report import quiet_matplotlib
+
+    quiet_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    from ..report import _save_figure  # the reports' one way of writing a figure (atomic PNG)
+
+    _save_figure(fig, path)
+    return path
+
+
+def series_label(row: dict) -> str:
+    return row["method"] + (f" n={row['num_gen_steps']}" if row["num_gen_steps"] is not None else "")
+
+
+def _color(method: str, k: int = 0) -> str:
+    return COLORS.get(method, BEST_OF_COLORS[k % len(BEST_OF_COLORS)])
+
+
+def _series(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by method and n, in display order, each sorted by guidance scale."""
+    out: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (order_key(r["method"]), r["num_gen_steps"] or 0, r["guidance_scale"])):
+        out.setdefault(series_label(r), []).append(r)
+    return out
+
+
+def _styles(series: dict[str, list[dict]]) -> dict[str, dict]:
+    """A colour per method (lighter dashes for larger n) and a marker per series."""
+    styles, best = {}, 0
+    for i, (label, rows) in enumerate(series.items()):
+        method, n = rows[0]["method"], rows[0]["num_gen_steps"]
+        color = _color(method, best)
+        best += method.startswith("best_of")
+        styles[label] = {"color": color, "marker": "os^vDP*X"[i % 8],
+                         "linestyle": "-" if not n else ["-", "--", ":", "-."][(n - 1) % 4]}
+    return styles
+
+
+def plot_guidance(rows: Sequence[dict], metric: str, path: Path) -> Path:
+    """Per step count (columns): mean reward vs guidance scale with CI bands (top), gain vs standard (bottom)."""
+    plt = _pyplot()
+    steps = sorted({r["num_inference_steps"] for r in rows})
+    fig, axes = plt.subplots(2, len(steps), figsize=(5.2 * len(steps), 7), squeeze=False, sharex="col")
+    for j, s in enumerate(steps):
+        series = _series([r for r in rows if r["num_inference_steps"] == s])
+        styles = _styles(series)
+        top, bottom = axes[0][j], axes[1][j]
+        for label, rs in series.items():
+            x = [r["guidance_scale"] for r in rs]
+            st = styles[label]
+            top.plot(x, [r["mean"] for r in rs], label=label, **st)
+            top.fill_between(x, [r["mean_ci_low"] for r in rs], [r["mean_ci_high"] for r in rs], color=st["color"],
+                             alpha=0.12)
+            if rs[0]["diff"] is not None:
+                bottom.plot(x, [r["diff"] for r in rs], label=label, **st)
+                bottom.fill_between(x, [r["ci_low"] for r in rs], [r["ci_high"] for r in rs], color=st["color"],
+                                    alpha=0.12)
+        bottom.axhline(0, color="gray", lw=1, ls="--")
+        top.set_title(f"{s} sampling steps", fontsize=10)
+        top.set_ylabel(f"mean {metric} (95% CI)")
+        bottom.set_ylabel(f"{metric}: method - standard (95% CI)")
+        bottom.set_xlabel("sampling guidance scale")
+        top.legend(fontsize=7)
+    fig.suptitle(f"{metric} vs guidance scale", fontsize=11)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The frontier: points no cheaper-or-equal point beats, by increasing cost."""
+    front, best = [], float("-inf")
+    for cost, value in sorted(points, key=lambda p: (p[0], -p[1])):
+        if value > best:
+            front.append((cost, value))
+            best = value
+    return front
+
+
+def plot_cost(rows: Sequence[dict], metric: str, path: Path) -> Path:
+    """Mean reward vs UNet evaluations per image for every cell, and the frontier (the best reward for a cost)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    steps = sorted({r["num_inference_steps"] for r in rows})
+    markers = dict(zip(steps, "os^vDP*X"))
+    methods = sorted({r["method"] for r in rows}, key=order_key)
+    for i, method in enumerate(methods):
+        for s in steps:
+            rs = [r for r in rows if r["method"] == method and r["num_inference_steps"] == s]
+            if rs:
+                ax.scatter([r["unet_evals_per_image"] for r in rs], [r["mean"] for r in rs], s=28,
+                           color=_color(method, i), marker=markers[s], label=f"{method}, {s} steps", alpha=0.85)
+    front = pareto([(r["unet_evals_per_image"], r["mean"]) for r in rows])
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1, ls="--",
+            label="frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet evaluations per image (counted; log scale)")
+    ax.set_ylabel(f"mean {metric}")
+    ax.set_title(f"{metric} vs cost: each point a (method, guidance, steps, n) cell", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_rollout(rows: Sequence[dict], metric: str, path: Path) -> Path | None:
+    """Gain vs standard (95% CI error bars) against the rollout length n, per method and guidance scale."""
+    golden = [r for r in rows if r["num_gen_steps"] is not None]
+    if not golden:
+        return None
+    plt = _pyplot()
+    steps = sorted({r["num_inference_steps"] for r in golden})
+    fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 4), squeeze=False)
+    for j, s in enumerate(steps):
+        ax = axes[0][j]
+        for method in ("gnsnet", "oracle"):
+            scales = sorted({r["guidance_scale"] for r in golden if r["method"] == method})
+            for k, w in enumerate(scales):
+                rs = sorted((r for r in golden if (r["method"], r["num_inference_steps"], r["guidance_scale"])
+                             == (method, s, w)), key=lambda r: r["num_gen_steps"])
+                if not rs:
+                    continue
+                x = [r["num_gen_steps"] + (0.06 if method == "oracle" else 0) for r in rs]
+                y = [r["diff"] for r in rs]
+                err = [[d - r["ci_low"] for d, r in zip(y, rs)], [r["ci_high"] - d for d, r in zip(y, rs)]]
+                ax.errorbar(x, y, yerr=err, color=_color(method), alpha=0.35 + 0.65 * (k + 1) / len(scales),
+                            marker="o" if method == "gnsnet" else "^", capsize=3,
+                            ls="-" if method == "gnsnet" else "--", label=f"{method} w={w:g}")
+        ax.axhline(0, color="gray", lw=1, ls="--")
+        ax.set_xlabel("rollout length n (golden steps)")
+        ax.set_ylabel(f"{metric}: method - standard (95% CI)")
+        ax.set_title(f"{s} sampling steps", fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_plots(rows: Sequence[dict], out: Path) -> list[Path]:
+    """Every plot, per metric: reward_vs_guidance_{m}.png, reward_vs_cost_{m}.png, gain_vs_rollout_{m}.png."""
+    paths = []
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        rs = [r for r in rows if r["metric"] == metric]
+        paths.append(plot_guidance(rs, metric, out / f"reward_vs_guidance_{metric}.png"))
+        paths.append(plot_cost(rs, metric, out / f"reward_vs_cost_{metric}.png"))
+        rollout = plot_rollout(rs, metric, out / f"gain_vs_rollout_{metric}.png")
+        if rollout is not None:
+            paths.append(rollout)
+    return paths

@@ -1,0 +1,258 @@
+"""run_sweep: make every missing image of a grid through stage 5's batch runner (one pipeline load, sharded like
+stage 5), score them with stage 6's scoring, and write sweep.csv, the plots and report.html.
+
+Resumable: a unit (a batch-runner folder and method) whose images and manifest are complete is skipped, one with
+some images missing is finished by the batch runner (same batches, same pixels), and scores are kept per unit and
+metric, so a killed sweep rerun with the same command ends with the same results. Only the main process scores
+and writes the sweep's own files; every process takes its share of every unit's global batches."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import UserError
+from ..io import atomic_write_json, atomic_write_text
+from ..methods import folder
+from ..prompts import Prompt
+from ..runtime import get_logger
+from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
+from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SETTINGS_FILE, SweepJob, check_job,
+                  metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class SweepPlan:
+    """A checked sweep: its job, prompts, cells and units, settings, and (once loaded) the models."""
+
+    job: SweepJob
+    state: object
+    out: Path
+    prompts: list[Prompt]
+    cells: list[Cell]
+    units: list[Unit]
+    settings: dict
+    gn: object = None
+    pipe: object = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def indices(self) -> list[int]:
+        return [p.index for p in self.prompts]
+
+
+def prepare_sweep(job: SweepJob, state) -> SweepPlan:
+    """Check the flags, read the prompts, resolve the settings and refuse a rerun with other ones, all before
+    any pipeline loads."""
+    from ..inference.api import golden_config_from
+    from ..inference.config import load_golden_noise, pipeline_record, rnn_record
+    from ..prompts import prompt_fingerprint, read_prompts
+    from ..runs import check_writable_dir, read_settings, refuse_mixed_rerun
+    from ..runtime import resolve_device
+
+    check_job(job)
+    prompts = read_prompts(job.prompt_file, job.prompt_column)[: job.max_prompts]
+    if uses_best_of(job) and prompts[-1].index >= SEED_STRIDE:
+        raise UserError(f"best_of_K seeds prompt i's candidate k as start_seed + i + k * {SEED_STRIDE}: the prompt "
+                        f"file has indices up to {prompts[-1].index}; use --max_prompts {SEED_STRIDE} or fewer")
+    out = check_writable_dir(job.output_dir, "--output_dir")
+    device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
+    gn = load_golden_noise(job.rnn_weights_path, device)
+    ns = rollout_lengths(job, gn)
+    golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
+        if "oracle" in job.methods else None
+    sampling = job.sampling
+    settings = {"prompt_file": str(job.prompt_file), "prompt_fingerprint": prompt_fingerprint(prompts),
+                "num_prompts": len(prompts), "start_seed": job.start_seed, "seed_stride": SEED_STRIDE,
+                "batch_size": job.batch_size, "negative_prompt": sampling.negative_prompt,
+                "scheduler": sampling.scheduler, "height": sampling.height, "width": sampling.width,
+                **pipeline_record(job.pipeline, gn, device), "revision": job.pipeline.revision,
+                "variant": job.pipeline.variant, "enable_vae_slicing": job.pipeline.enable_vae_slicing,
+                "enable_vae_tiling": job.pipeline.enable_vae_tiling, "golden": golden.to_dict() if golden else None,
+                "rnn_sha256": rnn_record(gn, job.rnn_weights_path)["rnn_sha256"] if "gnsnet" in job.methods else None,
+                "guidance_scales": job.guidance_scales, "num_inference_steps": job.num_inference_steps,
+                "num_gen_steps": ns, "methods": job.methods, "metrics": metric_record(job.metrics),
+                "selection_metric": job.selection}
+    path = out / SETTINGS_FILE
+    refuse_mixed_rerun(path, settings, EARLY_KEYS, "--output_dir", "a sweep", lenient=KEPT_WHEN_UNUSED)
+    refuse_changed_metrics(path, read_settings(path, "--output_dir"), job.metrics)
+    cells = grid_cells(job.guidance_scales, job.num_inference_steps, job.methods, ns)
+    return SweepPlan(job, state, out, prompts, cells, grid_units(cells), settings, gn=gn)
+
+
+def record_settings(plan: SweepPlan) -> None:
+    """(Main process) write the prompts the units read and sweep_settings.json; the grid, methods and metrics
+    recorded are everything this folder holds (a rerun may add to them)."""
+    from ..runs import read_settings
+
+    lines = {p.index: p.text for p in plan.prompts}
+    text = "".join(lines.get(i, "") + "\n" for i in range(plan.prompts[-1].index + 1))
+    path = plan.out / PROMPTS_FILE
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    old = read_settings(plan.out / SETTINGS_FILE, "--output_dir") or {}
+    record = dict(plan.settings)
+    for key in KEPT_WHEN_UNUSED:
+        if record.get(key) is None and old.get(key) is not None:
+            record[key] = old[key]
+    for key in ("guidance_scales", "num_inference_steps", "num_gen_steps", "methods"):
+        record[key] = list(dict.fromkeys([*old.get(key, []), *record[key]]))
+    record["metrics"] = {**old.get("metrics", {}), **record["metrics"]}
+    atomic_write_json(plan.out / SETTINGS_FILE, record)
+
+
+def load_models(plan: SweepPlan) -> None:
+    """Load the pipeline once (as stage 5 would for every unit)."""
+    from ..inference.config import load_job_pipeline
+
+    device = plan.settings["device_used"]
+    if plan.state.is_main_process:
+        logger.info("loading %s (%s on %s)", plan.settings["base_model_id_used"], plan.settings["dtype_used"], device)
+    plan.pipe = load_job_pipeline(plan.job.pipeline, plan.job.sampling, plan.settings, device)
+
+
+def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
+    """Nothing for the batch runner to do: every image of the unit is intact, and its manifest lists them (or no
+    per-process manifest part is waiting to be merged: a row lost to a kill is never written again)."""
+    import csv
+
+    from ..inference.batch import SETTINGS_FILE as BATCH_SETTINGS, intact_png
+
+    base = unit.folder(plan.out)
+    if not (base / "manifest.csv").is_file() or not (base / BATCH_SETTINGS).is_file():
+        return False
+    images = base / folder(unit.method)
+    if not all(intact_png(images / f"{i}.png") for i in plan.indices):
+        return False
+    with open(base / "manifest.csv", encoding="utf-8", newline="") as f:
+        listed = {int(r["index"]) for r in csv.DictReader(f) if r.get("method") == unit.method}
+    return listed >= set(plan.indices) or not (base / ".manifest_parts").exists()
+
+
+def _broadcast(state, value):
+    """`value` of the main process, on every process."""
+    if state.num_processes <= 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def make_images(plan: SweepPlan) -> None:
+    """Run the batch runner on every incomplete unit (every process takes its share of the unit's batches)."""
+    from ..inference.batch import run_batch
+
+    state = plan.state
+    state.wait_for_everyone()
+    todo = _broadcast(state, [i for i, u in enumerate(plan.units) if not unit_complete(plan, u)]
+                      if state.is_main_process else None)
+    if state.is_main_process:
+        logger.info("sweep: %d cells need %d units of %d prompts; %d complete, %d to make", len(plan.cells),
+                    len(plan.units), len(plan.prompts), len(plan.units) - len(todo), len(todo))
+    started = time.perf_counter()
+    for number, i in enumerate(todo, start=1):
+        unit = plan.units[i]
+        if state.is_main_process:
+            logger.info("unit %d/%d: %s", number, len(todo), unit.label())
+        run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out), state, pipe=plan.pipe)
+    plan.timings["images_seconds"] = time.perf_counter() - started
+
+
+def image_rows(plan: SweepPlan, scores, metric: str) -> list:
+    """The report's image rows: the first --image_rows prompts at each (guidance, steps), every cell a column."""
+    from .report import ImageRows
+    from .scores import best_of_choice, cell_scores, image_files
+
+    indices = plan.indices[: plan.job.image_rows]
+    if not indices:
+        return []
+    blocks = []
+    for s in dict.fromkeys(c.num_inference_steps for c in plan.cells):
+        for w in dict.fromkeys(c.guidance_scale for c in plan.cells):
+            cells = [c for c in plan.cells if (c.guidance_scale, c.num_inference_steps) == (w, s)]
+            block = ImageRows(w, s, [], indices)
+            for c in cells:
+                label = c.method + (f" n={c.num_gen_steps}" if c.num_gen_steps else "")
+                units = c.units()
+                pick = best_of_choice(c, scores, plan.job.selection) if len(units) > 1 else [0] * len(plan.indices)
+                values = cell_scores(c, scores, metric, plan.job.selection)
+                block.columns.append(label)
+                block.files[label] = {i: image_files(units[pick[j]], plan.out, [i])[0]
+                                      for j, i in enumerate(plan.indices) if i in indices}
+                block.scores[label] = {i: float(values[j]) for j, i in enumerate(plan.indices) if i in indices}
+            blocks.append(block)
+    return blocks
+
+
+def analyse(plan: SweepPlan) -> dict:
+    """(Main process) score every unit, count the costs, and write sweep.csv, the plots and report.html."""
+    from .cost import rollout_unet_fractions
+    from .plots import write_plots
+    from .report import write_report
+    from .scores import score_units, unit_cost
+    from .table import TableInputs, table_rows, text_table, write_csv
+
+    job, out = plan.job, plan.out
+    texts = [p.text for p in plan.prompts]
+    started = time.perf_counter()
+    scores = score_units(plan.units, job.metrics, out, plan.indices, texts, job.progress)
+    plan.timings["scoring_seconds"] = time.perf_counter() - started
+    fractions = {}
+    if any(c.method == "gnsnet" for c in plan.cells):
+        record = plan.settings
+        fractions = rollout_unet_fractions(plan.gn, plan.pipe, plan.settings["num_gen_steps"],
+                                           record["latent_shape"], record["height_used"], record["width_used"])
+    inputs = TableInputs(plan.cells, scores, {u: unit_cost(u, out) for u in plan.units}, fractions,
+                         [m.name for m in job.metrics], job.selection, job.bootstrap_samples, job.seed)
+    rows = table_rows(inputs)
+    write_csv(out / "sweep.csv", rows)
+    plan.timings["table_seconds"] = time.perf_counter() - started - plan.timings["scoring_seconds"]
+    plots = write_plots(rows, out)
+    prompts = {p.index: p.text for p in plan.prompts}
+    write_report(out / "report.html", rows, plots, image_rows(plan, scores, job.metrics[0].name), prompts,
+                 title=f"Where golden noise pays: {len(plan.cells)} cells x {len(job.metrics)} metric(s)",
+                 subtitle=f"{len(plan.prompts)} prompts from {job.prompt_file} (seeds from {job.start_seed}); "
+                          f"model {plan.settings['base_model_id_used']}; generated "
+                          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}")
+    plan.timings["analysis_seconds"] = time.perf_counter() - started - plan.timings["scoring_seconds"]
+    return {"rows": rows, "table": text_table(rows), "plots": [str(p) for p in plots],
+            "csv": str(out / "sweep.csv"), "report": str(out / "report.html"), "timings": plan.timings}
+
+
+def resolved_sizes(plan: SweepPlan) -> None:
+    """Image size and latent shape every unit uses (as stage 5 resolves them); a rerun whose sizes differ from the
+    folder's is refused, so no cell of another size joins it."""
+    from ..inference.config import sampling_record
+    from ..runs import refuse_mixed_rerun
+
+    plan.settings.update(sampling_record(plan.pipe, plan.job.sampling, plan.gn))
+    refuse_mixed_rerun(plan.out / SETTINGS_FILE, plan.settings, LOADED_KEYS, "--output_dir", "a sweep")
+
+
+def run_sweep(job: SweepJob, state=None) -> dict | None:
+    """Make, score and tabulate every cell of `job`'s grid; returns the results on the main process."""
+    from ..inference.batch import on_main
+    from ..runs import RunLock
+    from ..runtime import distributed_state
+
+    state = state if state is not None else distributed_state()
+    plan = prepare_sweep(job, state)
+    lock = RunLock(plan.out, "--output_dir")
+    on_main(state, lock.acquire)
+    result: dict = {}
+    try:
+        started = time.perf_counter()
+        load_models(plan)
+        plan.timings["load_seconds"] = time.perf_counter() - started
+        resolved_sizes(plan)
+        on_main(state, lambda: record_settings(plan))
+        make_images(plan)
+        state.wait_for_everyone()
+        on_main(state, lambda: result.update(analyse(plan)))
+        state.wait_for_everyone()
+    finally:
+        lock.release()
+    return result or None

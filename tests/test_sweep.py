@@ -1,0 +1,417 @@
+"""scripts/sweep.py on the tiny offline SDXL pipeline with a tiny RNN export and user rewards from a temporary file:
+the tiny sweep end to end (2 guidance scales x standard, gnsnet, oracle, best_of_2), its statistics recomputed from
+the images, best_of_K's seeds, the cost columns against UNet rows counted by a forward hook, resume (complete cells
+skipped; a killed run resumed gives the same sweep.csv), growing a sweep, refused reruns and bad flags."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from golden_noise.errors import UserError
+from golden_noise.stats import paired_comparison
+from tests.test_generate import load_cli, run_main
+from tests.test_inference import make_export
+
+SCRIPT = "scripts/sweep.py"
+PROMPTS = ["a red apple on a table", "a blue car", "", "a cat wearing a hat", "synthwave city at sunset"]
+INDICES = [0, 1, 3, 4]  # line 2 is blank
+START_SEED, STEPS, SCALES, NS = 100, 2, (1.0, 3.0), (1, 2)
+REWARDS = '''
+import numpy as np
+
+
+class Brightness:
+    def __init__(self, path=None, batch_size=8):
+        pass
+
+    def score(self, images, prompts):
+        return [float(np.asarray(im.convert("L"), dtype=np.float64).mean() / 255) for im in images]
+
+
+class Redness:
+    def score(self, images, prompts):
+        return [float(np.asarray(im.convert("RGB"), dtype=np.float64)[..., 0].mean() / 255) for im in images]
+'''
+REQUIRED = ("guidance_scale", "num_inference_steps", "num_gen_steps", "method", "metric", "n", "mean", "diff",
+            "ci_low", "ci_high", "win_rate", "unet_evals_per_image", "seconds_per_image", "diff_vs_tuned",
+            "ci_low_vs_tuned", "ci_high_vs_tuned", "win_rate_vs_tuned", "tuned_guidance_scale", "selection_bias")
+
+
+def brightness(path) -> float:
+    return float(np.asarray(Image.open(path).convert("L"), dtype=np.float64).mean() / 255)
+
+
+def redness(path) -> float:
+    return float(np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)[..., 0].mean() / 255)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_pipeline, tiny_pipeline_dir, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    prompt_file = root / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    make_export(root / "run" / "rnn_v3_model_final", tiny_pipeline, tiny_pipeline_dir)
+    (root / "rewards.py").write_text(REWARDS, encoding="utf-8")
+    return {"root": root, "prompt_file": prompt_file, "export": root / "run", "rewards": root / "rewards.py"}
+
+
+def sweep_args(setup: dict, out: Path, *extra, scales=SCALES, methods=("standard", "gnsnet", "oracle", "best_of_2"),
+               batch_size=2, metrics=None) -> list:
+    metrics = metrics or [f"{setup['rewards']}:Brightness", f"{setup['rewards']}:Redness"]
+    return ["--prompt_file", setup["prompt_file"], "--output_dir", out, "--rnn_weights_path", setup["export"],
+            "--guidance_scales", *scales, "--num_inference_steps", STEPS, "--num_gen_steps", *NS,
+            "--methods", *methods, "--metrics", *metrics, "--start_seed", START_SEED, "--batch_size", batch_size,
+            "--device", "cpu", "--no_progress", "--bootstrap_samples", 500, *extra]
+
+
+class UNetRows:
+    """A global forward hook: rows of every real (non-meta) UNet2DConditionModel forward, whoever calls it."""
+
+    def __enter__(self):
+        from diffusers import UNet2DConditionModel
+
+        self.rows = 0
+
+        def hook(module, args, output):
+            if isinstance(module, UNet2DConditionModel) and args and args[0].device.type != "meta":
+                self.rows += args[0].shape[0]
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def sweep(capsys, *args) -> tuple[int, str, str]:
+    return run_main(capsys, SCRIPT, *map(str, args))
+
+
+def read_csv(path: Path, drop=()) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def tree(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory) -> dict:
+    """One uninterrupted sweep, with the UNet rows it ran counted by an independent forward hook."""
+    out = tmp_path_factory.mktemp("ref") / "sweep"
+    cli = load_cli(SCRIPT)
+    with UNetRows() as counted:
+        result = cli.main(cli.parse_args([str(a) for a in sweep_args(setup, out)]))
+    return {"out": out, "rows": counted.rows, "result": result, "csv": read_csv(out / "sweep.csv")}
+
+
+def row(rows, method, w, metric="Brightness", n=None):
+    found = [r for r in rows if (r["method"], float(r["guidance_scale"]), r["metric"], r["num_gen_steps"])
+             == (method, w, metric, "" if n is None else str(n))]
+    assert len(found) == 1, (method, w, metric, n)
+    return found[0]
+
+
+def folder(out: Path, method: str, w: float, n=None, k=0) -> Path:
+    base = out / "cells" / f"w{w!r}_s{STEPS}"
+    if n is not None:
+        return Path(f"{base}_n{n}") / f"{method}_output"
+    return (base / f"k{k}" if k else base) / "standard_output"
+
+
+def test_tiny_sweep_end_to_end(reference, setup):
+    out, rows = reference["out"], reference["csv"]
+    assert set(REQUIRED) <= set(rows[0])
+    cells = [("standard", None), ("gnsnet", 1), ("gnsnet", 2), ("oracle", 1), ("oracle", 2), ("best_of_2", None)]
+    assert [(r["method"], r["num_gen_steps"] or None, float(r["guidance_scale"]), r["metric"]) for r in rows] == [
+        (m, None if n is None else str(n), w, metric) for w in SCALES for m, n in cells
+        for metric in ("Brightness", "Redness")]
+    assert all(r["n"] == str(len(INDICES)) for r in rows)
+    # every number is recomputed here from the images themselves
+    for metric, score in (("Brightness", brightness), ("Redness", redness)):
+        for w in SCALES:
+            standard = [score(folder(out, "standard", w) / f"{i}.png") for i in INDICES]
+            base = row(rows, "standard", w, metric)
+            assert float(base["mean"]) == pytest.approx(np.mean(standard), abs=1e-12) and base["diff"] == ""
+            for method, n in cells[1:5]:
+                values = [score(folder(out, method, w, n) / f"{i}.png") for i in INDICES]
+                r = row(rows, method, w, metric, n)
+                expected = paired_comparison(values, standard, samples=500, seed=0)
+                assert float(r["mean"]) == pytest.approx(np.mean(values), abs=1e-12)
+                assert float(r["diff"]) == pytest.approx(expected["diff_mean"], abs=1e-12)
+                assert (float(r["ci_low"]), float(r["ci_high"])) == pytest.approx(
+                    (expected["ci95_low"], expected["ci95_high"]), abs=1e-12)
+                assert float(r["win_rate"]) == expected["win_rate"]
+    # best_of_2: per prompt the candidate Brightness (the selection metric) scores higher; evaluated by both metrics
+    for w in SCALES:
+        k0 = [folder(out, "standard", w) / f"{i}.png" for i in INDICES]
+        k1 = [folder(out, "standard", w, k=1) / f"{i}.png" for i in INDICES]
+        picked = [b if brightness(b) > brightness(a) else a for a, b in zip(k0, k1)]
+        for metric, score in (("Brightness", brightness), ("Redness", redness)):
+            r = row(rows, "best_of_2", w, metric)
+            assert float(r["mean"]) == pytest.approx(np.mean([score(p) for p in picked]), abs=1e-12)
+        assert row(rows, "best_of_2", w)["selection_bias"].startswith("optimistic: the 2 candidates were selected "
+                                                                       "by Brightness")
+        assert row(rows, "best_of_2", w, "Redness")["selection_bias"] == ("held-out reward: selected by Brightness, "
+                                                                          "evaluated by Redness")
+        assert row(rows, "best_of_2", w)["selection_metric"] == "Brightness" and row(rows, "gnsnet", w, n=1)[
+            "selection_bias"] == ""
+    # vs tuned guidance: standard at the grid's best standard guidance (per metric), paired by prompt and seed
+    for metric, score in (("Brightness", brightness), ("Redness", redness)):
+        means = {w: np.mean([score(folder(out, "standard", w) / f"{i}.png") for i in INDICES]) for w in SCALES}
+        tuned = max(SCALES, key=lambda w: means[w])
+        tuned_scores = [score(folder(out, "standard", tuned) / f"{i}.png") for i in INDICES]
+        for r in (x for x in rows if x["metric"] == metric):
+            assert float(r["tuned_guidance_scale"]) == tuned
+            if r["method"] == "standard" and float(r["guidance_scale"]) == tuned:
+                assert r["diff_vs_tuned"] == ""
+            else:
+                values = [score(folder(out, "standard", float(r["guidance_scale"])) / f"{i}.png")
+                          for i in INDICES] if r["method"] == "standard" else None
+                if values is not None:
+                    assert float(r["diff_vs_tuned"]) == pytest.approx(np.mean(values) - np.mean(tuned_scores),
+                                                                      abs=1e-12)
+    # the outputs: plots per metric and a report that says best_of_K's caveat beside its number
+    for metric in ("Brightness", "Redness"):
+        for plot in ("reward_vs_guidance", "reward_vs_cost", "gain_vs_rollout"):
+            assert (out / f"{plot}_{metric}.png").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert "optimistic: the 2 candidates were selected by Brightness" in html and "Findings" in html
+    assert html.count("<img") >= 2 * len(cells) * min(4, len(INDICES))
+    assert "best_of_2" in reference["result"]["table"]
+
+
+def test_best_of_k_candidates_use_the_seed_rule(reference, tiny_pipeline):
+    """Candidate k of prompt i is the standard image of seed start_seed + i + k * 1,000,000 (k = 0: the standard
+    image itself, not made twice)."""
+    from golden_noise.sweep.grid import SEED_STRIDE
+
+    out = reference["out"]
+    assert not (out / "cells" / f"w1.0_s{STEPS}" / "k0").exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch in ([0, 1], [3, 4]):
+            for k in (0, 1):
+                gens = [torch.Generator().manual_seed(START_SEED + i + k * SEED_STRIDE) for i in batch]
+                images = tiny_pipeline([PROMPTS[i] for i in batch], generator=gens, num_inference_steps=STEPS,
+                                       guidance_scale=3.0).images
+                for i, image in zip(batch, images):
+                    made = np.asarray(Image.open(folder(out, "standard", 3.0, k=k) / f"{i}.png").convert("RGB"))
+                    assert np.array_equal(made, np.asarray(image.convert("RGB"))), (k, i)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cost_column_equals_unet_rows_counted_by_a_forward_hook(reference, setup, tiny_pipeline):
+    rows, p = reference["csv"], len(INDICES)
+    evals = lambda m, w, n=None: float(row(rows, m, w, n=n)["unet_rows_per_image"])  # noqa: E731
+    # the hook saw every row the sweep ran; each unit's images were made once (best_of_2's k = 0 is standard's)
+    expected = sum(p * (evals("standard", w) + (evals("best_of_2", w) - evals("standard", w))
+                        + sum(evals("gnsnet", w, n) + evals("oracle", w, n) for n in NS)) for w in SCALES)
+    assert reference["rows"] == expected
+    for w in SCALES:
+        per_step = 1 if w <= 1 else 2  # no CFG at w <= 1
+        assert evals("standard", w) == per_step * STEPS
+        assert evals("best_of_2", w) == 2 * per_step * STEPS
+        for n in NS:
+            assert evals("oracle", w, n) == 3 * n + per_step * STEPS  # w_w = 1: 3 rows per golden step
+            assert evals("gnsnet", w, n) == per_step * STEPS
+            r = row(rows, "gnsnet", w, n=n)
+            assert float(r["unet_evals_per_image"]) == evals("gnsnet", w, n) + float(r["rollout_unet_fraction"])
+        assert row(rows, "best_of_2", w)["reward_calls_per_image"] == "2"
+    # the rollout fraction: the RNN's FLOPs / one UNet forward's, here counted on the real modules (attention in
+    # its math form: FlopCounterMode does not count CPU's fused attention kernel)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from golden_noise.diffusion import encode_prompts
+    from golden_noise.inference import GoldenNoise
+
+    gn = GoldenNoise.from_pretrained(setup["export"], pipe=tiny_pipeline)
+    cond = encode_prompts(tiny_pipeline, [""], with_uncond=False)
+    with FlopCounterMode(display=False) as unet, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        tiny_pipeline.unet(torch.zeros(1, 4, 16, 16), 999, **cond.branch("cond"), return_dict=False)
+    text = gn.text_embeddings([""])  # (1, P): the text encoders are not the rollout
+    for n in NS:
+        with FlopCounterMode(display=False) as rnn, torch.no_grad():
+            gn.rollout(torch.zeros(1, 4, 16, 16), text, n)
+        fraction = rnn.get_total_flops() / unet.get_total_flops()
+        assert 0 < fraction
+        assert float(row(rows, "gnsnet", 3.0, n=n)["rollout_unet_fraction"]) == pytest.approx(fraction, rel=1e-12)
+
+
+def test_rerun_skips_complete_cells(reference, setup, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(reference["out"], out)
+    before = tree(out)
+    with UNetRows() as counted:
+        code, _, err = sweep(capsys, *sweep_args(setup, out))
+    assert code == 0, err
+    assert counted.rows == 0 and "12 complete, 0 to make" in err
+    after = tree(out)
+    changed = sorted(k for k in after if before.get(k) != after[k])
+    assert (out / "sweep.csv").read_bytes() == (reference["out"] / "sweep.csv").read_bytes()
+    assert all(not k.startswith("cells/") for k in changed), changed  # no image, manifest or score rewritten
+
+
+def test_killed_sweep_resumes_to_the_same_results(reference, setup, tmp_path, capsys, monkeypatch):
+    """Killed while making a unit's images, then while scoring: each rerun of the same command finishes the work
+    (complete units are skipped) and the final sweep.csv equals the uninterrupted one's (seconds aside)."""
+    import golden_noise.inference.batch as batch
+    import golden_noise.sweep.scores as scores
+
+    out = tmp_path / "sweep"
+
+    def die_after(module, name, calls):
+        real, seen = getattr(module, name), []
+
+        def dying(*a, **k):
+            if len(seen) == calls:
+                raise KeyboardInterrupt
+            seen.append(1)
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, dying)
+
+    die_after(batch, "atomic_save_image", 13)  # inside the fourth unit
+    code, _, err = sweep(capsys, *sweep_args(setup, out))
+    assert code == 130 and not (out / "sweep.csv").exists()
+    monkeypatch.undo()
+    die_after(scores, "atomic_write_json", 5)  # all images made, scoring half done
+    with UNetRows() as resumed:
+        code, _, err = sweep(capsys, *sweep_args(setup, out))
+    assert code == 130 and "3 complete, 9 to make" in err, err[-3000:]
+    assert 0 < resumed.rows < reference["rows"]  # the complete units were not made again
+    monkeypatch.undo()
+    with UNetRows() as finished:
+        code, _, err = sweep(capsys, *sweep_args(setup, out))
+    assert code == 0 and finished.rows == 0, err
+    drop = ("seconds_per_image",)
+    assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop)
+    for name, digest in tree(reference["out"]).items():
+        if name.endswith(".png"):
+            assert tree(out)[name] == digest, name
+
+
+def test_growing_a_sweep_reuses_its_cells_and_other_settings_are_refused(reference, setup, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(reference["out"], out)
+    with UNetRows() as counted:
+        code, _, err = sweep(capsys, *sweep_args(setup, out, scales=(*SCALES, 2.0)))
+    assert code == 0, err
+    rows = read_csv(out / "sweep.csv")
+    new = [r for r in rows if float(r["guidance_scale"]) == 2.0]
+    assert len(new) == 12 and "12 complete, 6 to make" in err
+    assert counted.rows == len(INDICES) * sum(float(r["unet_rows_per_image"]) for r in new
+                                              if r["metric"] == "Brightness" and r["method"] != "best_of_2") + \
+        len(INDICES) * float(row(new, "standard", 2.0)["unet_rows_per_image"])  # best_of_2's k = 1
+    old = [r for r in rows if float(r["guidance_scale"]) != 2.0]
+    assert [(r["method"], r["mean"]) for r in old] == [(r["method"], r["mean"]) for r in reference["csv"]]
+    settings = json.loads((out / "sweep_settings.json").read_text())
+    assert settings["guidance_scales"] == [1.0, 3.0, 2.0]
+    before = tree(out)
+    for args, diff in ((sweep_args(setup, out, batch_size=4), "batch_size: 2 -> 4"),
+                       (sweep_args(setup, out, "--start_seed", 7), "start_seed: 100 -> 7"),
+                       (sweep_args(setup, out, "--negative_prompt", "blurry"), "negative_prompt: None -> 'blurry'")):
+        code, _, err = sweep(capsys, *args)
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and line.startswith("error: ") and diff in line and "choose another --output_dir" in line
+    other = tmp_path / "other.py"
+    other.write_text(REWARDS, encoding="utf-8")
+    code, _, err = sweep(capsys, *sweep_args(setup, out, metrics=[f"{other}:Brightness"]))
+    assert code == 2 and "Brightness: {'reward': " in err and "another reward" in err
+    assert tree(out) == before
+
+
+def test_two_processes_make_the_same_sweep(reference, setup, tmp_path):
+    """accelerate launch with 2 processes (each takes its share of every unit's batches; the main process scores
+    and writes): the same images and the same sweep.csv (seconds aside) as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_training import free_port
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(ROOT / SCRIPT), *map(str, sweep_args(setup, out))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "cells" / f"w3.0_s{STEPS}" / "summary.json").read_text())["num_processes"] == 2
+    drop = ("seconds_per_image",)
+    assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop), proc.stderr[-3000:]
+    images = {k: v for k, v in tree(reference["out"]).items() if k.endswith(".png") and k.startswith("cells/")}
+    made = {k: v for k, v in tree(out).items() if k in images}
+    assert images and made == images, sorted(k for k in images if made.get(k) != images[k])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "standard", "best_of_1"], "invalid choice 'best_of_1'"),
+    (["--selection_metric", "Nope"], "--selection_metric Nope is not one of --metrics (Brightness, Redness)"),
+    (["--guidance_scales", "-1"], "--guidance_scales must not be negative"),
+    (["--num_gen_steps", "0"], "--num_gen_steps must be at least 1"),
+])
+def test_bad_flags_are_one_line_errors(setup, tmp_path, capsys, args, message):
+    code, _, err = sweep(capsys, *sweep_args(setup, tmp_path / "out"), *args)
+    assert code == 2 and message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out" / "sweep_settings.json").exists()
+
+
+def test_gnsnet_needs_an_rnn_and_unknown_rewards_fail_before_any_model(setup, tmp_path, capsys, monkeypatch):
+    import golden_noise.inference.config as config
+
+    monkeypatch.setattr(config, "load_job_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = [str(a) for a in sweep_args(setup, tmp_path / "out")]
+    no_rnn = [a for a in args if a not in ("--rnn_weights_path", str(setup["export"]))]
+    code, _, err = sweep(capsys, *no_rnn)
+    assert code == 2 and "--methods gnsnet needs --rnn_weights_path" in err
+    code, _, err = sweep(capsys, *args, "--metrics", f"{setup['rewards']}:Nope")
+    assert code == 2 and "defines no Nope" in err
+    with pytest.raises(UserError, match="best_of_K seeds"):
+        from golden_noise.sweep.grid import SEED_STRIDE
+        from golden_noise.sweep.run import prepare_sweep
+
+        cli = load_cli(SCRIPT)
+        job = cli.job_from_args(cli.parse_args(args))
+        job.max_prompts = None
+        big = tmp_path / "big.txt"
+        big.write_text("\n" * SEED_STRIDE + "one prompt too far\n", encoding="utf-8")
+        job.prompt_file = str(big)
+        prepare_sweep(job, _state())
+
+
+def _state():
+    from golden_noise.runtime import distributed_state
+
+    return distributed_state()
+
+
+def test_bench_sweep_quick_measures_the_unet_and_vae_share(tmp_path):
+    """bench/bench_sweep.py --quick runs a real sweep on the toy world and reports the UNet + VAE share of its wall
+    time (the quotient of the times it printed) and of its image phase."""
+    from tests.test_bench import bench
+
+    res, stdout = bench("bench/bench_sweep.py", tmp_path, "--quick")
+    row = res["rows"][0]
+    assert row["batch"] == 8 and row["unet_s"] > 0 and row["vae_s"] > 0 and row["text_s"] > 0
+    assert row["share"] == pytest.approx((row["unet_s"] + row["vae_s"]) / row["wall_s"])
+    assert 0 < row["share"] < row["share_of_image_phase"] <= 1
+    assert res["ratios"]["unet_vae_share_of_sweep_wall_time[batch=8]"] == row["share"]
+    assert "unet_vae_share_of_sweep_wall_time[batch=8]" in stdout and "targets:" in stdout
