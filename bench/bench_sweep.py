@@ -87,19 +87,25 @@ class Timed:
 
 
 def timing_loader(totals: dict):
-    """A stand-in for inference.config.load_job_pipeline that times the UNet forward, the VAE decode and the text
-    encoders of the pipeline it loads (the sweep loads its pipeline once)."""
+    """A stand-in for inference.config.load_job_pipelines that times the denoiser forward, the VAE decode and the
+    text encoders of the pipelines it loads (the sweep loads them once)."""
+    from golden_noise.diffusion import family_of
     from golden_noise.inference import config
 
-    real = config.load_job_pipeline
+    real = config.load_job_pipelines
 
     def load(*args, **kwargs):
-        pipe = real(*args, **kwargs)
-        Timed(pipe.unet, "forward", totals, "unet")
-        Timed(pipe.vae, "decode", totals, "vae")
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-            Timed(encoder, "forward", totals, "text")
-        return pipe
+        pipe, sampler = real(*args, **kwargs)
+        modules = {}
+        for p in (pipe, sampler):
+            modules[id(family_of(p).denoiser)] = (family_of(p).denoiser, "forward", "unet")
+            modules[id(p.vae)] = (p.vae, "decode", "vae")
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                if getattr(p, name, None) is not None:
+                    modules[id(getattr(p, name))] = (getattr(p, name), "forward", "text")
+        for module, method, key in modules.values():
+            Timed(module, method, totals, key)
+        return pipe, sampler
 
     return load
 
@@ -120,14 +126,14 @@ def run_one(args, export: str, batch_size: int, out: Path) -> dict:
                    pipeline=PipelineSpec(base_model_id=args.world, device="cpu"), bootstrap_samples=2000,
                    progress=False)
     seconds = {"unet": 0.0, "vae": 0.0, "text": 0.0}
-    real = config.load_job_pipeline
-    config.load_job_pipeline = timing_loader(seconds)
+    real = config.load_job_pipelines
+    config.load_job_pipelines = timing_loader(seconds)
     try:
         t0 = time.perf_counter()
         result = run_sweep(job)
         wall = time.perf_counter() - t0
     finally:
-        config.load_job_pipeline = real
+        config.load_job_pipelines = real
     t = result["timings"]
     inside = seconds["unet"] + seconds["vae"]
     return {"batch": batch_size, "wall_s": wall, "unet_s": seconds["unet"], "vae_s": seconds["vae"],

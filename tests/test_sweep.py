@@ -377,7 +377,7 @@ def test_bad_flags_are_one_line_errors(setup, tmp_path, capsys, args, message):
 def test_gnsnet_needs_an_rnn_and_unknown_rewards_fail_before_any_model(setup, tmp_path, capsys, monkeypatch):
     import golden_noise.inference.config as config
 
-    monkeypatch.setattr(config, "load_job_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(config, "load_job_pipelines", lambda *a, **k: pytest.fail("a model was loaded"))
     args = [str(a) for a in sweep_args(setup, tmp_path / "out")]
     no_rnn = [a for a in args if a not in ("--rnn_weights_path", str(setup["export"]))]
     code, _, err = sweep(capsys, *no_rnn)
@@ -415,3 +415,34 @@ def test_bench_sweep_quick_measures_the_unet_and_vae_share(tmp_path):
     assert 0 < row["share"] < row["share_of_image_phase"] <= 1
     assert res["ratios"]["unet_vae_share_of_sweep_wall_time[batch=8]"] == row["share"]
     assert "unet_vae_share_of_sweep_wall_time[batch=8]" in stdout and "targets:" in stdout
+
+
+def test_sweep_with_a_separate_sampler(setup, tiny_pipeline, tmp_path, capsys):
+    """--sampling_unet/--scheduler/--timestep_spacing reach every cell: the standard image is what plain diffusers
+    makes with the swapped UNet and that scheduler; the sweep's settings refuse a rerun with another sampler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from golden_noise.testing.pipelines import build_tiny_sdxl_pipeline
+
+    fast = build_tiny_sdxl_pipeline(seed=7).unet
+    save_file({k: v.contiguous() for k, v in fast.state_dict().items()}, tmp_path / "fast_unet.safetensors")
+    sampler = ["--sampling_unet", tmp_path / "fast_unet.safetensors", "--scheduler", "euler", "--timestep_spacing",
+               "trailing"]
+    out = tmp_path / "out"
+    args = sweep_args(setup, out, *sampler, scales=(1.0,), methods=("standard", "gnsnet"),
+                      metrics=[f"{setup['rewards']}:Brightness"])
+    code, _, err = sweep(capsys, *args)
+    assert code == 0, err
+    ref = StableDiffusionXLPipeline.from_pipe(tiny_pipeline, unet=fast)
+    ref.scheduler = EulerDiscreteScheduler.from_config(tiny_pipeline.scheduler.config, timestep_spacing="trailing")
+    ref.set_progress_bar_config(disable=True)
+    images = ref(PROMPTS[:1], generator=[torch.Generator().manual_seed(START_SEED)], num_inference_steps=STEPS,
+                 guidance_scale=1.0).images
+    assert np.array_equal(np.asarray(Image.open(folder(out, "standard", 1.0) / "0.png").convert("RGB")),
+                          np.asarray(images[0]))
+    settings = json.loads((out / "sweep_settings.json").read_text())
+    assert settings["sampling_unet"].endswith("fast_unet.safetensors") and settings["timestep_spacing"] == "trailing"
+    before = tree(out)
+    code, _, err = sweep(capsys, *[a for a in args if str(a) not in map(str, sampler[:2])])
+    assert code == 2 and "sampling_unet" in err.strip().splitlines()[-1] and tree(out) == before

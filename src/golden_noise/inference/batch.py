@@ -108,13 +108,14 @@ def check_batch(job: BatchJob) -> None:
     golden_config_from(None, **job.golden_overrides)  # refuses negative guidance scales, naming the flag
 
 
-def run_batch(job: BatchJob, state=None, pipe=None) -> dict | None:
+def run_batch(job: BatchJob, state=None, pipe=None, sampler=None) -> dict | None:
     """Generate every missing image of `job` on this process's share of the global batches.
 
     Resumable: a batch whose images of a method are all there (and intact) is skipped; a batch with some missing
     is recomputed whole (same batch composition, so the same pixels) and only the missing files are written.
     Returns the summary on the main process (None elsewhere) after merging the manifest. `pipe`: a pipeline
-    already loaded as `job.pipeline` says (the sweep runs many jobs on one)."""
+    already loaded as `job.pipeline` says (the sweep runs many jobs on one), and `sampler` the one built for
+    `job.sampling` from it (None: built here)."""
     from ..runs import RunLock
     from ..runtime import distributed_state
 
@@ -126,7 +127,7 @@ def run_batch(job: BatchJob, state=None, pipe=None) -> dict | None:
         logger.info("Running batch inference: %d prompts x methods %s, batch %d, %d process(es), into %s",
                     len(run.prompts), " ".join(job.methods), job.batch_size, state.num_processes, run.out)
     try:
-        load_pipeline_for(run, pipe)
+        load_pipeline_for(run, pipe, sampler)
         stats = generate(run)
         return finish(run, stats)
     finally:
@@ -160,9 +161,9 @@ def prepare_batch(job: BatchJob, state) -> BatchRun:
     return BatchRun(job, state, out, prompts, gn, settings, golden)
 
 
-def load_pipeline_for(run: BatchRun, pipe=None) -> None:
-    """Load the pipeline (or take `pipe`, loaded from the same spec), refuse a rerun whose resolved sizes differ,
-    then (main process) remove stale temporary files and record the settings."""
+def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
+    """Load the pipeline and its sampler (or take `pipe` and `sampler`, loaded from the same spec), refuse a rerun
+    whose resolved sizes differ, then (main process) remove stale temporary files and record the settings."""
     from ..npd import package_versions
     from ..runs import read_settings, refuse_mixed_rerun
     from .config import load_job_pipelines, sampling_record
@@ -170,10 +171,10 @@ def load_pipeline_for(run: BatchRun, pipe=None) -> None:
 
     device = run.settings["device_used"]
     if pipe is not None:  # the sweep's pipeline, loaded once from the same spec
-        run.pipe = pipe
-        spec = run.job.pipeline
-        run.sampler = build_sampler(pipe, run.job.sampling, run.settings, device, spec.enable_model_cpu_offload,
-                                    spec.enable_vae_slicing, spec.enable_vae_tiling)
+        run.pipe, spec = pipe, run.job.pipeline
+        run.sampler = sampler if sampler is not None else build_sampler(
+            pipe, run.job.sampling, run.settings, device, spec.enable_model_cpu_offload, spec.enable_vae_slicing,
+            spec.enable_vae_tiling)
     else:
         if run.state.is_main_process:
             logger.info("loading %s (%s on %s)", run.settings["base_model_id_used"], run.settings["dtype_used"],

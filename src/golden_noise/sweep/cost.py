@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.base import ModelRows  # noqa: F401  (re-exported: the sweep counts rows with it)
 
 
 def denoiser(pipe):

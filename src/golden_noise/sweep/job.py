@@ -16,7 +16,9 @@ from .grid import GOLDEN, SEED_STRIDE, Unit
 SETTINGS_FILE = "sweep_settings.json"
 PROMPTS_FILE = "prompts.txt"  # the prompts the sweep uses (after --max_prompts), one per line, by index
 # what a rerun must keep: everything that shapes a cell's pixels (the grid, the methods and the metrics may grow)
-EARLY_KEYS = ("prompt_fingerprint", "start_seed", "seed_stride", "batch_size", "negative_prompt", "scheduler",
+SAMPLER_KEYS = ("scheduler", "timestep_spacing", "sampling_model_id", "sampling_unet", "sampling_lora",
+                "sampling_lora_scale")  # the separate sampler: the same in every cell
+EARLY_KEYS = ("prompt_fingerprint", "start_seed", "seed_stride", "batch_size", "negative_prompt", *SAMPLER_KEYS,
               "height", "width", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
               "enable_vae_slicing", "enable_vae_tiling", "golden", "rnn_sha256")
 LOADED_KEYS = ("height_used", "width_used", "latent_shape", "pipeline_class", "scheduler_class")  # once loaded

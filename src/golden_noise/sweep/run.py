@@ -18,7 +18,8 @@ from ..methods import folder
 from ..prompts import Prompt
 from ..runtime import get_logger
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
-from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SETTINGS_FILE, SweepJob, check_job,
+from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_KEYS, SETTINGS_FILE, SweepJob,
+                  check_job,
                   metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
 
 logger = get_logger(__name__)
@@ -37,6 +38,7 @@ class SweepPlan:
     settings: dict
     gn: object = None
     pipe: object = None
+    sampler: object = None  # the pipeline that samples the images: `pipe` itself unless a separate sampler is asked
     timings: dict = field(default_factory=dict)
 
     @property
@@ -68,7 +70,7 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     settings = {"prompt_file": str(job.prompt_file), "prompt_fingerprint": prompt_fingerprint(prompts),
                 "num_prompts": len(prompts), "start_seed": job.start_seed, "seed_stride": SEED_STRIDE,
                 "batch_size": job.batch_size, "negative_prompt": sampling.negative_prompt,
-                "scheduler": sampling.scheduler, "height": sampling.height, "width": sampling.width,
+                **{k: getattr(sampling, k) for k in SAMPLER_KEYS}, "height": sampling.height, "width": sampling.width,
                 **pipeline_record(job.pipeline, gn, device), "revision": job.pipeline.revision,
                 "variant": job.pipeline.variant, "enable_vae_slicing": job.pipeline.enable_vae_slicing,
                 "enable_vae_tiling": job.pipeline.enable_vae_tiling, "golden": golden.to_dict() if golden else None,
@@ -105,13 +107,13 @@ def record_settings(plan: SweepPlan) -> None:
 
 
 def load_models(plan: SweepPlan) -> None:
-    """Load the pipeline once (as stage 5 would for every unit)."""
-    from ..inference.config import load_job_pipeline
+    """Load the pipeline and its sampler once (as stage 5 would for every unit)."""
+    from ..inference.config import load_job_pipelines
 
     device = plan.settings["device_used"]
     if plan.state.is_main_process:
         logger.info("loading %s (%s on %s)", plan.settings["base_model_id_used"], plan.settings["dtype_used"], device)
-    plan.pipe = load_job_pipeline(plan.job.pipeline, plan.job.sampling, plan.settings, device)
+    plan.pipe, plan.sampler = load_job_pipelines(plan.job.pipeline, plan.job.sampling, plan.settings, device)
 
 
 def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
@@ -157,7 +159,7 @@ def make_images(plan: SweepPlan) -> None:
         unit = plan.units[i]
         if state.is_main_process:
             logger.info("unit %d/%d: %s", number, len(todo), unit.label())
-        run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out), state, pipe=plan.pipe)
+        run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out), state, pipe=plan.pipe, sampler=plan.sampler)
     plan.timings["images_seconds"] = time.perf_counter() - started
 
 
