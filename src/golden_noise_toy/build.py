@@ -20,8 +20,8 @@ from .components import (AttributeClassifier, ClassifierConfig, NetworkConfig, b
                          build_vae)
 from .grammar import WorldSpec
 from .render import render, sample_scenes
-from .training import (UNetData, classifier_accuracy, decode_latents, encode_images, train_classifier, train_unet,
-                       train_vae)
+from .training import (UNetData, classifier_accuracy, decode_latents, encode_images, seed_generator,
+                       train_classifier, train_unet, train_vae)
 
 logger = get_logger(__name__)
 REWARD_DIR = "toy_reward"
@@ -80,15 +80,10 @@ PRESETS = {
 }
 
 
-def _seed_generator(seed: int, phase: int) -> torch.Generator:
-    """One generator per build phase, so phases do not shift each other's random streams."""
-    torch.manual_seed(seed * 1000 + phase)
-    return torch.Generator().manual_seed(seed * 1000 + phase)
-
-
 def build_world(output_dir: str | Path, preset: str | Preset = "default", seed: int = 0, overwrite: bool = False,
-                quiet: bool = False) -> dict:
-    """Build the world into `output_dir` (written beside it, renamed into place at the end); return the summary."""
+                quiet: bool = False, student: bool = False) -> dict:
+    """Build the world into `output_dir` (written beside it, renamed into place at the end); return the summary.
+    With `student`, also distil the world's few-step student (student.py; the student preset of the same name)."""
     name = preset if isinstance(preset, str) else "custom"
     if isinstance(preset, str):
         if preset not in PRESETS:
@@ -105,6 +100,10 @@ def build_world(output_dir: str | Path, preset: str | Preset = "default", seed: 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         summary = _build(tmp, preset, name, seed, quiet)
+        if student:
+            from .student import STUDENT_PRESETS, build_student
+
+            summary["student"] = build_student(tmp, name if name in STUDENT_PRESETS else "default", seed, quiet=quiet)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,9 +128,9 @@ def _build(out: Path, p: Preset, name: str, seed: int, quiet: bool) -> dict:
     clock = time.perf_counter()
 
     # 1. procedural data: a training pool and a held-out set
-    scenes = sample_scenes(spec, p.train_images, _seed_generator(seed, 1))
+    scenes = sample_scenes(spec, p.train_images, seed_generator(seed, 1))
     images = render(spec, scenes)  # (N, 3, S, S) in [0, 1]
-    held = sample_scenes(spec, p.eval_images, _seed_generator(seed, 2))
+    held = sample_scenes(spec, p.eval_images, seed_generator(seed, 2))
     held_images = render(spec, held)
     timings["render_s"] = time.perf_counter() - clock
 
@@ -139,7 +138,7 @@ def _build(out: Path, p: Preset, name: str, seed: int, quiet: bool) -> dict:
     clock = time.perf_counter()
     vae = build_vae(net, spec.image_size, seed * 1000 + 3)
     stats = train_vae(vae, images, p.vae_steps, p.vae_batch, p.vae_lr, p.vae_kl_weight, p.vae_crop,
-                      _seed_generator(seed, 4), quiet)
+                      seed_generator(seed, 4), quiet)
     with torch.no_grad():
         mean, std = encode_images(vae, images)
         ch_mean = mean.mean((0, 2, 3))
@@ -161,7 +160,7 @@ def _build(out: Path, p: Preset, name: str, seed: int, quiet: bool) -> dict:
                                channels=list(net.classifier_channels))
     classifier = AttributeClassifier(cconfig)
     stats.update(train_classifier(classifier, [images, recon], scenes.labels, p.classifier_steps,
-                                  p.classifier_batch, p.classifier_lr, p.classifier_noise, _seed_generator(seed, 6),
+                                  p.classifier_batch, p.classifier_lr, p.classifier_noise, seed_generator(seed, 6),
                                   quiet))
     stats["reward_accuracy_clean"] = classifier_accuracy(classifier, held_images, held.labels)
     stats["reward_accuracy_vae"] = classifier_accuracy(classifier, held_recon, held.labels)
@@ -187,7 +186,7 @@ def _build(out: Path, p: Preset, name: str, seed: int, quiet: bool) -> dict:
                     caption=torch.tensor([caption_index[c] for c in scenes.captions(spec)]), token_ids=token_ids)
     time_ids = sdxl_time_ids(spec.image_size, spec.image_size, 1)
     stats.update(train_unet(unet, te1, te2, data, sdxl_scheduler_config(), time_ids, p.unet_steps, p.unet_batch,
-                            p.unet_lr, p.caption_dropout, p.ema_decay, p.min_snr_gamma, _seed_generator(seed, 9),
+                            p.unet_lr, p.caption_dropout, p.ema_decay, p.min_snr_gamma, seed_generator(seed, 9),
                             quiet))
     timings["unet_s"] = time.perf_counter() - clock
 

@@ -16,12 +16,19 @@ from golden_noise.training.core import warmup_cosine
 from .components import AttributeClassifier, encode_token_ids
 
 
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
+def cosine_lr(step: int, total: int, warmup: int) -> float:
     """Linear warmup then cosine decay to 0, as a multiplier of the peak learning rate (the core's rule)."""
     return warmup_cosine(step, warmup, total)
 
 
-def _progress(total: int, desc: str, disable: bool):
+def seed_generator(seed: int, phase: int) -> torch.Generator:
+    """One generator per build phase, so phases do not shift each other's random streams."""
+    torch.manual_seed(seed * 1000 + phase)
+    return torch.Generator().manual_seed(seed * 1000 + phase)
+
+
+def progress_bar(total: int, desc: str, disable: bool):
+    """A tqdm bar that leaves nothing behind (off when `disable`)."""
     return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False)
 
 
@@ -33,11 +40,11 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     n, _, h, w = images.shape
     vae.train()
-    bar = _progress(steps, "train VAE", quiet)
+    bar = progress_bar(steps, "train VAE", quiet)
     mse = kl = torch.zeros(())
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * _cosine_lr(step, steps, max(1, steps // 20))
+            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
         idx = torch.randint(n, (batch_size,), generator=generator)
         oy, ox = (torch.randint((h - crop) // f + 1, (2,), generator=generator) * f).tolist()
         x = images[idx, :, oy:oy + crop, ox:ox + crop] * 2 - 1  # (B, 3, crop, crop) in [-1, 1]
@@ -83,11 +90,11 @@ def train_classifier(classifier: AttributeClassifier, views: list[torch.Tensor],
     opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
     names = list(classifier.config.attributes)
     classifier.train()
-    bar = _progress(steps, "train reward classifier", quiet)
+    bar = progress_bar(steps, "train reward classifier", quiet)
     loss = torch.zeros(())
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * _cosine_lr(step, steps, max(1, steps // 20))
+            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
         idx = torch.randint(labels.shape[0], (batch_size,), generator=generator)
         view = torch.randint(len(views), (batch_size,), generator=generator)
         x = torch.stack([v[idx] for v in views])[view, torch.arange(batch_size)]  # (B, 3, H, W)
@@ -168,11 +175,11 @@ def train_unet(unet, te1, te2, data: UNetData, scheduler_config: dict, time_ids:
     for m in modules:
         m.train()
     n = data.mean.shape[0]
-    bar = _progress(steps, "train UNet", quiet)
+    bar = progress_bar(steps, "train UNet", quiet)
     running = None
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * _cosine_lr(step, steps, max(1, steps // 20))
+            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
         idx = torch.randint(n, (batch_size,), generator=generator)
         z0 = data.mean[idx] + data.std[idx] * torch.randn(data.mean[idx].shape, generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
