@@ -289,14 +289,14 @@ def test_bad_flags_are_one_line_errors(argv, message, capsys):
 
 
 def test_one_warmup_cosine_rule():
-    from golden_noise_toy.training import _cosine_lr
+    from golden_noise_toy.training import cosine_lr
 
     assert [warmup_cosine(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert warmup_cosine(12, 4, 20) == pytest.approx(0.5) and warmup_cosine(20, 4, 20) == 0.0
     assert warmup_cosine(12, 4, 20, min_lr_ratio=0.1) == pytest.approx(0.55)
     for total in (60, 600, 3000):  # the toy world's builder uses the core's rule, bit for bit
         warmup = max(1, total // 20)
-        assert all(_cosine_lr(s, total, warmup) == warmup_cosine(s, warmup, total) for s in range(total))
+        assert all(cosine_lr(s, total, warmup) == warmup_cosine(s, warmup, total) for s in range(total))
 
 
 # ---- training ------------------------------------------------------------------------------------------------
