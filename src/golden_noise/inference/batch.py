@@ -253,13 +253,52 @@ def generate(run: BatchRun) -> dict:
     bar = tqdm(total=len(batches) * len(run.job.methods), desc=f"batches x methods (process {state.process_index})",
                unit="batch", disable=not state.is_main_process)
     with open(part, "a", encoding="utf-8") as part_file:
-        for batch in batches:
-            generate_batch(run, batch, part_file, stats, bar)
+        writer = ImageWriter(part_file)
+        try:
+            for batch in batches:
+                generate_batch(run, batch, writer, stats, bar)
+        finally:
+            writer.close()  # every image already made reaches the disk (and the manifest part), also on Ctrl-C
     bar.close()
     return stats
 
 
-def generate_batch(run: BatchRun, batch: list[Prompt], part_file, stats: dict, bar) -> None:
+class ImageWriter:
+    """Saves each batch's files on one background thread, in order, so PNG encoding overlaps the next batch's
+    denoising; a manifest row is written only once its image (and noise) is on disk. At most two batches wait."""
+
+    def __init__(self, part_file):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.part_file, self.pool, self.pending = part_file, ThreadPoolExecutor(max_workers=1), []
+
+    def submit(self, items: list[tuple]) -> None:
+        """items: (noise tensor or None, noise path, PIL image, image path, manifest row) per image."""
+        self.pending.append(self.pool.submit(self._write, items))
+        self._reap(block=len(self.pending) > 2)
+
+    def _write(self, items: list[tuple]) -> None:
+        for noise, noise_path, image, path, row in items:
+            if noise is not None:  # before the image: an intact image implies its noise is there
+                atomic_torch_save(noise, noise_path)
+            atomic_save_image(image, path)
+            self.part_file.write(json.dumps(row) + "\n")
+            self.part_file.flush()
+
+    def _reap(self, block: bool) -> None:
+        while self.pending and (block or self.pending[0].done()):
+            self.pending.pop(0).result()  # re-raises a write error (e.g. a full disk) here
+            block = block and len(self.pending) > 2
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.pop(0).result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stats: dict, bar) -> None:
     """Every method's missing images of one global batch (the whole batch is computed, so pixels never depend
     on which of its images were missing)."""
     job, out, s = run.job, run.out, run.settings
@@ -291,20 +330,19 @@ def generate_batch(run: BatchRun, batch: list[Prompt], part_file, stats: dict, b
             _sync(device)
         t2 = time.perf_counter()
         noise_s, sample_s = (t1 - t0) / len(batch), (t2 - t1) / len(batch)
+        items = []
         for i in missing:
             p = batch[i]
-            if job.save_noise:  # before the image: an intact image implies its noise is there
-                atomic_torch_save(latents[i].detach().float().cpu().clone(), noises[i])
-            atomic_save_image(images[i], files[i])
+            noise = latents[i].detach().float().cpu().clone() if job.save_noise else None  # (C, H, W)
             row = {"index": p.index, "prompt": p.text, "seed": seeds[i], "method": method,
                    "file": f"{folder(method)}/{p.index}.png", "seconds": round(noise_s + sample_s, 6),
                    "noise_seconds": round(noise_s, 6), "sampling_seconds": round(sample_s, 6),
                    "unet_evals": rows.rows / len(batch)}
-            part_file.write(json.dumps(row) + "\n")
-            part_file.flush()
+            items.append((noise, noises[i], images[i], files[i], row))
             stats["generated"][method] = stats["generated"].get(method, 0) + 1
             stats["noise_seconds"].setdefault(method, []).append(noise_s)
             stats["sampling_seconds"].setdefault(method, []).append(sample_s)
+        writer.submit(items)
         bar.update(1)
 
 
