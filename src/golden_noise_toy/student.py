@@ -28,7 +28,7 @@ import torch
 from golden_noise.errors import UserError
 from golden_noise.io import atomic_write_json
 from golden_noise.runtime import get_logger
-from .training import EMA, cosine_lr, progress_bar, seed_generator
+from .training import EMA, cosine_lr, ema_step, progress_bar, seed_generator
 
 logger = get_logger(__name__)
 
@@ -175,14 +175,7 @@ def train_student(unet, data: LineData, alphas: torch.Tensor, timesteps: torch.T
                                       "time_ids": data.time_ids.expand(p.batch, -1)}).sample
         x0_hat = (xt - (1 - a).sqrt() * eps) / a.sqrt()
         loss = ((x0_hat - x0) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
+        running = ema_step(loss, opt, params, ema, running, bar)
     bar.close()
     ema.copy_to_params()
     unet.eval()

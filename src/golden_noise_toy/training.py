@@ -157,6 +157,20 @@ class EMA:
             p.copy_(s)
 
 
+def ema_step(loss: torch.Tensor, opt, params, ema, running: float | None, bar) -> float:
+    """One optimizer step with the gradient norm clipped to 1 and the EMA updated; returns the running loss (also
+    shown on `bar`)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.update()
+    running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+    bar.update(1)
+    bar.set_postfix(loss=f"{running:.4f}")
+    return running
+
+
 def train_unet(unet, te1, te2, data: UNetData, scheduler_config: dict, time_ids: torch.Tensor, steps: int,
                batch_size: int, lr: float, caption_dropout: float, ema_decay: float, min_snr_gamma: float,
                generator: torch.Generator, quiet: bool = False) -> dict:
@@ -195,14 +209,7 @@ def train_unet(unet, te1, te2, data: UNetData, scheduler_config: dict, time_ids:
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(batch_size, -1)}).sample
         weight = snr[t].clamp(max=min_snr_gamma) / snr[t] if min_snr_gamma > 0 else torch.ones(batch_size)
         loss = (weight * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
+        running = ema_step(loss, opt, params, ema, running, bar)
     bar.close()
     ema.copy_to_params()
     for m in modules:
