@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 from golden_noise.diffusion import encode_prompts, seeded_noise
 from golden_noise.golden import GoldenStep
 from golden_noise.errors import UserError
+from golden_noise.inference.batch import recorded_images
 from golden_noise.io import load_tensor
 from tests.conftest import ROOT, run_cli
 from tests.test_inference import TRAIN_GOLDEN, TRAIN_STEPS, load_cli, make_export, pixels
@@ -299,12 +301,38 @@ def test_killed_run_with_default_flags_resumes_exactly(setup, tmp_path):
     foreign = out / ".notes.tmp"  # not a name atomic writes use: left alone
     foreign.write_text("mine")
     images[0].write_bytes(images[0].read_bytes()[:100])  # truncated
+    # kept: the intact images whose manifest row reached the disk before the kill (the kill may land between an
+    # image and its row: that image is made again)
+    recorded = recorded_images(out)
+    kept = [p for p in images[1:] if (int(p.stem), p.parent.name.removesuffix("_output")) in recorded]
 
     summary = cli.main(cli.parse_args([*required, "--output_base_dir", str(out)]))
     assert outputs(out) == outputs(reference)
     assert manifest(out) == manifest(reference)
     assert not stale.exists() and foreign.read_text() == "mine"
-    assert sum(s["generated_this_run"] for s in summary["methods"].values()) == 2 * len(INDICES) - len(images) + 1
+    assert sum(s["generated_this_run"] for s in summary["methods"].values()) == 2 * len(INDICES) - len(kept)
+
+
+def test_an_image_without_its_manifest_row_is_made_again(reference, setup, tmp_path):
+    """A kill between an image's write and its manifest row leaves an intact image no row records: the rerun
+    makes it again (here a stand-in PNG with other pixels) rather than skip it and lose its row."""
+    out = tmp_path / "unrecorded"
+    shutil.copytree(reference, out)
+    rows = manifest(out, with_times=True)
+    lost = next(r for r in rows if r["method"] == "gnsnet")
+    with open(out / "manifest.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in rows if r is not lost)
+    shutil.copyfile(out / "standard_output" / f"{lost['index']}.png", out / lost["file"])  # intact, wrong pixels
+    assert (int(lost["index"]), "gnsnet") not in recorded_images(out)
+
+    cli = load_cli("scripts/batch_inference.py")
+    summary = cli.main(cli.parse_args([str(a) for a in batch_args(setup, out)] + ["--device", "cpu"]))
+    assert {m: s["generated_this_run"] for m, s in summary["methods"].items()} == \
+        {"standard": 0, "gnsnet": 1, "oracle": 0}
+    assert outputs(out) == outputs(reference)
+    assert manifest(out) == manifest(reference)
 
 
 def test_one_line_errors_before_any_model(setup, tmp_path, capsys):

@@ -250,13 +250,14 @@ def generate(run: BatchRun) -> dict:
     part = run.out / ".manifest_parts" / f"rank{state.process_index}-{os.getpid()}.jsonl"
     part.parent.mkdir(parents=True, exist_ok=True)
     stats = {"generated": {}, "skipped": {}, "noise_seconds": {}, "sampling_seconds": {}}
+    recorded = recorded_images(run.out)
     bar = tqdm(total=len(batches) * len(run.job.methods), desc=f"batches x methods (process {state.process_index})",
                unit="batch", disable=not state.is_main_process)
     with open(part, "a", encoding="utf-8") as part_file:
         writer = ImageWriter(part_file)
         try:
             for batch in batches:
-                generate_batch(run, batch, writer, stats, bar)
+                generate_batch(run, batch, writer, stats, bar, recorded)
         finally:
             writer.close()  # every image already made reaches the disk (and the manifest part), also on Ctrl-C
     bar.close()
@@ -298,9 +299,17 @@ class ImageWriter:
             self.pool.shutdown(wait=True)
 
 
-def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stats: dict, bar) -> None:
+def recorded_images(out: Path) -> set[tuple[int, str]]:
+    """(index, method) of every image a manifest row (merged or in a per-process part) records. An image on disk
+    without its row was cut off by a kill between the two writes: it counts as missing and is made again."""
+    return {(int(row["index"]), row["method"]) for row in _read_manifest_rows(out)}
+
+
+def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stats: dict, bar,
+                   recorded: set[tuple[int, str]]) -> None:
     """Every method's missing images of one global batch (the whole batch is computed, so pixels never depend
-    on which of its images were missing)."""
+    on which of its images were missing). Missing: not an intact PNG, no manifest row, or (with --save_noise)
+    no intact noise file."""
     job, out, s = run.job, run.out, run.settings
     texts = [p.text for p in batch]
     seeds = [job.start_seed + p.index for p in batch]
@@ -308,8 +317,9 @@ def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stat
     for method in job.methods:
         files = [out / folder(method) / f"{p.index}.png" for p in batch]
         noises = [out / "noise" / method / f"{p.index}.pt" for p in batch]
-        missing = [i for i in range(len(batch))
-                   if not intact_png(files[i]) or (job.save_noise and not intact_tensor_file(noises[i]))]
+        missing = [i for i, p in enumerate(batch)
+                   if not intact_png(files[i]) or (p.index, method) not in recorded
+                   or (job.save_noise and not intact_tensor_file(noises[i]))]
         stats["skipped"][method] = stats["skipped"].get(method, 0) + len(batch) - len(missing)
         if not missing:
             bar.update(1)

@@ -117,8 +117,7 @@ def load_models(plan: SweepPlan) -> None:
 
 
 def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
-    """Nothing for the batch runner to do: every image of the unit is intact, and its manifest lists them (or no
-    per-process manifest part is waiting to be merged: a row lost to a kill is never written again)."""
+    """Nothing for the batch runner to do: every image of the unit is intact and its merged manifest lists it."""
     import csv
 
     from ..inference.batch import SETTINGS_FILE as BATCH_SETTINGS, intact_png
@@ -131,7 +130,7 @@ def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
         return False
     with open(base / "manifest.csv", encoding="utf-8", newline="") as f:
         listed = {int(r["index"]) for r in csv.DictReader(f) if r.get("method") == unit.method}
-    return listed >= set(plan.indices) or not (base / ".manifest_parts").exists()
+    return listed >= set(plan.indices)
 
 
 def _broadcast(state, value):
