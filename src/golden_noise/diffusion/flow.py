@@ -31,6 +31,11 @@ class FlowMatchingFamily(DiffusionFamily):
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.patch_size
 
+    def default_size(self) -> tuple[int, int]:
+        """The pipeline's own default (its transformer's sample_size counts patches, not latent pixels)."""
+        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
+        return size, size
+
     def image_seq_len(self, height: int, width: int) -> int:
         """Tokens of one image in the transformer (what dynamic shifting keys on)."""
         _, h, w = self.latent_shape(height, width)
@@ -70,10 +75,6 @@ class SD3Family(FlowMatchingFamily):
     @classmethod
     def matches(cls, pipe) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
-
-    def default_size(self) -> tuple[int, int]:
-        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
-        return size, size
 
     @torch.no_grad()
     def encode(self, prompts, negative_prompt=None, height=None, width=None, with_uncond=True) -> Conditioning:

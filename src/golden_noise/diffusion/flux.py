@@ -35,10 +35,6 @@ class FluxFamily(FlowMatchingFamily):
     def guidance_embeds(self) -> bool:
         return bool(self.denoiser.config.get("guidance_embeds", False))
 
-    def default_size(self) -> tuple[int, int]:
-        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
-        return size, size
-
     def schedule(self, num_steps: int, height: int | None = None, width: int | None = None):
         """(sigmas, timesteps) as FluxPipeline.__call__ sets them: linspace sigmas, shift mu from the image size."""
         import numpy as np
