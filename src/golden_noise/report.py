@@ -87,27 +87,32 @@ def format_table(results: dict, baseline: str) -> str:
     return text_table(rows[1:], header=rows[0])
 
 
-def quiet_matplotlib() -> None:
-    """Keep matplotlib's font-cache and config-dir notices ("generated new fontManager", "Matplotlib is building
-    the font cache", "findfont: ...") out of the logs: its own loggers, set to errors only before it is imported."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, with matplotlib's font-cache and config-dir notices ("generated new
+    fontManager", "Matplotlib is building the font cache", "findfont: ...") kept out of the logs: its own loggers
+    are set to errors only before it is imported."""
     logging.getLogger("matplotlib").setLevel(logging.ERROR)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` as a PNG (atomically) and close it; returns `path`."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
 
 
 def write_plots(results_dir: str | os.PathLike, scores: dict[str, dict[str, np.ndarray]],
                 baseline: str) -> list[Path]:
     """Per metric and non-baseline method: a paired scatter (`{metric}_scatter_{method}.png`) and a
     histogram of the differences (`{metric}_diff_hist_{method}.png`)."""
-    quiet_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out, results_dir = [], Path(results_dir)
     for metric, by_method in scores.items():
         base = by_method[baseline]
@@ -126,10 +131,7 @@ def write_plots(results_dir: str | os.PathLike, scores: dict[str, dict[str, np.n
             ax.set_ylabel(f"{metric}: {method}")
             ax.set_title(f"{metric} per prompt ({(diff > 0).sum()} above the line, {(diff < 0).sum()} below)",
                          fontsize=9)
-            path = results_dir / f"{metric}_scatter_{method}.png"
-            _save_figure(fig, path)
-            plt.close(fig)
-            out.append(path)
+            out.append(save_figure(fig, results_dir / f"{metric}_scatter_{method}.png"))
 
             fig, ax = plt.subplots(figsize=(5.5, 3.5))
             ax.hist(diff, bins=max(5, min(50, int(np.sqrt(diff.size)) * 2)), color="#4c72b0", alpha=0.85)
@@ -138,10 +140,7 @@ def write_plots(results_dir: str | os.PathLike, scores: dict[str, dict[str, np.n
             ax.set_xlabel(f"{metric}: {method} - {baseline}")
             ax.set_ylabel("prompts")
             ax.legend(fontsize=8)
-            path = results_dir / f"{metric}_diff_hist_{method}.png"
-            _save_figure(fig, path)
-            plt.close(fig)
-            out.append(path)
+            out.append(save_figure(fig, results_dir / f"{metric}_diff_hist_{method}.png"))
     return out
 
 

@@ -6,28 +6,10 @@ from pathlib import Path
 from typing import Sequence
 
 from ..methods import order_key
+from ..report import pyplot, save_figure
 
 COLORS = {"standard": "#4c72b0", "gnsnet": "#55a868", "oracle": "#c44e52"}
 BEST_OF_COLORS = ("#8172b2", "#937860", "#da8bc3", "#8c8c8c")
-
-
-def _pyplot():
-    from ..report import quiet_matplotlib
-
-    quiet_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    from ..report import _save_figure  # the reports' one way of writing a figure (atomic PNG)
-
-    _save_figure(fig, path)
-    return path
 
 
 def series_label(row: dict) -> str:
@@ -60,7 +42,7 @@ def _styles(series: dict[str, list[dict]]) -> dict[str, dict]:
 
 def plot_guidance(rows: Sequence[dict], metric: str, path: Path) -> Path:
     """Per step count (columns): mean reward vs guidance scale with CI bands (top), gain vs standard (bottom)."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = sorted({r["num_inference_steps"] for r in rows})
     fig, axes = plt.subplots(2, len(steps), figsize=(5.2 * len(steps), 7), squeeze=False, sharex="col")
     for j, s in enumerate(steps):
@@ -84,9 +66,7 @@ def plot_guidance(rows: Sequence[dict], metric: str, path: Path) -> Path:
         bottom.set_xlabel("sampling guidance scale")
         top.legend(fontsize=7)
     fig.suptitle(f"{metric} vs guidance scale", fontsize=11)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -101,7 +81,7 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def plot_cost(rows: Sequence[dict], metric: str, path: Path) -> Path:
     """Mean reward vs UNet evaluations per image for every cell, and the frontier (the best reward for a cost)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     steps = sorted({r["num_inference_steps"] for r in rows})
     markers = dict(zip(steps, "os^vDP*X"))
@@ -120,9 +100,7 @@ def plot_cost(rows: Sequence[dict], metric: str, path: Path) -> Path:
     ax.set_ylabel(f"mean {metric}")
     ax.set_title(f"{metric} vs cost: each point a (method, guidance, steps, n) cell", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_rollout(rows: Sequence[dict], metric: str, path: Path) -> Path | None:
@@ -130,7 +108,7 @@ def plot_rollout(rows: Sequence[dict], metric: str, path: Path) -> Path | None:
     golden = [r for r in rows if r["num_gen_steps"] is not None]
     if not golden:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     steps = sorted({r["num_inference_steps"] for r in golden})
     fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 4), squeeze=False)
     for j, s in enumerate(steps):
@@ -153,9 +131,7 @@ def plot_rollout(rows: Sequence[dict], metric: str, path: Path) -> Path | None:
         ax.set_ylabel(f"{metric}: method - standard (95% CI)")
         ax.set_title(f"{s} sampling steps", fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_plots(rows: Sequence[dict], out: Path) -> list[Path]:
