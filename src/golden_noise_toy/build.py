@@ -20,8 +20,8 @@ from .components import (AttributeClassifier, ClassifierConfig, NetworkConfig, b
                          build_vae)
 from .grammar import WorldSpec
 from .render import render, sample_scenes
-from .training import (UNetData, classifier_accuracy, decode_latents, encode_images, seed_generator,
-                       train_classifier, train_unet, train_vae)
+from .training import (UNetData, classifier_accuracy, decode_latents, encode_images, reproducible_torch,
+                       seed_generator, train_classifier, train_unet, train_vae)
 
 logger = get_logger(__name__)
 REWARD_DIR = "toy_reward"
@@ -92,18 +92,16 @@ def build_world(output_dir: str | Path, preset: str | Preset = "default", seed: 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--output_dir {out} exists and is not empty: pass --overwrite or choose another directory")
-    torch.set_flush_denormal(True)  # tiny CPU networks can stall on denormal floats
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    # e.g. the text encoders' embedding backward sums in a thread-timing-dependent order otherwise
-    torch.use_deterministic_algorithms(True)
     tmp = out.with_name(f".{out.name}.building.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        summary = _build(tmp, preset, name, seed, quiet)
-        if student:
-            from .student import STUDENT_PRESETS, build_student
+        with reproducible_torch():
+            summary = _build(tmp, preset, name, seed, quiet)
+            if student:
+                from .student import STUDENT_PRESETS, build_student
 
-            summary["student"] = build_student(tmp, name if name in STUDENT_PRESETS else "default", seed, quiet=quiet)
+                summary["student"] = build_student(tmp, name if name in STUDENT_PRESETS else "default", seed,
+                                                   quiet=quiet)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +109,6 @@ def build_world(output_dir: str | Path, preset: str | Preset = "default", seed: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
     summary["output_dir"] = str(out)
     return summary
 

@@ -28,7 +28,7 @@ import torch
 from golden_noise.errors import UserError
 from golden_noise.io import atomic_write_json
 from golden_noise.runtime import get_logger
-from .training import EMA, cosine_lr, ema_step, progress_bar, seed_generator
+from .training import EMA, cosine_lr, ema_step, progress_bar, reproducible_torch, seed_generator
 
 logger = get_logger(__name__)
 
@@ -241,14 +241,11 @@ def build_student(world: str | Path, preset: str | StudentPreset = "default", se
     out = world / STUDENT_DIR
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists: pass --overwrite to replace the student (the rest of the world is kept)")
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(preset.threads)
-    torch.set_flush_denormal(True)  # as the world's build
-    torch.use_deterministic_algorithms(True)
     tmp, old = (world / f".{STUDENT_DIR}.{what}.{os.getpid()}" for what in ("building", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        card = _build_student(world, tmp, preset, name, seed, quiet)
+        with reproducible_torch(preset.threads):
+            card = _build_student(world, tmp, preset, name, seed, quiet)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -261,9 +258,6 @@ def build_student(world: str | Path, preset: str | StudentPreset = "default", se
         if old.exists() and not out.exists():
             os.replace(old, out)
         raise
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
     return card
 
 

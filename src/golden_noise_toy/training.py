@@ -5,6 +5,7 @@ build is a deterministic function of its preset and seed on a given machine and 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,25 @@ from .components import AttributeClassifier, encode_token_ids
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     """Linear warmup then cosine decay to 0, as a multiplier of the peak learning rate (the core's rule)."""
     return warmup_cosine(step, warmup, total)
+
+
+@contextmanager
+def reproducible_torch(threads: int | None = None):
+    """The torch settings a byte-reproducible build runs under: deterministic algorithms (the text encoders'
+    embedding backward, for one, sums in a thread-timing-dependent order otherwise), denormal floats flushed (tiny
+    CPU networks can stall on them) and, if given, a fixed thread count. The deterministic mode and the thread
+    count are restored on exit."""
+    saved_threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def seed_generator(seed: int, phase: int) -> torch.Generator:
