@@ -431,7 +431,7 @@ def test_user_reward_from_a_python_file(workspace, tmp_path):
 def test_user_reward_errors_are_one_line_and_write_nothing(workspace, tmp_path, capsys):
     from golden_noise.runtime import run_cli as run_main
 
-    ws, plugin = workspace, workspace["plugin"]
+    ws = workspace
     for name, message in [
         ("Nope", r"plug\.py defines no Nope \(its classes and functions: Brightness, Broken, NoScore, NotFinite, "
                  r"Short, hpsv2\)"),

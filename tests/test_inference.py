@@ -277,6 +277,7 @@ def test_single_guidance_at_most_one_is_no_guidance(export, tmp_path, capsys):
     cfg = cli.main(cli.parse_args([*common, "--output_dir", str(tmp_path / "cfg")]))
     effective = ("guidance_scale", "guidance_scale_effective", "classifier_free_guidance")
     assert [low[k] for k in effective] == [0.5, 1.0, False]
+    assert [one[k] for k in effective] == [1.0, 1.0, False]
     assert [cfg[k] for k in effective] == [5.5, 5.5, True]
     assert low["dtype"] == "auto" and low["dtype_used"] == "float32"
     saved = json.loads((tmp_path / "low" / "x_settings.json").read_text())

@@ -19,8 +19,7 @@ from ..prompts import Prompt
 from ..runtime import get_logger
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
 from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_KEYS, SETTINGS_FILE, SweepJob,
-                  check_job,
-                  metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
+                  check_job, metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
 
 logger = get_logger(__name__)
 
