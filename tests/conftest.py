@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny SDXL-architecture pipeline built offline, and a CLI runner."""
+"""Shared fixtures: a tiny SDXL-architecture pipeline built offline, and the two ways tests call a CLI script (in a
+subprocess, or imported to call its parse_args/main in this process)."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -44,3 +47,12 @@ def run_cli(script: str, *args, env: dict | None = None, check: bool = False, ti
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@functools.cache
+def load_cli(relpath: str):
+    """Import a CLI script as a module, to call its parse_args/main in this process (the scripts keep no state)."""
+    spec = importlib.util.spec_from_file_location(Path(relpath).stem + "_cli", ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -22,8 +22,8 @@ from golden_noise.golden import GoldenStep
 from golden_noise.errors import UserError
 from golden_noise.inference.batch import recorded_images
 from golden_noise.io import load_tensor
-from tests.conftest import ROOT, run_cli
-from tests.test_inference import TRAIN_GOLDEN, TRAIN_STEPS, load_cli, make_export, pixels
+from tests.conftest import ROOT, load_cli, run_cli
+from tests.test_inference import TRAIN_GOLDEN, TRAIN_STEPS, make_export, pixels
 
 PROMPTS = ["a red apple on a table", "a blue car", "", "a cat wearing a hat", "synthwave city at sunset",
            "a lighthouse in a storm"]

@@ -17,7 +17,8 @@ from golden_noise.diffusion import encode_prompts, family_of, load_pipeline, see
 from golden_noise.errors import UserError
 from golden_noise.golden import GoldenConfig, golden_step
 from golden_noise.io import load_tensor
-from tests.test_inference import load_cli, pixels
+from tests.conftest import load_cli
+from tests.test_inference import pixels
 
 FAMILIES = {  # id: (builder family, builder kwargs, expected family name, prediction type, latent shape, size)
     "sd15_eps": ("sd", {}, "sd", "epsilon", (4, 16, 16), None),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import filecmp
-import functools
-import importlib.util
 import json
 import logging
 import os
@@ -22,19 +20,10 @@ import torch
 from golden_noise import layout
 from golden_noise.prompts import prompt_fingerprint, read_prompts
 from golden_noise.runtime import run_cli as run_in_process
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_cli
 
 SCRIPT = "src/generate_npd_series.py"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what `accelerate launch` gives each process: same float reductions
-
-
-@functools.cache
-def load_cli(relpath: str):
-    """Import a CLI script as a module, to call its parse_args/main in this process."""
-    spec = importlib.util.spec_from_file_location(Path(relpath).stem + "_cli", ROOT / relpath)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_main(capsys, script: str, *args) -> tuple[int, str, str]:

@@ -1,7 +1,6 @@
 """Stage 4 and the Python API: GoldenNoise on the tiny offline SDXL pipeline, and src/inference_rnn.py end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise
 from golden_noise.golden import GoldenConfig, GoldenStep
 from golden_noise.errors import UserError
 from golden_noise.io import load_tensor
-from tests.conftest import ROOT, run_cli
+from tests.conftest import load_cli, run_cli
 
 PROMPT = "A futuristic cityscape at sunset, synthwave style"
 TRAIN_GOLDEN = GoldenConfig(schedule_steps=10, denoise_guidance_scale=4.0, inversion_guidance_scale=1.0)
@@ -44,14 +43,6 @@ def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, pr
     torch.nn.init.normal_(model.mean_head.weight, std=0.2)
     model.save_pretrained(stem, extra={"run_config": run_config})
     return stem
-
-
-def load_cli(relpath: str):
-    """Import a CLI script as a module (to call its parse_args/main in-process)."""
-    spec = importlib.util.spec_from_file_location(Path(relpath).stem + "_cli", ROOT / relpath)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pixels(path) -> np.ndarray:

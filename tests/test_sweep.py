@@ -16,7 +16,8 @@ from PIL import Image
 
 from golden_noise.errors import UserError
 from golden_noise.stats import paired_comparison
-from tests.test_generate import load_cli, run_main
+from tests.conftest import load_cli
+from tests.test_generate import run_main
 from tests.test_inference import make_export
 
 SCRIPT = "scripts/sweep.py"
