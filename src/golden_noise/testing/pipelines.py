@@ -37,16 +37,22 @@ def byte_level_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
+def _tiny_clip_config(vocab_size: int, hidden_size: int = 32, projection_dim: int = 32, layers: int = 2,
+                      heads: int = 4, intermediate_size: int = 37):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                          hidden_size=hidden_size, intermediate_size=intermediate_size, num_attention_heads=heads,
+                          num_hidden_layers=layers, vocab_size=vocab_size, projection_dim=projection_dim,
+                          hidden_act="gelu", layer_norm_eps=1e-5, max_position_embeddings=77)
+
+
 def tiny_text_encoders(vocab_size: int, hidden_size: int = 32, projection_dim: int = 32, layers: int = 2,
                        heads: int = 4, intermediate_size: int = 37, seed: int = 0):
     """(CLIPTextModel, CLIPTextModelWithProjection) with random weights."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-                            hidden_size=hidden_size, intermediate_size=intermediate_size,
-                            num_attention_heads=heads, num_hidden_layers=layers, vocab_size=vocab_size,
-                            projection_dim=projection_dim, hidden_act="gelu", layer_norm_eps=1e-5,
-                            max_position_embeddings=77)
+    config = _tiny_clip_config(vocab_size, hidden_size, projection_dim, layers, heads, intermediate_size)
     torch.manual_seed(seed)
     te1 = CLIPTextModel(config)
     torch.manual_seed(seed + 1)
@@ -58,7 +64,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16, block_out_cha
                              latent_channels: int = 4):
     """A random tiny `StableDiffusionXLPipeline` (~0.7 MB): latents (4, sample_size, sample_size), and a
     one-level VAE (scale factor 1), so images are `sample_size` pixels square (default 16)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from ..diffusion import sdxl_scheduler_config
 
@@ -73,21 +79,15 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16, block_out_cha
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled
         cross_attention_dim=64, norm_num_groups=1)
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(block_out_channels=[8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"],
-                        up_block_types=["UpDecoderBlock2D"], latent_channels=latent_channels, norm_num_groups=1,
-                        sample_size=sample_size)
     scheduler = DDIMScheduler(**sdxl_scheduler_config())
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
-                                     tokenizer_2=byte_level_clip_tokenizer(), unet=unet.eval(), scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True)
+    return StableDiffusionXLPipeline(vae=_tiny_vae(latent_channels, seed + 3, sample_size), text_encoder=te1,
+                                     text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=byte_level_clip_tokenizer(),
+                                     unet=unet.eval(), scheduler=scheduler, force_zeros_for_empty_prompt=True)
 
 
 def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0, **kwargs) -> Path:
     """Build the tiny pipeline and save it as a diffusers directory loadable with `--base_model_id path`."""
-    path = Path(path)
-    build_tiny_sdxl_pipeline(seed=seed, **kwargs).save_pretrained(path)
-    return path
+    return save_tiny_pipeline(path, "sdxl", seed, **kwargs)
 
 
 # ---------------------------------------------------------------- other families (tests of the family seam)
@@ -120,14 +120,10 @@ def tiny_t5_encoder(vocab_size: int, d_model: int, seed: int = 0):
 
 
 def _clip_with_projection(vocab_size: int, seed: int, hidden_size: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-                            hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                            vocab_size=vocab_size, projection_dim=32, hidden_act="gelu", layer_norm_eps=1e-5,
-                            max_position_embeddings=77)
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(config).eval()
+    return CLIPTextModelWithProjection(_tiny_clip_config(vocab_size, hidden_size)).eval()
 
 
 def _tiny_vae(latent_channels: int, seed: int, sample_size: int = 16, **kwargs):
