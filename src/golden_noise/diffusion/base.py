@@ -284,6 +284,7 @@ class DiffusionFamily:
                negative_prompt: Sequence[str] | None = None, height: int | None = None, width: int | None = None,
                output_type: str = "pil"):
         """Images from given unit-variance initial latents (B, C, h, w), through the pipeline's own __call__."""
+        self.check_negative_prompt(negative_prompt)
         height, width = self.image_size(height, width)
         latents = self.pipeline_latents(latents.to(self.pipe.device, self.pipe.dtype), height, width)
         out = self.pipe(prompt=list(prompts), negative_prompt=negative_prompt, latents=latents,

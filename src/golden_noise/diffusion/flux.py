@@ -94,14 +94,6 @@ class FluxFamily(FlowMatchingFamily):
         if negative_prompt:
             raise UserError("--negative_prompt: FLUX.1 is guidance-distilled and has no negative branch; drop it")
 
-    def sample(self, prompts, latents, num_inference_steps, guidance_scale, negative_prompt=None, height=None,
-               width=None, output_type="pil"):
-        self.check_negative_prompt(negative_prompt)
-        height, width = self.image_size(height, width)
-        latents = self.pipeline_latents(latents.to(self.pipe.device, self.pipe.dtype), height, width)
-        return self.pipe(prompt=list(prompts), latents=latents, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale, height=height, width=width, output_type=output_type).images
-
     def guidance_record(self, guidance_scale: float) -> dict:
         return {"guidance_scale_effective": guidance_scale if self.guidance_embeds else None,
                 "classifier_free_guidance": False, "guidance_embedding": self.guidance_embeds}

@@ -40,9 +40,6 @@ class UNetFamily(DiffusionFamily):
     def forward(self, z: torch.Tensor, t, kwargs: dict) -> torch.Tensor:
         return self.denoiser(z, t, **kwargs, return_dict=False)[0]
 
-    def predict(self, x, t, cond, guidance_scale, counter=None):
-        return predict_noise(self.denoiser, x, t, cond, guidance_scale, counter)
-
     def golden_step(self, config, height: int | None = None, width: int | None = None):
         from ..golden import GoldenStep
 
