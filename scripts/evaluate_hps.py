@@ -19,10 +19,10 @@ from pathlib import Path
 
 from golden_noise.cli import add_list_argument, check_flag_minimum, parser
 from golden_noise.errors import UserError
-from golden_noise.evaluation import EvaluationJob, Metric, parse_reward_paths, run_evaluation
+from golden_noise.evaluation import EvaluationJob, build_metrics, run_evaluation
 from golden_noise.methods import METHOD_HELP, is_method, method_of_folder
 from golden_noise.report import format_table
-from golden_noise.rewards.base import PLUGIN_HELP, available_rewards, is_reward_name, metric_names
+from golden_noise.rewards.base import PLUGIN_HELP, available_rewards, is_reward_name
 from golden_noise.rewards.hpsv2 import ARCHITECTURE, CHECKPOINTS
 from golden_noise.runtime import DEVICE_HELP, DTYPE_CHOICES, resolve_device, run_cli, setup_logging
 
@@ -65,30 +65,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _reward_paths(args, metrics: list[str], names: list[str]) -> dict[str, str]:
-    """{metric as given in --metrics: path} from --reward_path METRIC=PATH (METRIC may be the output name)."""
-    paths = parse_reward_paths(args.reward_path, metrics, names)
-    if args.hps_checkpoint:
-        if "hpsv2" in paths and paths["hpsv2"] != args.hps_checkpoint:
-            raise UserError("--hps_checkpoint and --reward_path hpsv2=... disagree: pass only one")
-        paths["hpsv2"] = args.hps_checkpoint
-    return paths
-
-
 def job_from_args(args: argparse.Namespace) -> EvaluationJob:
     """The evaluation job the flags describe (flag errors are UserErrors)."""
-    if len(set(args.metrics)) != len(args.metrics):
-        raise UserError(f"--metrics {' '.join(args.metrics)} names a metric twice: choose distinct metrics")
-    names = metric_names(args.metrics)
-    paths = _reward_paths(args, args.metrics, names)
     device = resolve_device(args.device)
-    dtype = None if args.dtype == "auto" else args.dtype
-    metrics = []
-    for metric, name in zip(args.metrics, names):
-        options = {"path": paths.get(metric), "device": device, "dtype": dtype, "batch_size": args.batch_size}
-        if metric == "hpsv2":
-            options.update(version=args.hps_version, architecture=args.hps_model)
-        metrics.append(Metric(name, metric, options))
+    metrics = build_metrics(args.metrics, args.reward_path, device, None if args.dtype == "auto" else args.dtype,
+                            args.batch_size)
+    for metric in metrics:
+        if metric.reward == "hpsv2":  # --hps_checkpoint means --reward_path hpsv2=...
+            if args.hps_checkpoint:
+                if metric.options["path"] not in (None, args.hps_checkpoint):
+                    raise UserError("--hps_checkpoint and --reward_path hpsv2=... disagree: pass only one")
+                metric.options["path"] = args.hps_checkpoint
+            metric.options.update(version=args.hps_version, architecture=args.hps_model)
     settings = {"hps_version": args.hps_version if "hpsv2" in args.metrics else None, "device": str(device),
                 "dtype": args.dtype, "batch_size": args.batch_size}
     return EvaluationJob(prompt_file=args.prompt_file, image_base_dir=args.image_base_dir,
