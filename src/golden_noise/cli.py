@@ -69,10 +69,8 @@ def add_list_argument(group, flag: str, *, choices: Sequence[str] | None = None,
 
 
 def _base_type(annotation) -> tuple[Any, bool]:
-    """(element type, is_list) of a dataclass field annotation such as int, float | None or list[int]."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"list": list, "int": int, "float": float, "str": str, "bool": bool,
-                                       "None": type(None)})  # noqa: S307 - our own annotations
+    """(element type, is_list) of a resolved dataclass field annotation (typing.get_type_hints) such as int,
+    float | None or list[int]."""
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
         return typing.get_args(annotation)[0], True
@@ -146,10 +144,10 @@ def check_flag_minimum(parser: argparse.ArgumentParser, args: argparse.Namespace
                 parser.error(f"--{flag} {need}, got {v}")
 
 
-def add_pipeline_arguments(group, base_model_id: str | None, base_model_help: str, offload: bool = True) -> None:
+def add_pipeline_arguments(group, base_model_id: str | None, base_model_help: str) -> None:
     """The flags that say which diffusers pipeline to load and how (shared by stages 2, 4 and 5 and the sweep):
-    --base_model_id --revision --variant --dtype --device, and with `offload` the memory savers
-    --enable_model_cpu_offload --enable_vae_slicing --enable_vae_tiling."""
+    --base_model_id --revision --variant --dtype --device, and the memory savers --enable_model_cpu_offload
+    --enable_vae_slicing --enable_vae_tiling."""
     from .runtime import DEVICE_HELP, DTYPE_CHOICES
 
     group.add_argument("--base_model_id", default=base_model_id, help=base_model_help)
@@ -159,10 +157,9 @@ def add_pipeline_arguments(group, base_model_id: str | None, base_model_help: st
                        help="pipeline dtype: auto = float16 on CUDA, float32 elsewhere")
     group.add_argument("--device", default="auto", help=DEVICE_HELP + "; under accelerate launch, auto = this "
                        "process's device")
-    if offload:
-        group.add_argument("--enable_model_cpu_offload", action="store_true",
-                           help="keep each model on the CPU until it runs (less GPU memory, slower; needs accelerate)")
-        group.add_argument("--enable_vae_slicing", action="store_true",
-                           help="decode images one at a time (less memory for large batches)")
-        group.add_argument("--enable_vae_tiling", action="store_true",
-                           help="decode in tiles (less memory for large images)")
+    group.add_argument("--enable_model_cpu_offload", action="store_true",
+                       help="keep each model on the CPU until it runs (less GPU memory, slower; needs accelerate)")
+    group.add_argument("--enable_vae_slicing", action="store_true",
+                       help="decode images one at a time (less memory for large batches)")
+    group.add_argument("--enable_vae_tiling", action="store_true",
+                       help="decode in tiles (less memory for large images)")
