@@ -334,7 +334,9 @@ def compute_batches(pipe, golden: GoldenStep, plan: WorkPlan, settings: Generati
         x_host, seq_host = x_t.to("cpu", storage), seq.to("cpu", storage)  # (B, C, H, W), (B, n, C, H, W)
         text_host = text_embedding(pipe, texts, cond, settings.text_embedding).to("cpu", storage)  # (B, P)
         embeds_host = cond.cond_embeds.to("cpu", storage) if settings.save_prompt_embeds else None  # (B, 77, D)
-        scores = scorer(texts, x_t, seq[:, -1]) if scorer is not None else None  # (B, 2) float64
+        # (B, 2) float64; only where a sample still needs its scores file (a resumed or repaired batch may not)
+        needs_scores = scorer is not None and any(layout.SCORES_COLUMN in columns for columns in todo.values())
+        scores = scorer(texts, x_t, seq[:, -1]) if needs_scores else None
         for i, p in enumerate(batch):
             if p.index in todo:
                 writer.submit(p.index, x_host[i], seq_host[i], text_host[i],
