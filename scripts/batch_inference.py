@@ -24,7 +24,8 @@ from golden_noise.cli import parser as make_parser
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.golden import GoldenConfig
 from golden_noise.inference.batch import BatchJob
-from golden_noise.inference.config import PipelineSpec, add_sampling_arguments, sampling_from_args
+from golden_noise.inference.config import (PipelineSpec, add_golden_override_arguments, add_sampling_arguments,
+                                          golden_overrides_from_args, sampling_from_args)
 from golden_noise.methods import METHODS
 from golden_noise.runtime import run_cli
 
@@ -55,8 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_sampling_arguments(p.add_argument_group("sampling"))
     g = p.add_argument_group("golden noise")
     add_dataclass_arguments(g, BatchJob, include=("num_gen_steps",))
-    add_dataclass_arguments(g, GoldenConfig, defaults={f.name: None for f in dataclasses.fields(GoldenConfig)},
-                            helps=golden_flag_helps())
+    add_golden_override_arguments(g, helps=golden_flag_helps())
     args = p.parse_args(argv)
     check_flag_minimum(p, args, ("batch_size", "num_inference_steps", "num_gen_steps", "schedule_steps"))
     return args
@@ -64,9 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def job_from_args(args: argparse.Namespace) -> BatchJob:
     """The stage-5 job the flags describe."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(GoldenConfig)
-                 if getattr(args, f.name) is not None}
-    return dataclass_from_args(BatchJob, args, golden_overrides=overrides,
+    return dataclass_from_args(BatchJob, args, golden_overrides=golden_overrides_from_args(args),
                                sampling=sampling_from_args(args),
                                pipeline=dataclass_from_args(PipelineSpec, args))
 

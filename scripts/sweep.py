@@ -23,14 +23,13 @@ image size, RNN or oracle settings is refused, naming each difference, and chang
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from golden_noise.cli import (add_dataclass_arguments, add_list_argument, add_pipeline_arguments, check_flag_minimum,
                               dataclass_defaults, dataclass_from_args, parser)
 from golden_noise.diffusion import DEFAULT_MODEL_ID
-from golden_noise.golden import GoldenConfig
-from golden_noise.inference.config import PipelineSpec, SamplingConfig
+from golden_noise.inference.config import (PipelineSpec, SamplingConfig, add_golden_override_arguments,
+                                          golden_overrides_from_args)
 from golden_noise.methods import METHOD_HELP, is_method
 from golden_noise.rewards.base import PLUGIN_HELP, available_rewards, is_reward_name
 from golden_noise.runtime import run_cli
@@ -75,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_dataclass_arguments(p.add_argument_group("sampling (the same in every cell)"), SamplingConfig,
                             exclude=("guidance_scale", "num_inference_steps"))
     g = p.add_argument_group("oracle's golden step (default: the RNN's training data, else NPNet's)")
-    add_dataclass_arguments(g, GoldenConfig, defaults={f.name: None for f in dataclasses.fields(GoldenConfig)})
+    add_golden_override_arguments(g)
     args = p.parse_args(argv)
     check_flag_minimum(p, args, ("batch_size", "num_inference_steps", "num_gen_steps", "max_prompts",
                                  "reward_batch_size", "bootstrap_samples", "schedule_steps"))
@@ -94,9 +93,7 @@ def job_from_args(args: argparse.Namespace) -> SweepJob:
 
     metrics = build_metrics(args.metrics, args.reward_path, resolve_device(args.device), None,
                             args.reward_batch_size)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(GoldenConfig)
-                 if getattr(args, f.name) is not None}
-    return dataclass_from_args(SweepJob, args, metrics=metrics, golden_overrides=overrides,
+    return dataclass_from_args(SweepJob, args, metrics=metrics, golden_overrides=golden_overrides_from_args(args),
                                sampling=dataclass_from_args(SamplingConfig, args,  # per cell: its guidance, steps
                                                             guidance_scale=args.guidance_scales[0],
                                                             num_inference_steps=args.num_inference_steps[0]),

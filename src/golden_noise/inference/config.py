@@ -110,6 +110,24 @@ def sampling_from_args(args) -> SamplingConfig:
     return dataclass_from_args(SamplingConfig, args)
 
 
+def add_golden_override_arguments(group, helps: dict[str, str] | None = None) -> list[str]:
+    """The oracle's GoldenConfig flags (stage 5, the sweep), each defaulting to None: the RNN's training data
+    decides, else GoldenConfig's own default; read the given ones back with `golden_overrides_from_args`."""
+    from ..cli import add_dataclass_arguments
+    from ..golden import GoldenConfig
+
+    none = {f.name: None for f in dataclasses.fields(GoldenConfig)}
+    return add_dataclass_arguments(group, GoldenConfig, defaults=none, helps=helps)
+
+
+def golden_overrides_from_args(args) -> dict:
+    """{GoldenConfig field: value} of the flags `add_golden_override_arguments` added that were given."""
+    from ..golden import GoldenConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(GoldenConfig)
+            if getattr(args, f.name) is not None}
+
+
 def flat_record(job) -> dict:
     """A job dataclass as a flat dict: the fields of nested dataclasses (sampling, pipeline) lifted to the top."""
     out = {}
