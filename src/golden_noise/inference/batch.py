@@ -150,9 +150,9 @@ def prepare_batch(job: BatchJob, state) -> BatchRun:
     noisy = [m for m in job.methods if m != "standard"]
     golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
         if "oracle" in job.methods else None
+    job.sampling.log_guidance()
     settings = {**flat_record(job), "prompt_fingerprint": prompt_fingerprint(prompts), "num_prompts": len(prompts),
                 "num_processes": state.num_processes, **pipeline_record(job.pipeline, gn, device),
-                **job.sampling.guidance_record(),
                 "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn) if noisy else None,
                 "golden": golden.to_dict() if golden else None,
                 **rnn_record(gn if "gnsnet" in job.methods else None, job.rnn_weights_path)}

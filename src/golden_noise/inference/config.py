@@ -85,14 +85,13 @@ class SamplingConfig:
         if self.sampling_lora_scale is not None and not self.sampling_lora:
             raise UserError("--sampling_lora_scale is the weight of --sampling_lora: pass --sampling_lora too")
 
-    def guidance_record(self) -> dict:
-        """The guidance the sampling really applies: diffusers runs no CFG for a scale <= 1 (it is then 1.0)."""
-        cfg = self.guidance_scale > 1
-        if not cfg:
+    def log_guidance(self) -> None:
+        """Say when --guidance_scale turns classifier-free guidance off (diffusers runs none for a scale <= 1); the
+        settings record what the sampler really applies (sampling_record, from the sampler's family)."""
+        if self.guidance_scale <= 1:
             logger.info("--guidance_scale %g <= 1: diffusers applies no classifier-free guidance; sampling uses the "
                         "conditional prediction alone%s", self.guidance_scale,
                         " (the same images as --guidance_scale 1)" if self.guidance_scale < 1 else "")
-        return {"guidance_scale_effective": self.guidance_scale if cfg else 1.0, "classifier_free_guidance": cfg}
 
 
 def add_sampling_arguments(group) -> list[str]:

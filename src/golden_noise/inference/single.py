@@ -80,7 +80,7 @@ def run_single(job: SingleJob) -> dict:
                         "mean only: drop --sample_noise")
     resolved = {"prompt_used": text, **pipeline_record(job.pipeline, gn, device),
                 "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn)}
-    resolved.update(job.sampling.guidance_record())
+    job.sampling.log_guidance()
     pipe, sampler = load_job_pipelines(job.pipeline, job.sampling, resolved, device)
     resolved.update(sampling_record(pipe, job.sampling, gn, sampler))
 
