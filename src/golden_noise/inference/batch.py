@@ -108,19 +108,19 @@ def check_batch(job: BatchJob) -> None:
     golden_config_from(None, **job.golden_overrides)  # refuses negative guidance scales, naming the flag
 
 
-def run_batch(job: BatchJob, state=None, pipe=None, sampler=None) -> dict | None:
+def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNoise | None = None) -> dict | None:
     """Generate every missing image of `job` on this process's share of the global batches.
 
     Resumable: a batch whose images of a method are all there (and intact) is skipped; a batch with some missing
     is recomputed whole (same batch composition, so the same pixels) and only the missing files are written.
     Returns the summary on the main process (None elsewhere) after merging the manifest. `pipe`: a pipeline
-    already loaded as `job.pipeline` says (the sweep runs many jobs on one), and `sampler` the one built for
-    `job.sampling` from it (None: built here)."""
+    already loaded as `job.pipeline` says (the sweep runs many jobs on one), `sampler` the one built for
+    `job.sampling` from it (None: built here) and `gn` the RNN of `job.rnn_weights_path` (None: loaded here)."""
     from ..runs import RunLock
     from ..runtime import distributed_state
 
     state = state if state is not None else distributed_state()
-    run = prepare_batch(job, state)
+    run = prepare_batch(job, state, gn)
     lock = RunLock(run.out, "--output_base_dir")
     on_main(state, lock.acquire)
     if state.is_main_process:
@@ -134,8 +134,9 @@ def run_batch(job: BatchJob, state=None, pipe=None, sampler=None) -> dict | None
         lock.release()
 
 
-def prepare_batch(job: BatchJob, state) -> BatchRun:
-    """Check the job, read the prompts, load the RNN and refuse a rerun with other inputs, before any pipeline."""
+def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None) -> BatchRun:
+    """Check the job, read the prompts, load the RNN (unless given) and refuse a rerun with other inputs, before any
+    pipeline."""
     from ..prompts import prompt_fingerprint, read_prompts
     from ..runs import check_writable_dir, refuse_mixed_rerun
     from ..runtime import resolve_device
@@ -146,7 +147,8 @@ def prepare_batch(job: BatchJob, state) -> BatchRun:
     prompts = read_prompts(job.prompt_file, job.prompt_column)
     out = check_writable_dir(job.output_base_dir, "--output_base_dir")  # before any model is loaded
     device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
-    gn = load_golden_noise(job.rnn_weights_path, device, job.predict_variance)
+    if gn is None:
+        gn = load_golden_noise(job.rnn_weights_path, device, job.predict_variance)
     noisy = [m for m in job.methods if m != "standard"]
     golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
         if "oracle" in job.methods else None

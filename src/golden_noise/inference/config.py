@@ -5,6 +5,7 @@ size, rollout length, latent space) into the values recorded in their settings J
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -152,15 +153,22 @@ def rnn_record(gn: GoldenNoise | None, path: str | None) -> dict:
     """What identifies the RNN in a settings JSON: its weights file, their sha256, its configs."""
     if gn is None:
         return {"rnn_weights_file": None, "rnn_sha256": None, "rnn_model_config": None, "rnn_run_config": None}
+    weights = export_paths(path)[0].resolve()
+    stat = weights.stat()
+    return {"rnn_weights_file": str(weights), "rnn_sha256": _sha256(str(weights), stat.st_size, stat.st_mtime_ns),
+            "rnn_model_config": gn.model_config, "rnn_run_config": gn.run_config}
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, hashed once per (path, size, mtime): a sweep records the same RNN for each of its units."""
     import hashlib
 
-    weights = export_paths(path)[0].resolve()
     digest = hashlib.sha256()
-    with open(weights, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return {"rnn_weights_file": str(weights), "rnn_sha256": digest.hexdigest(), "rnn_model_config": gn.model_config,
-            "rnn_run_config": gn.run_config}
+    return digest.hexdigest()
 
 
 def resolve_model_id(spec: PipelineSpec, gn: GoldenNoise | None) -> str:

@@ -157,7 +157,8 @@ def make_images(plan: SweepPlan) -> None:
         unit = plan.units[i]
         if state.is_main_process:
             logger.info("unit %d/%d: %s", number, len(todo), unit.label())
-        run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out), state, pipe=plan.pipe, sampler=plan.sampler)
+        run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out), state, pipe=plan.pipe,
+                  sampler=plan.sampler, gn=plan.gn)
     plan.timings["images_seconds"] = time.perf_counter() - started
 
 
