@@ -165,3 +165,21 @@ def global_batches(items: Sequence, batch_size: int) -> list[list]:
 def shard(batches: Sequence, process_index: int, num_processes: int) -> list:
     """This process's round-robin share of the global batches: r, r + P, r + 2P, ..."""
     return list(batches[process_index::num_processes])
+
+
+def on_main(state, fn: Callable):
+    """fn() on the main process of `state` (an accelerate PartialState or Accelerator), its result shared with every
+    process; a UserError there is raised on every process, so none waits forever at the next barrier."""
+    verdict = [None, ""]
+    if state.is_main_process:
+        try:
+            verdict[0] = fn()
+        except UserError as e:
+            verdict[1] = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        verdict = broadcast_object_list(verdict)
+    if verdict[1]:
+        raise UserError(verdict[1])
+    return verdict[0]

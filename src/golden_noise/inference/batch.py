@@ -20,7 +20,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..diffusion import family_of, sample_images
 from ..diffusion.base import ModelRows
@@ -117,7 +117,7 @@ def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNois
     already loaded as `job.pipeline` says (the sweep runs many jobs on one), `sampler` the one built for
     `job.sampling` from it (None: built here) and `gn` the RNN of `job.rnn_weights_path` (None: loaded here)."""
     from ..runs import RunLock
-    from ..runtime import distributed_state
+    from ..runtime import distributed_state, on_main
 
     state = state if state is not None else distributed_state()
     run = prepare_batch(job, state, gn)
@@ -195,22 +195,6 @@ def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
         remove_stale_temps(run.out)
         atomic_write_json(path, run.settings)
     run.state.wait_for_everyone()
-
-
-def on_main(state, fn: Callable[[], Any]) -> None:
-    """Run `fn` on the main process; a UserError there is raised on every process, so none waits forever."""
-    error = None
-    if state.is_main_process:
-        try:
-            fn()
-        except UserError as e:
-            error = str(e)
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        error = next((e for e in gather_object([error]) if e), None)
-    if error:
-        raise UserError(error)
 
 
 def remove_stale_temps(out: Path) -> int:

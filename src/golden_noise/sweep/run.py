@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text
 from ..methods import folder
 from ..prompts import Prompt
-from ..runtime import get_logger
+from ..runtime import get_logger, on_main
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
 from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_KEYS, SETTINGS_FILE, SweepJob,
                   check_job, metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
@@ -132,23 +132,13 @@ def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
     return listed >= set(plan.indices)
 
 
-def _broadcast(state, value):
-    """`value` of the main process, on every process."""
-    if state.num_processes <= 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
-
-
 def make_images(plan: SweepPlan) -> None:
     """Run the batch runner on every incomplete unit (every process takes its share of the unit's batches)."""
     from ..inference.batch import run_batch
 
     state = plan.state
     state.wait_for_everyone()
-    todo = _broadcast(state, [i for i, u in enumerate(plan.units) if not unit_complete(plan, u)]
-                      if state.is_main_process else None)
+    todo = on_main(state, lambda: [i for i, u in enumerate(plan.units) if not unit_complete(plan, u)])
     if state.is_main_process:
         logger.info("sweep: %d cells need %d units of %d prompts; %d complete, %d to make", len(plan.cells),
                     len(plan.units), len(plan.prompts), len(plan.units) - len(todo), len(todo))
@@ -235,7 +225,6 @@ def resolved_sizes(plan: SweepPlan) -> None:
 
 def run_sweep(job: SweepJob, state=None) -> dict | None:
     """Make, score and tabulate every cell of `job`'s grid; returns the results on the main process."""
-    from ..inference.batch import on_main
     from ..runs import RunLock
     from ..runtime import distributed_state
 

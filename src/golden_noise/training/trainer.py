@@ -19,7 +19,6 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -28,7 +27,7 @@ from ..errors import UserError
 from ..io import atomic_write_json
 from ..model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 from ..runs import RunLock, check_writable_dir
-from ..runtime import get_logger, setup_logging
+from ..runtime import get_logger, on_main, setup_logging
 from . import checkpoints as C
 from . import core as T
 from .config import ARCH_FIELDS, TrainingConfig, architecture
@@ -60,8 +59,8 @@ class Trainer:
     def build(self) -> "Trainer":
         """Everything before the first step; every check that can fail runs before any heavy work."""
         self._start_accelerator()
-        self._on_main(self._claim_output_dir)
-        resume_dir = self._on_main(self._find_resume)
+        on_main(self.accelerator, self._claim_output_dir)
+        resume_dir = on_main(self.accelerator, self._find_resume)
         self.resume_dir = Path(resume_dir) if resume_dir is not None else None
         cfg = self.config
         self.data = _open_data(cfg)
@@ -89,22 +88,6 @@ class Trainer:
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # per-file checkpoint messages
         if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             logger.warning("--mixed_precision fp16 has no effect on CPU: training in float32")
-
-    def _on_main(self, fn: Callable):
-        """fn() on the main process, its result shared with every process; its UserError stops them all."""
-        from accelerate.utils import broadcast_object_list
-
-        verdict = [None, ""]
-        if self.is_main:
-            try:
-                verdict[0] = fn()
-            except UserError as e:
-                verdict[1] = str(e)
-        if self.accelerator.num_processes > 1:
-            verdict = broadcast_object_list(verdict)
-        if verdict[1]:
-            raise UserError(verdict[1])
-        return verdict[0]
 
     def _claim_output_dir(self) -> None:
         """A writable output dir that no other run holds (locked until `close`), without half-written checkpoints."""
