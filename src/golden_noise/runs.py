@@ -55,6 +55,12 @@ def refuse_mixed_rerun(path: Path, new: dict, keys: Sequence[str], flag: str, wh
     return old
 
 
+def keep_unused(new: dict, old: dict, keys: Sequence[str]) -> dict:
+    """The settings to record after a rerun that `lenient` let through: each of `keys` this run left None (its
+    methods do not use it) keeps the earlier run's value, so the record still names what made the older outputs."""
+    return {**new, **{k: old[k] for k in keys if new.get(k) is None and old.get(k) is not None}}
+
+
 def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """Create `path` if needed and prove it writable (a probe file), before any work; a UserError otherwise."""
     path = Path(path)

@@ -167,7 +167,7 @@ def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
     """Load the pipeline and its sampler (or take `pipe` and `sampler`, loaded from the same spec), refuse a rerun
     whose resolved sizes differ, then (main process) remove stale temporary files and record the settings."""
     from ..npd import package_versions
-    from ..runs import read_settings, refuse_mixed_rerun
+    from ..runs import keep_unused, read_settings, refuse_mixed_rerun
     from .config import load_job_pipelines, sampling_record
     from .sampler import build_sampler
 
@@ -188,9 +188,7 @@ def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
     run.state.wait_for_everyone()
     if run.state.is_main_process:
         old = read_settings(path, "--output_base_dir") or {}
-        for key in KEPT_WHEN_UNUSED:
-            if run.settings.get(key) is None and old.get(key) is not None:
-                run.settings[key] = old[key]
+        run.settings = keep_unused(run.settings, old, KEPT_WHEN_UNUSED)
         run.settings["methods"] = sorted({*old.get("methods", []), *run.job.methods}, key=order_key)
         remove_stale_temps(run.out)
         atomic_write_json(path, run.settings)

@@ -21,7 +21,6 @@ SAMPLER_KEYS = ("scheduler", "timestep_spacing", "sampling_model_id", "sampling_
 EARLY_KEYS = ("prompt_fingerprint", "start_seed", "seed_stride", "batch_size", "negative_prompt", *SAMPLER_KEYS,
               "height", "width", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
               "enable_vae_slicing", "enable_vae_tiling", "golden", "rnn_sha256")
-LOADED_KEYS = ("height_used", "width_used", "latent_shape", "pipeline_class", "scheduler_class")  # once loaded
 KEPT_WHEN_UNUSED = ("golden", "rnn_sha256")  # None when this run has no oracle / gnsnet cells
 
 

@@ -13,13 +13,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import UserError
+from ..inference.batch import LOADED_KEYS  # resolved once the pipeline is loaded: the same for the sweep
 from ..io import atomic_write_json, atomic_write_text
 from ..methods import folder
 from ..prompts import Prompt
 from ..runtime import get_logger, on_main
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
-from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_KEYS, SETTINGS_FILE, SweepJob,
-                  check_job, metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
+from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, PROMPTS_FILE, SAMPLER_KEYS, SETTINGS_FILE, SweepJob, check_job,
+                  metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
 
 logger = get_logger(__name__)
 
@@ -87,7 +88,7 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
 def record_settings(plan: SweepPlan) -> None:
     """(Main process) write the prompts the units read and sweep_settings.json; the grid, methods and metrics
     recorded are everything this folder holds (a rerun may add to them)."""
-    from ..runs import read_settings
+    from ..runs import keep_unused, read_settings
 
     lines = {p.index: p.text for p in plan.prompts}
     text = "".join(lines.get(i, "") + "\n" for i in range(plan.prompts[-1].index + 1))
@@ -95,10 +96,7 @@ def record_settings(plan: SweepPlan) -> None:
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         atomic_write_text(path, text)
     old = read_settings(plan.out / SETTINGS_FILE, "--output_dir") or {}
-    record = dict(plan.settings)
-    for key in KEPT_WHEN_UNUSED:
-        if record.get(key) is None and old.get(key) is not None:
-            record[key] = old[key]
+    record = keep_unused(plan.settings, old, KEPT_WHEN_UNUSED)
     for key in ("guidance_scales", "num_inference_steps", "num_gen_steps", "methods"):
         record[key] = list(dict.fromkeys([*old.get(key, []), *record[key]]))
     record["metrics"] = {**old.get("metrics", {}), **record["metrics"]}
