@@ -17,7 +17,6 @@ import json
 import os
 import re
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ from ..diffusion.base import ModelRows
 from ..errors import UserError
 from ..golden import GoldenConfig
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
+from ..layout import tensor_file_intact
 from ..methods import METHODS, folder, order_key
 from ..prompts import Prompt
 from ..runtime import get_logger
@@ -218,11 +218,6 @@ def intact_png(path: Path) -> bool:
         return False
 
 
-def intact_tensor_file(path: Path) -> bool:
-    """True for a complete torch.save file (a zip archive with its end record)."""
-    return zipfile.is_zipfile(path)
-
-
 def generate(run: BatchRun) -> dict:
     """Make the missing images of this process's share of the global batches; returns its timing stats."""
     from tqdm.auto import tqdm
@@ -293,7 +288,7 @@ def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stat
                    recorded: set[tuple[int, str]]) -> None:
     """Every method's missing images of one global batch (the whole batch is computed, so pixels never depend
     on which of its images were missing). Missing: not an intact PNG, no manifest row, or (with --save_noise)
-    no intact noise file."""
+    no intact noise file (layout.tensor_file_intact: the check stage 2 resumes with)."""
     job, out, s = run.job, run.out, run.settings
     texts = [p.text for p in batch]
     seeds = [job.start_seed + p.index for p in batch]
@@ -303,7 +298,7 @@ def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stat
         noises = [out / "noise" / method / f"{p.index}.pt" for p in batch]
         missing = [i for i, p in enumerate(batch)
                    if not intact_png(files[i]) or (p.index, method) not in recorded
-                   or (job.save_noise and not intact_tensor_file(noises[i]))]
+                   or (job.save_noise and not tensor_file_intact(noises[i]))]
         stats["skipped"][method] = stats["skipped"].get(method, 0) + len(batch) - len(missing)
         if not missing:
             bar.update(1)
