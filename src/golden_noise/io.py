@@ -5,12 +5,26 @@ import errno
 import io
 import json
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError, one_line
+
+
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # atomic_path's temporary files: .{name}.{pid}.{hex8}.tmp
+
+
+def remove_stale_temps(folders) -> int:
+    """Delete the temporary files atomic_path's writers left in `folders` when they were killed (any other file,
+    hidden or not, is left alone); returns how many."""
+    stale = [p for d in map(Path, folders) if d.is_dir() for p in d.iterdir()
+             if _TEMP_NAME.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 @contextmanager
@@ -90,3 +104,30 @@ def looks_local(name: str, file_suffixes: tuple[str, ...] = ()) -> bool:
     ('.', '/', '~'), holds a backslash or more than one '/', or ends with one of `file_suffixes`."""
     return (os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or "\\" in name
             or name.count("/") > 1 or Path(name).suffix.lower() in file_suffixes)
+
+
+class BackgroundWriter:
+    """Runs write jobs on one background thread, in submission order, so file I/O overlaps the caller's compute.
+    When more than `max_pending` jobs wait, `submit` blocks until `drain_to` are left; a job's error (a full disk,
+    say) is raised in the caller, at the next submit or at close."""
+
+    def __init__(self, max_pending: int, drain_to: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.max_pending, self.drain_to = max_pending, drain_to
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), []
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        block = len(self.pending) > self.max_pending
+        while self.pending and (block or self.pending[0].done()):
+            self.pending.pop(0).result()
+            block = block and len(self.pending) > self.drain_to
+
+    def close(self) -> None:
+        """Wait for every job (also when the caller is being interrupted: finished work reaches the disk)."""
+        try:
+            while self.pending:
+                self.pending.pop(0).result()
+        finally:
+            self.pool.shutdown(wait=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Collection, Sequence
@@ -21,6 +20,7 @@ from . import layout
 from .diffusion import (count_long_prompts, encode_prompts, family_of, guidance_branches, image_size, latent_shape,
                         load_pipeline, optimize_unet, resolve_text_embedding, text_embedding)
 from .golden import GoldenConfig, GoldenStep, golden_step
+from .io import BackgroundWriter, remove_stale_temps
 from .prompts import Prompt, prompt_fingerprint, read_prompts
 from .runs import check_writable_dir, read_settings, refuse_mixed_rerun
 from .scoring import ScoringConfig
@@ -212,23 +212,13 @@ def extend_dataset(root: Path, plan: RerunPlan, run_config: dict, settings: Gene
                 "recomputed in their new batch", len(plan.old_prompts), run_config["num_prompts"], len(stale))
 
 
-def remove_stale_temp_files(root: Path) -> int:
-    """Delete temporary files a killed run left behind (they are never read)."""
-    folder = root / layout.SEQUENCES
-    stale = list(folder.glob(".*.tmp")) if folder.is_dir() else []
-    for f in stale:
-        f.unlink(missing_ok=True)
-    return len(stale)
-
-
 class SequenceDatasetWriter:
     """Writes samples (layout.write_sample) on a background thread so file I/O overlaps the next batch's UNet work."""
 
     def __init__(self, root: Path, storage_dtype: torch.dtype, save_prompt_embeds: bool, scored: bool = False):
         self.root, self.storage_dtype, self.save_prompt_embeds = root, storage_dtype, save_prompt_embeds
         self.scored = scored
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: list[Future] = []
+        self.writer = BackgroundWriter(max_pending=4, drain_to=2)
 
     def submit(self, sample_id: int, source, sequence, text, prompt_embeds=None,
                only: Collection[str] | None = None, scores=None) -> None:
@@ -242,21 +232,11 @@ class SequenceDatasetWriter:
                    if only is None or k in only}
         if self.scored and (only is None or layout.SCORES_COLUMN in only):
             tensors[layout.SCORES_COLUMN] = scores.detach().to("cpu", torch.float64).clone()
-        self.pending.append(self.pool.submit(layout.write_sample, self.root, sample_id, tensors,
-                                             self.save_prompt_embeds, only, self.scored))
-        self._reap(block=len(self.pending) > 4)
-
-    def _reap(self, block: bool) -> None:
-        while self.pending and (block or self.pending[0].done()):
-            self.pending.pop(0).result()  # re-raises a writer error (e.g. full disk) in the main thread
-            block = block and len(self.pending) > 2
+        self.writer.submit(layout.write_sample, self.root, sample_id, tensors, self.save_prompt_embeds, only,
+                           self.scored)
 
     def close(self) -> None:
-        try:
-            for f in self.pending:
-                f.result()
-        finally:
-            self.pool.shutdown(wait=True)
+        self.writer.close()
 
 
 @dataclass
@@ -301,7 +281,7 @@ def prepare_output(root: Path, run_config: dict, prompts: Sequence[Prompt], batc
             extend_dataset(root, plan, run_config, settings)
         elif not plan.exists:
             layout.write_run_config(root, run_config)
-        stale = remove_stale_temp_files(root)
+        stale = remove_stale_temps([root / layout.SEQUENCES])  # a killed run's temporary files (never read)
         if stale:
             logger.info("removed %d temporary files left by an interrupted run", stale)
         long = count_long_prompts(pipe, [p.text for p in prompts])

@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..diffusion import family_of, sample_images
 from ..diffusion.base import ModelRows
 from ..errors import UserError
 from ..golden import GoldenConfig
-from ..io import atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
+from ..io import BackgroundWriter, atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
 from ..layout import tensor_file_intact
 from ..methods import METHODS, folder, order_key
 from ..prompts import Prompt
@@ -48,7 +47,6 @@ LOADED_KEYS = ("height_used", "width_used", "latent_shape", "pipeline_class", "s
 # None when this run's methods do not use them (no gnsnet / oracle): then the earlier run's values are kept
 KEPT_WHEN_UNUSED = ("num_gen_steps_used", "golden", "rnn_weights_file", "rnn_sha256", "rnn_model_config",
                     "rnn_run_config")
-_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # io.atomic_path's temporary files
 _PNG_HEAD, _PNG_TAIL = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -196,14 +194,13 @@ def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
 
 
 def remove_stale_temps(out: Path) -> int:
-    """Delete the temporary files (`.{name}.{pid}.{hex}.tmp`) a killed run left in the output folders."""
-    dirs = [out, *(out / folder(m) for m in METHODS), *(out / "noise" / m for m in METHODS)]
-    stale = [p for d in dirs if d.is_dir() for p in d.iterdir() if _TEMP_NAME.match(p.name) and p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
+    """Delete the temporary files a killed run left in the output folders."""
+    from ..io import remove_stale_temps as remove
+
+    stale = remove([out, *(out / folder(m) for m in METHODS), *(out / "noise" / m for m in METHODS)])
     if stale:
-        logger.info("removed %d temporary file(s) an interrupted run left behind", len(stale))
-    return len(stale)
+        logger.info("removed %d temporary file(s) an interrupted run left behind", stale)
+    return stale
 
 
 def intact_png(path: Path) -> bool:
@@ -248,14 +245,11 @@ class ImageWriter:
     denoising; a manifest row is written only once its image (and noise) is on disk. At most two batches wait."""
 
     def __init__(self, part_file):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.part_file, self.pool, self.pending = part_file, ThreadPoolExecutor(max_workers=1), []
+        self.part_file, self.writer = part_file, BackgroundWriter(max_pending=2, drain_to=2)
 
     def submit(self, items: list[tuple]) -> None:
         """items: (noise tensor or None, noise path, PIL image, image path, manifest row) per image."""
-        self.pending.append(self.pool.submit(self._write, items))
-        self._reap(block=len(self.pending) > 2)
+        self.writer.submit(self._write, items)
 
     def _write(self, items: list[tuple]) -> None:
         for noise, noise_path, image, path, row in items:
@@ -265,17 +259,8 @@ class ImageWriter:
             self.part_file.write(json.dumps(row) + "\n")
             self.part_file.flush()
 
-    def _reap(self, block: bool) -> None:
-        while self.pending and (block or self.pending[0].done()):
-            self.pending.pop(0).result()  # re-raises a write error (e.g. a full disk) here
-            block = block and len(self.pending) > 2
-
     def close(self) -> None:
-        try:
-            while self.pending:
-                self.pending.pop(0).result()
-        finally:
-            self.pool.shutdown(wait=True)
+        self.writer.close()
 
 
 def recorded_images(out: Path) -> set[tuple[int, str]]:
