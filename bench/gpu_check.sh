@@ -7,8 +7,8 @@
 #
 # The GPU machine has torch but maybe not diffusers, and no network: when `import diffusers` fails, the wheels
 # in .whl/ (diffusers and what it needs beyond torch) are installed with --no-index --no-deps into a private
-# folder put on PYTHONPATH; packages the machine already has are used as they are (diffusers,
-# huggingface_hub and safetensors always come from .whl/ then, as their versions are coupled).
+# folder put on PYTHONPATH; packages the machine already has are used as they are (diffusers always from .whl/,
+# the other wheels only where the machine lacks the package or has a version diffusers does not accept).
 # Figures: stdout, and $OUT/gpu_check.json + gpu_check.log ($OUT defaults to results/).
 set -euo pipefail
 
@@ -23,7 +23,7 @@ LIMIT_S="${GPU_CHECK_LIMIT_S:-440}"   # hard stop of gpu_check.py; its own --tim
 PACKAGES=(diffusers==0.42.1 huggingface_hub==2.4.0 safetensors==0.8.0 numpy==2.4.6 pillow==13.0.0 pyyaml==6.0.3
           requests==2.34.2 urllib3==2.7.0 idna==3.20 certifi==2026.5.20 packaging==26.2 tqdm==4.70.1
           charset_normalizer==3.4.7 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 truststore==0.10.5)
-COUPLED="diffusers huggingface_hub safetensors"
+ALWAYS="diffusers"   # the rest of .whl/ only where the machine lacks it or its version breaks diffusers' requirement
 
 if [[ "${1:-}" == "--download-wheels" ]]; then
     extra=()
@@ -35,7 +35,24 @@ if [[ "${1:-}" == "--download-wheels" ]]; then
     exit 0
 fi
 
-have_dist() { "$PY" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$1" 2>/dev/null; }
+# true when the machine has distribution $1 in a version that satisfies the diffusers wheel's requirement on it
+# (the machine's transformers may pin huggingface_hub below the wheel's: keep the machine's when diffusers accepts it)
+have_dist() {
+    "$PY" - "$1" "$WHEELS" <<'PYEOF' 2>/dev/null
+import glob, importlib.metadata as m, re, sys, zipfile
+name, wheels = sys.argv[1], sys.argv[2]
+have = m.version(name)  # raises when missing
+norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()
+for whl in glob.glob(f"{wheels}/diffusers-*.whl"):
+    meta = zipfile.ZipFile(whl).read(next(n for n in zipfile.ZipFile(whl).namelist() if n.endswith("/METADATA")))
+    from packaging.requirements import Requirement
+    for line in meta.decode().splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" not in line:
+            req = Requirement(line.split(":", 1)[1].strip())
+            if norm(req.name) == norm(name) and not req.specifier.contains(have, prereleases=True):
+                sys.exit(1)
+PYEOF
+}
 
 if "$PY" -c "import diffusers" 2>/dev/null; then
     echo "diffusers $("$PY" -c 'import diffusers; print(diffusers.__version__)') is installed: using it"
@@ -50,9 +67,9 @@ else
     todo=()
     for whl in "${wheels[@]}"; do
         name="$(basename "$whl" | cut -d- -f1)"
-        if [[ " $COUPLED " == *" $name "* ]] || ! have_dist "$name"; then todo+=("$whl"); fi
+        if [[ " $ALWAYS " == *" $name "* ]] || ! have_dist "$name"; then todo+=("$whl"); fi
     done
-    mkdir -p "$SITE"
+    rm -rf "$SITE" && mkdir -p "$SITE"   # a fresh folder: wheels of an earlier run must not shadow the machine's packages
     echo "installing ${#todo[@]} wheel(s) from $WHEELS into $SITE: $(for w in "${todo[@]}"; do basename "$w" | cut -d- -f1-2; done | tr '\n' ' ')"
     if "$PY" -m pip --version >/dev/null 2>&1; then
         "$PY" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check --target "$SITE" \
