@@ -47,8 +47,10 @@ def probe_accuracy(features: torch.Tensor, targets: dict[str, torch.Tensor], tra
 
 @torch.no_grad()
 def probe_text_embeddings(pipe, captions: Sequence[str], held_out: Sequence[str],
-                          attributes: dict[str, list[str]], kinds: Sequence[str] = TEXT_EMBEDDINGS[1:]) -> dict:
-    """{kind: {attribute: held-out accuracy}} for every text-embedding kind the pipeline offers."""
+                          attributes: dict[str, list[str]], kinds: Sequence[str] | None = None) -> dict:
+    """{kind: {attribute: held-out accuracy}} for every summary text-embedding kind the pipeline offers (not NPNet's
+    flattened prompt_embeds)."""
+    kinds = kinds if kinds is not None else [k for k in TEXT_EMBEDDINGS[1:] if k != "prompt_embeds"]
     captions = list(dict.fromkeys(list(captions) + list(held_out)))
     held = set(held_out)
     train = torch.tensor([c not in held for c in captions])

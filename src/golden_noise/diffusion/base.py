@@ -23,9 +23,10 @@ from ..errors import UserError
 #   mean_token        the family's token embeddings averaged over the prompt's own tokens (SDXL: prompt_embeds,
 #                     2048; SD 1.5/2.1: prompt_embeds, 768/1024; SD3: its CLIP token embeddings, 2048; FLUX: T5, 4096)
 #   pooled+mean_token both, concatenated
+#   prompt_embeds     the token embeddings themselves, flattened (L x D: SDXL 77 x 2048): NPNet's text input
 # A pooled embedding need not encode every attribute linearly (in the toy world it loses the position words);
 # the token mean keeps each word's contribution. "auto" is pooled where there is one, else mean_token.
-TEXT_EMBEDDINGS = ("auto", "pooled", "mean_token", "pooled+mean_token")
+TEXT_EMBEDDINGS = ("auto", "pooled", "mean_token", "pooled+mean_token", "prompt_embeds")
 
 
 @dataclass
@@ -329,11 +330,21 @@ class DiffusionFamily:
             return {"kind": kind, "dim": pooled, "source": self.pooled_source}
         if kind == "mean_token":
             return {"kind": kind, "dim": self.token_dim(), "source": self.token_source}
+        if kind == "prompt_embeds":
+            length = int(self.pipe.tokenizer.model_max_length)
+            return {"kind": kind, "dim": length * self.token_dim(), "source": f"{self.token_source} flattened"}
         return {"kind": kind, "dim": pooled + self.token_dim(), "source": f"{self.pooled_source}+{self.token_source}"}
 
     def text_embedding(self, prompts: Sequence[str], cond: Conditioning, kind: str) -> torch.Tensor:
         """The RNN's text input for `prompts` (B, P) float32, from their `Conditioning` (see TEXT_EMBEDDINGS)."""
-        kind = self.text_embedding_spec(kind)["kind"]
+        spec = self.text_embedding_spec(kind)
+        kind = spec["kind"]
+        if kind == "prompt_embeds":
+            flat = cond.cond_embeds.float().flatten(1)  # (B, L * D)
+            if flat.shape[1] != spec["dim"]:
+                raise UserError(f"text embedding prompt_embeds: this pipeline's token embeddings flatten to "
+                                f"{flat.shape[1]} values, not {spec['dim']} ({type(self.pipe).__name__})")
+            return flat
         parts = []
         if "pooled" in kind:
             parts.append(self.pooled_embedding(cond).float())

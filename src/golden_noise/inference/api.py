@@ -35,19 +35,27 @@ def export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return resolve_export_paths(path)
 
 
-def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_variance: bool = False):
-    """Load a trained `NoiseSequenceRNN_v3` export (any path `export_paths` takes) -> (model in eval mode, meta);
-    UserError when missing/invalid. `predict_variance=True` (the seed's flag) requires an export trained with
-    the variance head."""
-    from ..model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
+def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_variance: bool = False,
+                    model_type: str | None = "rnn_v3", flag: str = "--rnn_weights_path"):
+    """Load a trained noise-model export (any path `export_paths` takes) -> (model in eval mode, meta); UserError
+    when missing/invalid. `model_type`: the type the export must be (golden_noise.model.MODEL_TYPES; None: any),
+    else a UserError naming `flag`; for npnet, a `.pth` without a safetensors export beside it is NPNet's released
+    checkpoint (read with weights_only=True). `predict_variance=True` (the seed's flag) requires an export trained
+    with the variance head."""
+    from ..model import load_export
 
-    weights, meta_path = export_paths(path)
-    if Path(path).suffix == ".pth":
-        logger.info("--rnn_weights_path %s: .pth means the safetensors export %s (+ .json); a pickled .pth is never "
-                    "loaded", path, weights)
-    model, meta = NoiseSequenceRNN_v3.from_pretrained(str(weights), device=device, dtype=dtype)
+    if model_type == "npnet" and Path(path).suffix == ".pth" and not Path(path).with_suffix(".safetensors").is_file():
+        from ..model.npnet import load_released
+
+        model, meta = load_released(path, device=device, dtype=dtype)
+    else:
+        weights, meta_path = export_paths(path)
+        if Path(path).suffix == ".pth":
+            logger.info("%s %s: .pth means the safetensors export %s (+ .json); a pickled .pth is never loaded", flag,
+                        path, weights)
+        model, meta = load_export(str(weights), device=device, dtype=dtype, expect=model_type, flag=flag)
     if predict_variance and not (meta.get("model_config") or {}).get("predict_variance", False):
-        raise UserError(f"--predict_variance was given, but the RNN export {meta_path} was trained without it "
+        raise UserError(f"--predict_variance was given, but the export {path} was trained without it "
                         "(model_config.predict_variance is false): drop --predict_variance or pass an export "
                         "trained with it")
     return model.eval(), meta
@@ -137,14 +145,16 @@ class GoldenNoise:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, pipe=None, device=None, dtype=None,
-                        predict_variance: bool = False) -> "GoldenNoise":
-        """Load an export (the .safetensors, the .json, their stem, a run directory or the seed's `.pth` name);
-        the RNN runs on `device` (default: the pipeline's device, else CPU) in `dtype` (default float32).
+                        predict_variance: bool = False, model_type: str | None = None,
+                        flag: str = "--rnn_weights_path") -> "GoldenNoise":
+        """Load an export (the .safetensors, the .json, their stem, a run directory or the seed's `.pth` name) of any
+        noise model (`model_type`: require one, golden_noise.model.MODEL_TYPES; npnet also takes NPNet's released
+        `.pth`); it runs on `device` (default: the pipeline's device, else CPU) in `dtype` (default float32).
         `predict_variance=True` refuses an export trained without the variance head."""
         if device is None:
             device = family_of(pipe).device if pipe is not None else torch.device("cpu")
         model, meta = load_rnn_export(path, device=device, dtype=dtype or torch.float32,
-                                      predict_variance=predict_variance)
+                                      predict_variance=predict_variance, model_type=model_type, flag=flag)
         gn = cls(model, meta, pipe=pipe, device=device)
         if pipe is not None:
             gn.check_pipeline(pipe)
@@ -163,8 +173,26 @@ class GoldenNoise:
         return self.meta.get("model_config") or {}
 
     @property
+    def model_type(self) -> str:
+        """rnn_v3 (rolled out n steps), direct or npnet (x'_n in one forward): golden_noise.model.MODEL_TYPES."""
+        from ..model import model_type_of
+
+        return model_type_of(self.meta)
+
+    @property
+    def predicts_step(self) -> int | None:
+        """The golden step k a one-step model (direct, npnet) predicts x'_k of in one forward; None for the RNN."""
+        if not getattr(self.model, "one_step", False):
+            return None
+        k = self.meta.get("predicts_step") or self.run_config.get("num_steps")
+        return int(k) if k is not None else None
+
+    @property
     def num_steps(self) -> int | None:
-        """How many golden steps the training sequences held (the default rollout length)."""
+        """How many golden steps the training sequences held (the default rollout length; a one-step model's: the
+        step it predicts)."""
+        if self.predicts_step is not None:
+            return self.predicts_step
         n = self.run_config.get("num_steps")
         return int(n) if n is not None else None
 
@@ -247,10 +275,15 @@ class GoldenNoise:
     @torch.no_grad()
     def rollout(self, x_T: torch.Tensor, text: torch.Tensor, num_steps: int | None = None, sample: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Roll the RNN out from x_T (B, C, H, W) with text embeddings (B, P): -> (B, n, C, H, W) float32."""
+        """Roll the RNN out from x_T (B, C, H, W) with text embeddings (B, P): -> (B, n, C, H, W) float32; a one-step
+        model (direct, npnet) returns (B, 1, C, H, W), its x-hat'_n, and only for its own n."""
         n = int(num_steps or self.num_steps or DEFAULT_NUM_GEN_STEPS)
         if n < 1:
             raise UserError(f"--num_gen_steps must be at least 1, got {n}")
+        if self.predicts_step is not None and n != self.predicts_step:
+            raise UserError(f"the {self.model_type} model predicts x'_{self.predicts_step} in one forward (it was "
+                            f"trained on {self.predicts_step}-step sequences): it has no rollout of {n} steps; pass "
+                            f"--num_gen_steps {self.predicts_step} or train it on {n}-step sequences")
         x = x_T.to(self.device, torch.float32)
         seq = self.model.generate_sequence(x, text.to(self.device, torch.float32), n, sample=sample,
                                            generator=generator)
