@@ -50,9 +50,10 @@ def is_one_step(model_type: str) -> bool:
     return bool(getattr(model_class(model_type), "one_step", False))
 
 
-def load_export(path: str | os.PathLike, device=None, dtype=None, expect: str | None = None, flag: str = "the export"):
+def load_export(path: str | os.PathLike, device=None, dtype=None, expect: str | None = None, label: str | None = None):
     """(model in eval mode, JSON metadata) of any export (the .safetensors, the .json, their stem or the run
-    directory), built by the class its `model_type` names; `expect`: refuse another model type, naming `flag`."""
+    directory), built by the class its `model_type` names; `expect`: refuse another model type, naming the export
+    as `label` (default: "the export PATH")."""
     from ..errors import UserError
     from .rnn_seq_model_v3 import resolve_export_paths
 
@@ -66,6 +67,6 @@ def load_export(path: str | os.PathLike, device=None, dtype=None, expect: str | 
         raise UserError(f"{meta_path} names model_type {model_type!r}, which this version does not know "
                         f"({', '.join(MODEL_TYPES)})")
     if expect is not None and model_type != expect:
-        raise UserError(f"{flag} {path} is a {model_type} export, not {expect}: pass a {expect} export "
-                        f"(train_rnn_model_v3.py --model_type {expect})")
+        raise UserError(f"{label or f'the export {path}'} is a {model_type} export, not {expect}: pass a {expect} "
+                        f"export (train_rnn_model_v3.py --model_type {expect})")
     return model_class(model_type).from_pretrained(path, device=device, dtype=dtype)

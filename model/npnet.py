@@ -258,7 +258,8 @@ def released_to_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
 
 
 def config_from_released(checkpoint: dict) -> NPNetConfig:
-    """The NPNetConfig whose shapes match a released-format checkpoint (sizes read from its tensors)."""
+    """The NPNetConfig whose shapes match a released-format checkpoint (sizes read from its tensors; the SVD
+    branch's attention heads, which no shape shows, are NPNet's 8, and the Swin's drop-path rate timm's 0.1)."""
     svd, swin, emb = checkpoint["unet_svd"], checkpoint["unet_embedding"], checkpoint["embeeding"]
     d = int(svd["mlp1.0.weight"].shape[1])
     depths, heads, stage = [], [], 0

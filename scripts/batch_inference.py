@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Stage 5: images for every prompt of a file, from the standard noise, the RNN's golden noise (gnsnet) and/or
-the oracle (the real golden step applied n times), into {output_base_dir}/{method}_output/{index}.png.
+"""Stage 5: images for every prompt of a file, from the standard noise, the RNN's golden noise (gnsnet), the one-step
+baselines' (direct, npnet) and/or the oracle (the real golden step applied n times), into
+{output_base_dir}/{method}_output/{index}.png.
 
     python scripts/batch_inference.py --prompt_file ./data/test_prompts.txt --output_base_dir ./inference_output/ \
         --rnn_weights_path ./output/rnn_v3_seq_model_output/rnn_v3_model_final --start_seed 1000
@@ -45,12 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt_file", required=True,
                    help="prompts: .txt (one per line) or .csv/.tsv (see --prompt_column)")
     add_list_argument(g, "--methods", choices=METHODS, default=dataclass_defaults(BatchJob)["methods"],
-                      help="which noises to sample from: standard (x_T), gnsnet (the RNN's) and/or oracle "
-                           "(`a b` or `a,b`)")
+                      help="which noises to sample from: standard (x_T), gnsnet (the RNN's), direct (the one-step "
+                           "model's), npnet (NPNet's) and/or oracle (`a b` or `a,b`)")
     add_dataclass_arguments(g, BatchJob, include=("output_base_dir", "prompt_column", "start_seed", "batch_size",
                                                   "save_noise"))
     g = p.add_argument_group("models")
-    add_dataclass_arguments(g, BatchJob, include=("rnn_weights_path", "predict_variance"))
+    add_dataclass_arguments(g, BatchJob, include=("rnn_weights_path", "predict_variance", "direct_weights",
+                                                  "npnet_weights"))
     add_pipeline_arguments(g, None, f"diffusers pipeline (hub id or local dir); default: the RNN's, else "
                            f"{DEFAULT_MODEL_ID}")
     add_sampling_arguments(p.add_argument_group("sampling"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where golden noise pays: batch inference and evaluation over a grid of sampling guidance scales x step counts x
-rollout lengths, comparing standard noise, the RNN's golden noise (gnsnet), the real golden step (oracle) and
-best_of_K seeds picked by a reward, at their counted costs.
+rollout lengths, comparing standard noise, the RNN's golden noise (gnsnet), the one-step baselines (direct, npnet),
+the real golden step (oracle) and best_of_K seeds picked by a reward, at their counted costs.
 
     python scripts/sweep.py --prompt_file ./data/test_prompts.txt --output_dir ./results/sweep/ \
         --rnn_weights_path ./output/rnn_v3_seq_model_output --guidance_scales 1 1.5 2 3.5 5.5 \
@@ -10,8 +10,8 @@ best_of_K seeds picked by a reward, at their counted costs.
     accelerate launch --num_processes 8 scripts/sweep.py ...   # same files; every process shares every cell
 
 Writes {output_dir}/sweep.csv (one row per cell and metric: mean, paired diff vs standard at the same guidance and
-steps and vs the grid's best standard guidance, 95% bootstrap CIs, win rates, UNet evaluations and seconds per
-image), reward_vs_guidance_*.png, reward_vs_cost_*.png, gain_vs_rollout_*.png and report.html; the images live in
+steps, vs the grid's best standard guidance and vs standard noise at matched compute (--standard_steps adds
+standard-only step counts for it), 95% bootstrap CIs, win rates, UNet evaluations and seconds per image), reward_vs_guidance_*.png, reward_vs_cost_*.png, gain_vs_rollout_*.png and report.html; the images live in
 cells/ (stage 5's layout per cell). Seeds: prompt i uses start_seed + i; best_of_K's candidate k uses
 start_seed + i + k * 1,000,000 (k = 0 is the standard image itself).
 
@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"prompts (unless --max_prompts) and {QUICK_BOOTSTRAP} bootstrap resamples (unless "
                    "--bootstrap_samples); its own --output_dir, since the prompts differ")
     g = p.add_argument_group("grid (lists take `a b` or `a,b`)")
-    add_dataclass_arguments(g, SweepJob, include=("guidance_scales", "num_inference_steps", "num_gen_steps"))
+    add_dataclass_arguments(g, SweepJob, include=("guidance_scales", "num_inference_steps", "standard_steps",
+                                                  "num_gen_steps"))
     add_list_argument(g, "--methods", default=defaults["methods"], metavar="METHOD", valid=is_method,
                       valid_help=METHOD_HELP, help=SweepJob.__dataclass_fields__["methods"].metadata["help"])
     g = p.add_argument_group("metrics")
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    f"{defaults['bootstrap_samples']}; {QUICK_BOOTSTRAP} with --quick)"})
     g.add_argument("--no_progress", action="store_true", help="no progress bar while scoring")
     g = p.add_argument_group("models")
-    add_dataclass_arguments(g, SweepJob, include=("rnn_weights_path",))
+    add_dataclass_arguments(g, SweepJob, include=("rnn_weights_path", "direct_weights", "npnet_weights"))
     add_pipeline_arguments(g, None, f"diffusers pipeline (hub id or local dir); default: the RNN's, else "
                            f"{DEFAULT_MODEL_ID}")
     add_dataclass_arguments(p.add_argument_group("sampling (the same in every cell)"), SamplingConfig,
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("oracle's golden step (default: the RNN's training data, else NPNet's)")
     add_golden_override_arguments(g)
     args = p.parse_args(argv)
-    check_flag_minimum(p, args, ("batch_size", "num_inference_steps", "num_gen_steps", "max_prompts",
+    check_flag_minimum(p, args, ("batch_size", "num_inference_steps", "standard_steps", "num_gen_steps", "max_prompts",
                                  "reward_batch_size", "bootstrap_samples", "schedule_steps"))
     check_flag_minimum(p, args, ("guidance_scales", "image_rows"), minimum=0)
     if args.quick:

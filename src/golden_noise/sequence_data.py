@@ -319,21 +319,26 @@ def open_dataset(dataset_dir: str | Path, validation_fraction: float = 0.1, max_
     return data
 
 
-def golden_change_rms(dataset: SequenceDataset, max_samples: int = 256, skip_bad_samples: bool = False) -> float:
-    """RMS of the per-step golden change x'_k - x'_{k-1} over (up to) the first `max_samples` good samples."""
-    total, count = 0.0, 0
+def golden_change_rms(dataset: SequenceDataset, max_samples: int = 256, skip_bad_samples: bool = False,
+                      total: bool = False) -> float:
+    """RMS of the per-step golden change x'_k - x'_{k-1} (`total`: of the whole change x'_n - x_T) over (up to) the
+    first `max_samples` good samples."""
+    sum_sq, count = 0.0, 0
     for i in range(min(len(dataset), max_samples)):
         s = dataset[i]
         if not s["valid"]:
             if not skip_bad_samples:
                 raise UserError(s["error"])
             continue
-        prev = torch.cat([s["source"][None], s["golden"][:-1]])  # (n, C, H, W)
-        total += (s["golden"] - prev).double().pow(2).sum().item()
-        count += s["golden"].numel()
+        if total:
+            change = s["golden"][-1] - s["source"]  # (C, H, W)
+        else:
+            change = s["golden"] - torch.cat([s["source"][None], s["golden"][:-1]])  # (n, C, H, W)
+        sum_sq += change.double().pow(2).sum().item()
+        count += change.numel()
     if count == 0:
         raise UserError("no readable training sample to measure the golden change on")
-    rms = math.sqrt(total / count)
+    rms = math.sqrt(sum_sq / count)
     if not rms > 0:
         raise UserError("the golden sequences of the training set never change (x'_k == x'_{k-1}): "
                         "the dataset is degenerate; regenerate it")

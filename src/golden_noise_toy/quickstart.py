@@ -49,11 +49,14 @@ def summary_table(results_dir: str | Path, run_dir: str | Path, images_dir: str 
 
 
 def image_grid(images_dir: str | Path, indices: list[int], path: str | Path, scale: int = 3,
-               methods=METHODS) -> Path:
-    """A grid image: one row per method, one column per prompt index, each image upscaled `scale`x."""
+               methods=None) -> Path:
+    """A grid image: one row per method (default: every method with a folder, in METHODS order), one column per
+    prompt index, each image upscaled `scale`x."""
     from PIL import Image
 
     images_dir = Path(images_dir)
+    if methods is None:
+        methods = [m for m in METHODS if (images_dir / folder(m)).is_dir()]
     tiles = [[Image.open(images_dir / folder(m) / f"{i}.png").convert("RGB") for i in indices] for m in methods]
     w, h = tiles[0][0].size
     w, h = w * scale, h * scale

@@ -53,7 +53,7 @@ def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_va
         if Path(path).suffix == ".pth":
             logger.info("%s %s: .pth means the safetensors export %s (+ .json); a pickled .pth is never loaded", flag,
                         path, weights)
-        model, meta = load_export(str(weights), device=device, dtype=dtype, expect=model_type, flag=flag)
+        model, meta = load_export(str(weights), device=device, dtype=dtype, expect=model_type, label=f"{flag} {path}")
     if predict_variance and not (meta.get("model_config") or {}).get("predict_variance", False):
         raise UserError(f"--predict_variance was given, but the export {path} was trained without it "
                         "(model_config.predict_variance is false): drop --predict_variance or pass an export "

@@ -1,7 +1,8 @@
 """Stage 5: the sharded, resumable batch runner behind `scripts/batch_inference.py`.
 
 Layout of an output folder:
-    {method}_output/{index}.png     one image per prompt and method (methods.folder)
+    {method}_output/{index}.png     one image per prompt and method (methods.folder: standard, gnsnet, direct, npnet,
+                                    oracle)
     noise/{method}/{index}.pt       its initial latents (C, H, W), with --save_noise
     manifest.csv                    index, prompt, seed, method, file, seconds, noise_seconds, sampling_seconds,
                                     unet_evals (denoiser rows per image: noise + sampling, counted by a hook)
@@ -26,7 +27,7 @@ from ..errors import UserError
 from ..golden import GoldenConfig
 from ..io import BackgroundWriter, atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
 from ..layout import tensor_file_intact
-from ..methods import METHODS, folder, order_key
+from ..methods import LEARNED, METHODS, ONE_STEP, folder, order_key
 from ..prompts import Prompt
 from ..runtime import get_logger
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
@@ -42,11 +43,13 @@ SETTINGS_FILE = "batch_settings.json"
 EARLY_KEYS = ("prompt_fingerprint", "start_seed", "batch_size", "num_inference_steps", "guidance_scale",
               "negative_prompt", "scheduler", "timestep_spacing", "sampling_model_id", "sampling_unet", "sampling_lora",
               "sampling_lora_scale", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
-              "enable_vae_slicing", "enable_vae_tiling", "num_gen_steps_used", "golden", "rnn_sha256")  # pre-load
+              "enable_vae_slicing", "enable_vae_tiling", "num_gen_steps_used", "golden", "rnn_sha256", "direct_sha256",
+              "npnet_sha256")  # pre-load
 LOADED_KEYS = ("height_used", "width_used", "latent_shape", "pipeline_class", "scheduler_class")  # once loaded
 # None when this run's methods do not use them (no gnsnet / oracle): then the earlier run's values are kept
 KEPT_WHEN_UNUSED = ("num_gen_steps_used", "golden", "rnn_weights_file", "rnn_sha256", "rnn_model_config",
-                    "rnn_run_config")
+                    "rnn_run_config", *(f"{m}_{k}" for m in ONE_STEP for k in ("weights_file", "sha256", "model_config",
+                                                                             "run_config")))
 _PNG_HEAD, _PNG_TAIL = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -69,6 +72,11 @@ class BatchJob:
         "help": "trained RNN export (needed for gnsnet): .safetensors, .json, their stem, the run dir, or the "
                 "seed's rnn_v3_model_final.pth (= that export)"})
     predict_variance: bool = field(default=False, metadata={"help": PREDICT_VARIANCE_HELP})
+    direct_weights: str | None = field(default=None, metadata={
+        "help": "trained direct-model export (needed for direct: train_rnn_model_v3.py --model_type direct)"})
+    npnet_weights: str | None = field(default=None, metadata={
+        "help": "NPNet weights (needed for npnet): an export of train_rnn_model_v3.py --model_type npnet, or NPNet's "
+                "released SDXL checkpoint (.pth, read with weights_only=True)"})
     num_gen_steps: int | None = field(default=None, metadata={
         "help": "n: RNN rollout / oracle steps (default: num_steps of the RNN's training data, else 10)"})
     golden_overrides: dict = field(default_factory=dict)  # GoldenConfig fields given for the oracle (else the RNN's)
@@ -87,6 +95,7 @@ class BatchRun:
     gn: GoldenNoise | None
     settings: dict
     golden: GoldenConfig | None = None
+    others: dict = field(default_factory=dict)  # {direct / npnet: GoldenNoise} of the one-step methods asked for
     pipe: Any = None     # the base pipeline: the RNN's text embedding and the oracle
     sampler: Any = None  # the pipeline that samples the images (the base one unless a separate sampler is asked)
 
@@ -96,9 +105,9 @@ def check_batch(job: BatchJob) -> None:
     unknown = [m for m in job.methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown --methods {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-    if "gnsnet" in job.methods and not job.rnn_weights_path:
-        raise UserError("--methods gnsnet needs --rnn_weights_path (a trained RNN export); "
-                        "or choose --methods standard oracle")
+    for method, (_, flag) in LEARNED.items():
+        if method in job.methods and not getattr(job, flag):
+            raise UserError(f"--methods {method} needs --{flag} (a trained export); or drop {method}")
     for flag, value in (("--batch_size", job.batch_size), ("--num_gen_steps", job.num_gen_steps)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
@@ -106,19 +115,21 @@ def check_batch(job: BatchJob) -> None:
     golden_config_from(None, **job.golden_overrides)  # refuses negative guidance scales, naming the flag
 
 
-def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNoise | None = None) -> dict | None:
+def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNoise | None = None,
+              others: dict | None = None) -> dict | None:
     """Generate every missing image of `job` on this process's share of the global batches.
 
     Resumable: a batch whose images of a method are all there (and intact) is skipped; a batch with some missing
     is recomputed whole (same batch composition, so the same pixels) and only the missing files are written.
     Returns the summary on the main process (None elsewhere) after merging the manifest. `pipe`: a pipeline
     already loaded as `job.pipeline` says (the sweep runs many jobs on one), `sampler` the one built for
-    `job.sampling` from it (None: built here) and `gn` the RNN of `job.rnn_weights_path` (None: loaded here)."""
+    `job.sampling` from it (None: built here), `gn` the RNN of `job.rnn_weights_path` and `others` the one-step
+    models of direct / npnet ({method: GoldenNoise}; None: loaded here)."""
     from ..runs import RunLock
     from ..runtime import distributed_state, on_main
 
     state = state if state is not None else distributed_state()
-    run = prepare_batch(job, state, gn)
+    run = prepare_batch(job, state, gn, others)
     lock = RunLock(run.out, "--output_base_dir")
     on_main(state, lock.acquire)
     if state.is_main_process:
@@ -132,13 +143,14 @@ def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNois
         lock.release()
 
 
-def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None) -> BatchRun:
+def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None, others: dict | None = None) -> BatchRun:
     """Check the job, read the prompts, load the RNN (unless given) and refuse a rerun with other inputs, before any
     pipeline."""
     from ..prompts import prompt_fingerprint, read_prompts
     from ..runs import check_writable_dir, refuse_mixed_rerun
     from ..runtime import resolve_device
-    from .config import flat_record, load_golden_noise, pipeline_record, resolve_num_gen_steps, rnn_record
+    from .config import (flat_record, learned_record, load_golden_noise, load_one_step_models, pipeline_record,
+                         resolve_num_gen_steps, rnn_record)
 
     job.methods = list(dict.fromkeys(job.methods))
     check_batch(job)
@@ -147,18 +159,27 @@ def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None) -> BatchR
     device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
     if gn is None:
         gn = load_golden_noise(job.rnn_weights_path, device, job.predict_variance)
+    others = load_one_step_models(job.methods, {m: getattr(job, LEARNED[m][1]) for m in ONE_STEP}, device, others)
+    ref = gn or next(iter(others.values()), None)  # the export that sets the defaults (model id, size, n)
     noisy = [m for m in job.methods if m != "standard"]
-    golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
+    golden = golden_config_from(ref.run_config if ref else None, **job.golden_overrides) \
         if "oracle" in job.methods else None
     job.sampling.log_guidance()
+    n = resolve_num_gen_steps(job.num_gen_steps, ref) if noisy else None
+    for method, model in others.items():
+        if n != model.predicts_step:
+            raise UserError(f"--methods {method}: its model predicts x'_{model.predicts_step} in one forward, but this "
+                            f"run's n is {n} (--num_gen_steps, else the first export's training data): pass "
+                            f"--num_gen_steps {model.predicts_step}, or an export trained on {n}-step sequences")
     settings = {**flat_record(job), "prompt_fingerprint": prompt_fingerprint(prompts), "num_prompts": len(prompts),
-                "num_processes": state.num_processes, **pipeline_record(job.pipeline, gn, device),
-                "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn) if noisy else None,
-                "golden": golden.to_dict() if golden else None,
+                "num_processes": state.num_processes, **pipeline_record(job.pipeline, ref, device),
+                "num_gen_steps_used": n, "golden": golden.to_dict() if golden else None,
                 **rnn_record(gn if "gnsnet" in job.methods else None, job.rnn_weights_path)}
+    for method in ONE_STEP:
+        settings.update(learned_record(method, others.get(method), getattr(job, LEARNED[method][1])))
     refuse_mixed_rerun(out / SETTINGS_FILE, settings, EARLY_KEYS, "--output_base_dir", "images",
                        lenient=KEPT_WHEN_UNUSED)  # every process checks, so all fail alike
-    return BatchRun(job, state, out, prompts, gn, settings, golden)
+    return BatchRun(job, state, out, prompts, gn, settings, golden, others=others)
 
 
 def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
@@ -180,7 +201,8 @@ def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
             logger.info("loading %s (%s on %s)", run.settings["base_model_id_used"], run.settings["dtype_used"],
                         device)
         run.pipe, run.sampler = load_job_pipelines(run.job.pipeline, run.job.sampling, run.settings, device)
-    run.settings.update(sampling_record(run.pipe, run.job.sampling, run.gn, run.sampler), versions=package_versions())
+    run.settings.update(sampling_record(run.pipe, run.job.sampling, run.gn, run.sampler, others=run.others.values()),
+                        versions=package_versions())
     path = run.out / SETTINGS_FILE
     refuse_mixed_rerun(path, run.settings, LOADED_KEYS, "--output_base_dir", "images")
     run.state.wait_for_everyone()
@@ -321,12 +343,14 @@ def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stat
 
 
 def method_latents(run: BatchRun, method: str, texts: list[str], x_T):
-    """A method's initial latents for a batch: x_T (standard), the RNN's rollout (gnsnet) or the oracle's."""
+    """A method's initial latents for a batch: x_T (standard), the RNN's rollout (gnsnet), a one-step model's
+    prediction (direct, npnet) or the oracle's."""
     n = run.settings["num_gen_steps_used"]
     if method == "standard":
         return x_T
-    if method == "gnsnet":
-        return run.gn.rollout(x_T, run.gn.text_embeddings(texts, run.pipe), n)[:, -1]
+    if method in LEARNED:
+        model = run.gn if method == "gnsnet" else run.others[method]
+        return model.rollout(x_T, model.text_embeddings(texts, run.pipe), n)[:, -1]
     return oracle_noise(run.pipe, texts, x_T, n, run.golden, run.settings["height_used"], run.settings["width_used"])
 
 

@@ -140,13 +140,35 @@ def flat_record(job) -> dict:
     return out
 
 
-def load_golden_noise(path: str | None, device, predict_variance: bool = False) -> GoldenNoise | None:
-    """The RNN export at `path` (None: no RNN), in float32 on `device`."""
+def load_golden_noise(path: str | None, device, predict_variance: bool = False, model_type: str = "rnn_v3",
+                      flag: str = "--rnn_weights_path") -> GoldenNoise | None:
+    """The export at `path` (None: none) of a `model_type` model (golden_noise.model.MODEL_TYPES; another type is a
+    UserError naming `flag`), in float32 on `device`."""
     if not path:
         if predict_variance:
             raise UserError("--predict_variance checks the RNN export: pass --rnn_weights_path too")
         return None
-    return GoldenNoise.from_pretrained(path, device=device, predict_variance=predict_variance)
+    return GoldenNoise.from_pretrained(path, device=device, predict_variance=predict_variance, model_type=model_type,
+                                       flag=flag)
+
+
+def load_one_step_models(methods, paths: dict[str, str | None], device, loaded: dict | None = None) -> dict:
+    """{method: GoldenNoise} of the one-step learned methods (direct, npnet) among `methods`, from their export
+    flags (`paths`: {method: path}); `loaded` ones are taken as they are (the sweep loads each once)."""
+    from ..methods import LEARNED, ONE_STEP
+
+    out = {}
+    for method in ONE_STEP:
+        if method in methods:
+            model_type, flag = LEARNED[method]
+            out[method] = (loaded or {}).get(method) or load_golden_noise(paths[method], device, model_type=model_type,
+                                                                          flag=f"--{flag}")
+    return out
+
+
+def learned_record(method: str, gn: GoldenNoise | None, path: str | None) -> dict:
+    """rnn_record's keys for a one-step method: {method}_weights_file, _sha256, _model_config, _run_config."""
+    return {f"{method}_{k[len('rnn_'):]}": v for k, v in rnn_record(gn, path).items()}
 
 
 def rnn_record(gn: GoldenNoise | None, path: str | None) -> dict:
@@ -212,19 +234,21 @@ def load_job_pipelines(spec: PipelineSpec, sampling: SamplingConfig, record: dic
     return pipe, sampler
 
 
-def sampling_record(pipe, sampling: SamplingConfig, gn: GoldenNoise | None, sampler=None) -> dict:
-    """The image size and latent shape used (--height/--width, else the RNN's, else the model's default size),
-    checked against the RNN (and the sampler's latent space), the family, the sampling scheduler's class and the
-    guidance the sampler really applies."""
+def sampling_record(pipe, sampling: SamplingConfig, gn: GoldenNoise | None, sampler=None, others=()) -> dict:
+    """The image size and latent shape used (--height/--width, else the RNN's (or the first of `others`'), else the
+    model's default size), checked against the RNN and the one-step models `others` (and the sampler's latent
+    space), the family, the sampling scheduler's class and the guidance the sampler really applies."""
     from ..diffusion import family_of, image_size, latent_shape
 
     sampler = sampler if sampler is not None else pipe
-    height, width = image_size(pipe, sampling.height or (gn.height if gn else None),
-                               sampling.width or (gn.width if gn else None))
-    if gn is not None:
-        gn.check_pipeline(pipe, height, width)
+    models = [m for m in (gn, *others) if m is not None]
+    ref = models[0] if models else None
+    height, width = image_size(pipe, sampling.height or (ref.height if ref else None),
+                               sampling.width or (ref.width if ref else None))
+    for model in models:
+        model.check_pipeline(pipe, height, width)
         if sampler is not pipe:
-            gn.check_sampler(sampler)
+            model.check_sampler(sampler)
     family, sampler_family = family_of(pipe), family_of(sampler)
     out = {"height_used": height, "width_used": width, "latent_shape": list(latent_shape(pipe, height, width)),
            "scheduler_class": type(sampler.scheduler).__name__, "pipeline_class": type(pipe).__name__,

@@ -1,6 +1,7 @@
 """The cells of a sweep and the batch-runner units that make their images.
 
-A cell is one row group of sweep.csv: (guidance scale, sampling steps, method, rollout length n). A unit is one
+A cell is one row group of sweep.csv: (guidance scale, sampling steps, method, rollout length n; the one-step
+methods direct and npnet have the one n their model predicts). A unit is one
 batch-runner output folder and method: every image a unit makes is computed once and shared by every cell that
 needs it, so the standard images of a (guidance, steps) pair are the `standard` cell, best_of_K's candidate k = 0,
 and the baseline of every paired comparison at that pair (and of the "vs tuned guidance" ones).
@@ -11,7 +12,7 @@ with another prompt or candidate while the prompt file has at most SEED_STRIDE l
 
     cells/w{w}_s{s}/standard_output/{i}.png            standard = candidate k = 0
     cells/w{w}_s{s}/k{k}/standard_output/{i}.png       best_of_K's candidate k >= 1
-    cells/w{w}_s{s}_n{n}/{gnsnet,oracle}_output/{i}.png
+    cells/w{w}_s{s}_n{n}/{gnsnet,direct,npnet,oracle}_output/{i}.png
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..methods import best_of_k, order_key
+from ..methods import ONE_STEP, best_of_k, order_key
 
 SEED_STRIDE = 1_000_000
 CELLS_DIR = "cells"
-GOLDEN = ("gnsnet", "oracle")  # the methods with a rollout length n
+GOLDEN = ("gnsnet", "oracle")  # the methods whose rollout length n the grid sets (--num_gen_steps)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Unit:
 
     guidance_scale: float
     num_inference_steps: int
-    method: str                 # standard, gnsnet or oracle (a batch-runner method)
+    method: str                 # standard, gnsnet, direct, npnet or oracle (a batch-runner method)
     num_gen_steps: int | None = None
     k: int = 0                  # best_of_K candidate (standard only); 0 = the standard sample
 
@@ -44,7 +45,7 @@ class Unit:
     def folder(self, root: str | Path) -> Path:
         """The unit's batch-runner output folder (see the module docstring)."""
         base = f"w{float(self.guidance_scale)!r}_s{int(self.num_inference_steps)}"
-        if self.method in GOLDEN:
+        if self.num_gen_steps is not None:
             return Path(root) / CELLS_DIR / f"{base}_n{self.num_gen_steps}"
         return Path(root) / CELLS_DIR / base / (f"k{self.k}" if self.k else "")
 
@@ -81,15 +82,22 @@ class Cell:
 
 
 def grid_cells(guidance_scales: Sequence[float], steps: Sequence[int], methods: Sequence[str],
-               num_gen_steps: Sequence[int]) -> list[Cell]:
+               num_gen_steps: Sequence[int], fixed_n: dict[str, int] | None = None,
+               standard_steps: Sequence[int] = ()) -> list[Cell]:
     """Every cell of the grid, by steps, then guidance, then method (standard first), then n; `standard` is always
-    included: it is every comparison's baseline."""
+    included: it is every comparison's baseline. gnsnet and oracle get every n of `num_gen_steps`, a one-step
+    method (direct, npnet) the n its model predicts (`fixed_n`); `standard_steps` adds standard-only cells at more
+    step counts (the matched-compute baselines)."""
     names = sorted(set(methods) | {"standard"}, key=order_key)
     cells = []
-    for s in dict.fromkeys(int(v) for v in steps):
+    steps = list(dict.fromkeys(int(v) for v in steps))
+    for s in dict.fromkeys([*steps, *(int(v) for v in standard_steps)]):
         for w in dict.fromkeys(float(v) for v in guidance_scales):
-            for m in names:
-                ns = list(dict.fromkeys(int(n) for n in num_gen_steps)) if m in GOLDEN else [None]
+            for m in (names if s in steps else ["standard"]):
+                if m in GOLDEN:
+                    ns = list(dict.fromkeys(int(n) for n in num_gen_steps))
+                else:
+                    ns = [int((fixed_n or {})[m])] if m in ONE_STEP else [None]
                 cells += [Cell(w, s, m, n) for n in ns]
     return cells
 

@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..evaluation import Metric
 from ..inference.batch import BatchJob
 from ..inference.config import PipelineSpec, SamplingConfig
-from ..methods import METHOD_HELP, best_of_k, is_method
+from ..methods import LEARNED, METHOD_HELP, ONE_STEP, best_of_k, is_method
 from .grid import GOLDEN, SEED_STRIDE, Unit
 
 SETTINGS_FILE = "sweep_settings.json"
@@ -20,8 +20,9 @@ SAMPLER_KEYS = ("scheduler", "timestep_spacing", "sampling_model_id", "sampling_
                 "sampling_lora_scale")  # the separate sampler: the same in every cell
 EARLY_KEYS = ("prompt_fingerprint", "start_seed", "seed_stride", "batch_size", "negative_prompt", *SAMPLER_KEYS,
               "height", "width", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
-              "enable_vae_slicing", "enable_vae_tiling", "golden", "rnn_sha256")
-KEPT_WHEN_UNUSED = ("golden", "rnn_sha256")  # None when this run has no oracle / gnsnet cells
+              "enable_vae_slicing", "enable_vae_tiling", "golden", "rnn_sha256", "direct_sha256", "npnet_sha256")
+# None when this run has no oracle / gnsnet / direct / npnet cells
+KEPT_WHEN_UNUSED = ("golden", "rnn_sha256", "direct_sha256", "npnet_sha256")
 
 
 def _f(default=dataclasses.MISSING, text: str = "", **kw):
@@ -39,6 +40,9 @@ class SweepJob:
     guidance_scales: list[float] = _f(text="sampling CFG scales (diffusers applies none for a scale <= 1)",
                                       default_factory=lambda: [1.0, 5.5])
     num_inference_steps: list[int] = _f(text="sampling step counts", default_factory=lambda: [30])
+    standard_steps: list[int] = _f(text="more sampling step counts made with standard noise only, at every guidance "
+                                   "scale: candidates for the matched-compute comparison (e.g. 21 23 beside 20)",
+                                   default_factory=list)
     num_gen_steps: list[int] | None = _f(None, "rollout lengths n of gnsnet and oracle (default: the n of the RNN's "
                                          "training sequences, else 10)")
     methods: list[str] = _f(text=f"methods: {METHOD_HELP}; standard is always made (every comparison's baseline)",
@@ -52,6 +56,11 @@ class SweepJob:
     batch_size: int = _f(8, "prompts per pipeline call (part of the settings: pixels depend on batch-mates)")
     rnn_weights_path: str | None = _f(None, "trained RNN export (needed for gnsnet; its training data also sets "
                                       "the oracle's golden step, n and the image size)")
+    direct_weights: str | None = _f(None, "trained direct-model export (needed for direct: train_rnn_model_v3.py "
+                                    "--model_type direct); its cells have the n it predicts")
+    npnet_weights: str | None = _f(None, "NPNet weights (needed for npnet): an export of train_rnn_model_v3.py "
+                                   "--model_type npnet, or NPNet's released SDXL checkpoint (.pth); its cells have the "
+                                   "n it predicts")
     golden_overrides: dict = field(default_factory=dict)  # GoldenConfig fields for the oracle (else the RNN's)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # per cell: guidance and steps replaced
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
@@ -74,8 +83,9 @@ def check_job(job: SweepJob) -> None:
     bad = [m for m in job.methods if not is_method(m)]
     if bad:
         raise UserError(f"unknown --methods {', '.join(bad)}: choose from {METHOD_HELP}")
-    if "gnsnet" in job.methods and not job.rnn_weights_path:
-        raise UserError("--methods gnsnet needs --rnn_weights_path (a trained RNN export); or drop gnsnet")
+    for method, (_, flag) in LEARNED.items():
+        if method in job.methods and not getattr(job, flag):
+            raise UserError(f"--methods {method} needs --{flag} (a trained export); or drop {method}")
     if not job.metrics:
         raise UserError("--metrics is empty: name at least one reward metric")
     names = [m.name for m in job.metrics]
@@ -85,6 +95,7 @@ def check_job(job: SweepJob) -> None:
         raise UserError(f"--selection_metric {job.selection_metric} is not one of --metrics ({', '.join(names)}): "
                         "best_of_K selects by one of the metrics it is evaluated with")
     for flag, values in (("--num_inference_steps", job.num_inference_steps), ("--num_gen_steps", job.num_gen_steps),
+                         ("--standard_steps", job.standard_steps),
                          ("--batch_size", [job.batch_size]), ("--max_prompts", [job.max_prompts])):
         low = [v for v in values or [] if v is not None and v < 1]
         if low:
@@ -98,7 +109,8 @@ def check_job(job: SweepJob) -> None:
 
 
 def rollout_lengths(job: SweepJob, gn) -> list[int]:
-    """n values of the gnsnet and oracle cells: --num_gen_steps, else the RNN's training n, else 10."""
+    """n values of the gnsnet and oracle cells: --num_gen_steps, else the n of `gn`'s training data (the RNN's, else
+    a one-step model's), else 10."""
     from ..inference.config import resolve_num_gen_steps
 
     if not any(m in GOLDEN for m in job.methods):
@@ -130,7 +142,8 @@ def unit_job(job: SweepJob, unit: Unit, prompt_file: Path, out: Path) -> BatchJo
                                    num_inference_steps=unit.num_inference_steps)
     return BatchJob(prompt_file=str(prompt_file), output_base_dir=str(unit.folder(out)), methods=[unit.method],
                     start_seed=job.start_seed + unit.seed_offset, batch_size=job.batch_size,
-                    rnn_weights_path=job.rnn_weights_path, num_gen_steps=unit.num_gen_steps,
+                    rnn_weights_path=job.rnn_weights_path, direct_weights=job.direct_weights,
+                    npnet_weights=job.npnet_weights, num_gen_steps=unit.num_gen_steps,
                     golden_overrides=dict(job.golden_overrides), sampling=sampling, pipeline=job.pipeline)
 
 

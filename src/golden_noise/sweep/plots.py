@@ -8,7 +8,7 @@ from typing import Sequence
 from ..methods import order_key
 from ..report import pyplot, save_figure
 
-COLORS = {"standard": "#4c72b0", "gnsnet": "#55a868", "oracle": "#c44e52"}
+COLORS = {"standard": "#4c72b0", "gnsnet": "#55a868", "direct": "#dd8452", "npnet": "#64b5cd", "oracle": "#c44e52"}
 BEST_OF_COLORS = ("#8172b2", "#937860", "#da8bc3", "#8c8c8c")
 
 
@@ -113,7 +113,7 @@ def plot_rollout(rows: Sequence[dict], metric: str, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 4), squeeze=False)
     for j, s in enumerate(steps):
         ax = axes[0][j]
-        for method in ("gnsnet", "oracle"):
+        for method in ("gnsnet", "direct", "npnet", "oracle"):
             scales = sorted({r["guidance_scale"] for r in golden if r["method"] == method})
             for k, w in enumerate(scales):
                 rs = sorted((r for r in golden if (r["method"], r["num_inference_steps"], r["guidance_scale"])
@@ -124,8 +124,8 @@ def plot_rollout(rows: Sequence[dict], metric: str, path: Path) -> Path | None:
                 y = [r["diff"] for r in rs]
                 err = [[d - r["ci_low"] for d, r in zip(y, rs)], [r["ci_high"] - d for d, r in zip(y, rs)]]
                 ax.errorbar(x, y, yerr=err, color=_color(method), alpha=0.35 + 0.65 * (k + 1) / len(scales),
-                            marker="o" if method == "gnsnet" else "^", capsize=3,
-                            ls="-" if method == "gnsnet" else "--", label=f"{method} w={w:g}")
+                            marker="^" if method == "oracle" else "o", capsize=3,
+                            ls="--" if method == "oracle" else "-", label=f"{method} w={w:g}")
         ax.axhline(0, color="gray", lw=1, ls="--")
         ax.set_xlabel("rollout length n (golden steps)")
         ax.set_ylabel(f"{metric}: method - standard (95% CI)")

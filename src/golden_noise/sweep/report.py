@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..io import atomic_write_text
+from ..methods import LEARNED
 from ..report import _CSS, _rel, diff_class
 from .plots import pareto
 from .table import NOTES
@@ -26,8 +27,8 @@ def _where(r: dict) -> str:
 
 
 def findings(rows: Sequence[dict]) -> list[str]:
-    """Plain sentences per metric: where the gain's CI excludes 0, how gnsnet compares with the oracle and with
-    the tuned guidance, and where best_of_K sits."""
+    """Plain sentences per metric: where the gain's CI excludes 0, how each learned noise compares with the oracle,
+    with the tuned guidance and with standard noise at matched compute, and where best_of_K sits."""
     out = []
     for metric in dict.fromkeys(r["metric"] for r in rows):
         rs = [r for r in rows if r["metric"] == metric]
@@ -36,20 +37,22 @@ def findings(rows: Sequence[dict]) -> list[str]:
             up = [_where(r) for r in mine if r["ci_low"] > 0]
             down = [_where(r) for r in mine if r["ci_high"] < 0]
             tuned = [_where(r) for r in mine if r["ci_low_vs_tuned"] is not None and r["ci_low_vs_tuned"] > 0]
+            matched = [_where(r) for r in mine if r.get("ci_low_vs_matched") is not None and r["ci_low_vs_matched"] > 0]
             text = (f"{metric}, {method}: gain vs standard with a 95% CI above 0 at {'; '.join(up) or 'no cell'}"
                     f"{'; below 0 at ' + '; '.join(down) if down else ''}; beats standard at the tuned guidance at "
-                    f"{'; '.join(tuned) or 'no cell'}.")
+                    f"{'; '.join(tuned) or 'no cell'}; beats standard noise at matched compute at "
+                    f"{'; '.join(matched) or 'no cell'}.")
             if method.startswith("best_of") and mine and mine[0]["selection_bias"]:
                 text += f" ({mine[0]['selection_bias']}.)"
             out.append(text)
-        shares = [(r, r["share_of_oracle_gain"]) for r in rs if r["method"] == "gnsnet"
-                  and r["share_of_oracle_gain"] is not None]
         oracle_up = {(r["guidance_scale"], r["num_inference_steps"], r["num_gen_steps"]) for r in rs
                      if r["method"] == "oracle" and r["ci_low"] > 0}
-        kept = [f"{_where(r)}: {100 * s:.0f}%" for r, s in shares
-                if (r["guidance_scale"], r["num_inference_steps"], r["num_gen_steps"]) in oracle_up]
-        if kept:
-            out.append(f"{metric}: where the oracle's gain CI excludes 0, gnsnet keeps {', '.join(kept)} of it.")
+        for method in LEARNED:
+            kept = [f"{_where(r)}: {100 * r['share_of_oracle_gain']:.0f}%" for r in rs
+                    if r["method"] == method and r["share_of_oracle_gain"] is not None
+                    and (r["guidance_scale"], r["num_inference_steps"], r["num_gen_steps"]) in oracle_up]
+            if kept:
+                out.append(f"{metric}: where the oracle's gain CI excludes 0, {method} keeps {', '.join(kept)} of it.")
         front = pareto([(r["unet_evals_per_image"], r["mean"]) for r in rs])
         on = [f"{r['method']} {_where(r)} ({r['unet_evals_per_image']:.1f} UNet evals, {r['mean']:.4f})" for r in rs
               if (r["unet_evals_per_image"], r["mean"]) in front]
@@ -71,7 +74,8 @@ class ImageRows:
 
 def _table(rows: Sequence[dict]) -> list[str]:
     head = ["steps", "w", "method", "n", "mean [95% CI]", "diff vs standard [95% CI]", "win rate",
-            "vs tuned guidance [95% CI]", "oracle share", "UNet evals / image", "s / image", "note"]
+            "vs tuned guidance [95% CI]", "vs matched compute [95% CI]", "oracle share", "UNet evals / image",
+            "s / image", "note"]
     out = ["<table class='summary'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
         diff = "(baseline)" if r["diff"] is None else \
@@ -80,13 +84,20 @@ def _table(rows: Sequence[dict]) -> list[str]:
             (f"{_f(r['diff_vs_tuned'], signed=True)} [{_f(r['ci_low_vs_tuned'], signed=True)}, "
              f"{_f(r['ci_high_vs_tuned'], signed=True)}] vs w={r['tuned_guidance_scale']:g}")
         cls = diff_class(r["diff"]) if r["diff"] is not None and (r["ci_low"] > 0 or r["ci_high"] < 0) else "num"
+        matched = "" if r.get("diff_vs_matched") is None else (
+            f"{_f(r['diff_vs_matched'], signed=True)} [{_f(r['ci_low_vs_matched'], signed=True)}, "
+            f"{_f(r['ci_high_vs_matched'], signed=True)}] vs standard w={r['matched_guidance_scale']:g}, "
+            f"{r['matched_num_inference_steps']} steps ({r['matched_unet_evals_per_image']:.1f} evals; "
+            f"{r['matched_rule']})")
+        if r["method"] != "standard" and r.get("diff_vs_matched") is None:
+            matched = "no standard cell of the grid costs as much"
         cells = [str(r["num_inference_steps"]), f"{r['guidance_scale']:g}", r["method"],
                  "" if r["num_gen_steps"] is None else str(r["num_gen_steps"]),
                  f"{_f(r['mean'])} [{_f(r['mean_ci_low'])}, {_f(r['mean_ci_high'])}]", diff,
-                 "" if r["win_rate"] is None else f"{100 * r['win_rate']:.1f}%", tuned,
+                 "" if r["win_rate"] is None else f"{100 * r['win_rate']:.1f}%", tuned, matched,
                  "" if r["share_of_oracle_gain"] is None else f"{100 * r['share_of_oracle_gain']:.0f}%",
                  f"{r['unet_evals_per_image']:.2f}", f"{r['seconds_per_image']:.4f}", r["selection_bias"]]
-        klass = ["num", "num", "", "num", "num", cls, "num", "num", "num", "num", "num", "note"]
+        klass = ["num", "num", "", "num", "num", cls, "num", "num", "note", "num", "num", "num", "note"]
         out.append("<tr>" + "".join(f"<td class='{k}'>{html.escape(c)}</td>" for k, c in zip(klass, cells)) + "</tr>")
     out.append("</table>")
     return out

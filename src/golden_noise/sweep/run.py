@@ -37,6 +37,7 @@ class SweepPlan:
     units: list[Unit]
     settings: dict
     gn: object = None
+    others: dict = field(default_factory=dict)  # {direct / npnet: GoldenNoise}, the one-step models asked for
     pipe: object = None
     sampler: object = None  # the pipeline that samples the images: `pipe` itself unless a separate sampler is asked
     timings: dict = field(default_factory=dict)
@@ -50,7 +51,8 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     """Check the flags, read the prompts, resolve the settings and refuse a rerun with other ones, all before
     any pipeline loads."""
     from ..inference.api import golden_config_from
-    from ..inference.config import load_golden_noise, pipeline_record, rnn_record
+    from ..inference.config import learned_record, load_golden_noise, load_one_step_models, pipeline_record, rnn_record
+    from ..methods import LEARNED, ONE_STEP
     from ..prompts import prompt_fingerprint, read_prompts
     from ..runs import check_writable_dir, read_settings, refuse_mixed_rerun
     from ..runtime import resolve_device
@@ -63,26 +65,32 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     out = check_writable_dir(job.output_dir, "--output_dir")
     device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
     gn = load_golden_noise(job.rnn_weights_path, device)
-    ns = rollout_lengths(job, gn)
-    golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
+    others = load_one_step_models(job.methods, {m: getattr(job, LEARNED[m][1]) for m in ONE_STEP}, device)
+    ref = gn or next(iter(others.values()), None)  # the export that sets the defaults (model id, size, n, golden)
+    ns = rollout_lengths(job, ref)
+    golden = golden_config_from(ref.run_config if ref else None, **job.golden_overrides) \
         if "oracle" in job.methods else None
     sampling = job.sampling
     settings = {"prompt_file": str(job.prompt_file), "prompt_fingerprint": prompt_fingerprint(prompts),
                 "num_prompts": len(prompts), "start_seed": job.start_seed, "seed_stride": SEED_STRIDE,
                 "batch_size": job.batch_size, "negative_prompt": sampling.negative_prompt,
                 **{k: getattr(sampling, k) for k in SAMPLER_KEYS}, "height": sampling.height, "width": sampling.width,
-                **pipeline_record(job.pipeline, gn, device), "revision": job.pipeline.revision,
+                **pipeline_record(job.pipeline, ref, device), "revision": job.pipeline.revision,
                 "variant": job.pipeline.variant, "enable_vae_slicing": job.pipeline.enable_vae_slicing,
                 "enable_vae_tiling": job.pipeline.enable_vae_tiling, "golden": golden.to_dict() if golden else None,
                 "rnn_sha256": rnn_record(gn, job.rnn_weights_path)["rnn_sha256"] if "gnsnet" in job.methods else None,
+                **{f"{m}_sha256": learned_record(m, others.get(m), getattr(job, LEARNED[m][1]))[f"{m}_sha256"]
+                   for m in ONE_STEP},
+                "standard_steps": job.standard_steps,
                 "guidance_scales": job.guidance_scales, "num_inference_steps": job.num_inference_steps,
                 "num_gen_steps": ns, "methods": job.methods, "metrics": metric_record(job.metrics),
                 "selection_metric": job.selection}
     path = out / SETTINGS_FILE
     refuse_mixed_rerun(path, settings, EARLY_KEYS, "--output_dir", "a sweep", lenient=KEPT_WHEN_UNUSED)
     refuse_changed_metrics(path, read_settings(path, "--output_dir"), job.metrics)
-    cells = grid_cells(job.guidance_scales, job.num_inference_steps, job.methods, ns)
-    return SweepPlan(job, state, out, prompts, cells, grid_units(cells), settings, gn=gn)
+    cells = grid_cells(job.guidance_scales, job.num_inference_steps, job.methods, ns,
+                       {m: model.predicts_step for m, model in others.items()}, job.standard_steps)
+    return SweepPlan(job, state, out, prompts, cells, grid_units(cells), settings, gn=gn, others=others)
 
 
 def record_settings(plan: SweepPlan) -> None:
@@ -97,7 +105,7 @@ def record_settings(plan: SweepPlan) -> None:
         atomic_write_text(path, text)
     old = read_settings(plan.out / SETTINGS_FILE, "--output_dir") or {}
     record = keep_unused(plan.settings, old, KEPT_WHEN_UNUSED)
-    for key in ("guidance_scales", "num_inference_steps", "num_gen_steps", "methods"):
+    for key in ("guidance_scales", "num_inference_steps", "standard_steps", "num_gen_steps", "methods"):
         record[key] = list(dict.fromkeys([*old.get(key, []), *record[key]]))
     record["metrics"] = {**old.get("metrics", {}), **record["metrics"]}
     atomic_write_json(plan.out / SETTINGS_FILE, record)
@@ -146,7 +154,7 @@ def make_images(plan: SweepPlan) -> None:
         if state.is_main_process:
             logger.info("unit %d/%d: %s", number, len(todo), unit.label())
         run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out), state, pipe=plan.pipe,
-                  sampler=plan.sampler, gn=plan.gn)
+                  sampler=plan.sampler, gn=plan.gn, others=plan.others)
     plan.timings["images_seconds"] = time.perf_counter() - started
 
 
@@ -189,11 +197,12 @@ def analyse(plan: SweepPlan) -> dict:
     started = time.perf_counter()
     scores = score_units(plan.units, job.metrics, out, plan.indices, texts, job.progress)
     plan.timings["scoring_seconds"] = time.perf_counter() - started
-    fractions = {}
-    if any(c.method == "gnsnet" for c in plan.cells):
-        record = plan.settings
-        fractions = rollout_unet_fractions(plan.gn, plan.pipe, plan.settings["num_gen_steps"],
-                                           record["latent_shape"], record["height_used"], record["width_used"])
+    record = plan.settings
+    learned = {m: (plan.gn if m == "gnsnet" else plan.others[m],
+                   sorted({c.num_gen_steps for c in plan.cells if c.method == m}))
+               for m in dict.fromkeys(c.method for c in plan.cells) if m in ("gnsnet", *plan.others)}
+    fractions = rollout_unet_fractions(learned, plan.pipe, record["latent_shape"], record["height_used"],
+                                       record["width_used"]) if learned else {}
     inputs = TableInputs(plan.cells, scores, {u: unit_cost(u, out) for u in plan.units}, fractions,
                          [m.name for m in job.metrics], job.selection, job.bootstrap_samples, job.seed)
     rows = table_rows(inputs)
@@ -217,7 +226,7 @@ def resolved_sizes(plan: SweepPlan) -> None:
     from ..inference.config import sampling_record
     from ..runs import refuse_mixed_rerun
 
-    plan.settings.update(sampling_record(plan.pipe, plan.job.sampling, plan.gn))
+    plan.settings.update(sampling_record(plan.pipe, plan.job.sampling, plan.gn, others=plan.others.values()))
     refuse_mixed_rerun(plan.out / SETTINGS_FILE, plan.settings, LOADED_KEYS, "--output_dir", "a sweep")
 
 

@@ -1,6 +1,14 @@
 """sweep.csv: one row per (cell, metric) with the mean reward, the paired difference to `standard` at the same
-guidance and steps and to the tuned guidance (the best `standard` of the grid at those steps), and the counted
-cost. One bootstrap and one win-rate rule: golden_noise.stats."""
+guidance and steps, to the tuned guidance (the best `standard` of the grid at those steps) and to standard noise at
+matched compute (the cheapest standard cells of the grid that cost at least as much, the best of them), and the
+counted cost. One bootstrap and one win-rate rule: golden_noise.stats.
+
+Matched compute follows "Guidance Matters: Rethinking the Evaluation Pitfall for Text-to-Image Generation" (Xie et
+al., ICLR 2026, arXiv:2602.22570): a method is compared with plain CFG given what the method spends. Its
+effective-guidance-scale calibration is not implemented; the compute side is: for each non-standard cell, of the
+standard cells (any guidance scale, any step count of the grid, --standard_steps included) whose counted cost is at
+least the cell's, those of the lowest such cost, and of them the one with the highest mean for the metric (the
+smallest guidance scale, then the fewest steps, on a tie)."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..io import atomic_write_text
-from ..methods import best_of_k
+from ..methods import LEARNED, best_of_k
 from ..stats import bootstrap_ci, describe, paired_comparison
 from ..tables import format_table
 from .grid import Cell, Unit
@@ -21,18 +29,23 @@ COLUMNS = ("guidance_scale", "num_inference_steps", "num_gen_steps", "method", "
            "mean_ci_low", "mean_ci_high", "diff", "ci_low", "ci_high", "win_rate", "diff_vs_tuned",
            "ci_low_vs_tuned", "ci_high_vs_tuned", "win_rate_vs_tuned", "tuned_guidance_scale",
            "share_of_oracle_gain", "diff_vs_oracle", "ci_low_vs_oracle", "ci_high_vs_oracle",
-           "unet_evals_per_image", "unet_rows_per_image", "rollout_unet_fraction", "reward_calls_per_image",
+           "matched_guidance_scale", "matched_num_inference_steps", "matched_unet_evals_per_image", "matched_rule",
+           "diff_vs_matched", "ci_low_vs_matched", "ci_high_vs_matched", "win_rate_vs_matched", "unet_evals_per_image", "unet_rows_per_image", "rollout_unet_fraction", "reward_calls_per_image",
            "seconds_per_image", "selection_metric", "selection_bias")
 NOTES = ("n = evaluated (prompt, seed) pairs; mean with its 95% bootstrap CI; diff = method - standard at the same "
          "guidance scale and steps, paired by prompt and seed, with its 95% percentile bootstrap CI "
          "(golden_noise.stats) and the win rate (ties count half); *_vs_tuned: the same against standard at "
-         "tuned_guidance_scale, the grid's best standard guidance at those steps for that metric; gnsnet's "
-         "share_of_oracle_gain = its diff / the oracle's at the same guidance, steps and n, and *_vs_oracle its "
-         "paired difference to the oracle's images; "
+         "tuned_guidance_scale, the grid's best standard guidance at those steps for that metric; a learned "
+         "method's (gnsnet, direct, npnet) share_of_oracle_gain = its diff / the oracle's at the same guidance, "
+         "steps and n, and *_vs_oracle its paired difference to the oracle's images; *_vs_matched: against standard "
+         "noise at matched compute (Guidance Matters, arXiv:2602.22570): of the grid's standard cells costing at "
+         "least as much, the cheapest, best for that metric (matched_guidance_scale, matched_num_inference_steps, "
+         "matched_unet_evals_per_image; matched_rule says how it differs: steps, CFG on/off, scale), empty where "
+         "no standard cell costs that much; "
          "unet_evals_per_image = unet_rows_per_image (denoiser rows counted by a forward hook: 2 per sampling step "
          "with CFG, 1 without, 3 per golden step when w_w is 0 or 1; best_of_K: its K samplings) + "
-         "rollout_unet_fraction (gnsnet: the RNN rollout's FLOPs / one denoiser evaluation's); seconds_per_image: "
-         "noise + sampling, plus best_of_K's reward calls.")
+         "rollout_unet_fraction (gnsnet, direct, npnet: the learned noise's FLOPs (RNN rollout, one forward) / one "
+         "denoiser evaluation's); seconds_per_image: noise + sampling, plus best_of_K's reward calls.")
 
 
 @dataclass
@@ -42,7 +55,7 @@ class TableInputs:
     cells: list[Cell]
     scores: dict[tuple[Unit, str], UnitScores]
     costs: dict[Unit, UnitCost]
-    rollout_fractions: dict[int, float]
+    rollout_fractions: dict[tuple[str, int], float]  # (learned method, n) -> its FLOPs / one denoiser evaluation
     metrics: list[str]
     selection: str
     bootstrap_samples: int = 10000
@@ -78,7 +91,7 @@ def cell_cost(cell: Cell, inputs: TableInputs) -> dict:
     """The cost columns of a cell: its units' rows and seconds (+ the rollout's fraction, + best_of_K's reward)."""
     units = cell.units()
     rows = sum(inputs.costs[u].unet_evals for u in units)
-    fraction = inputs.rollout_fractions[cell.num_gen_steps] if cell.method == "gnsnet" else 0.0
+    fraction = inputs.rollout_fractions[cell.method, cell.num_gen_steps] if cell.method in LEARNED else 0.0
     seconds = sum(inputs.costs[u].seconds for u in units)
     calls = 0
     if best_of_k(cell.method):
@@ -89,11 +102,37 @@ def cell_cost(cell: Cell, inputs: TableInputs) -> dict:
             "reward_calls_per_image": calls, "seconds_per_image": seconds}
 
 
+def matched_rule(cell: Cell, matched: Cell) -> str:
+    """How the matched standard cell differs from the cell it is matched to, in words."""
+    parts = ["same steps" if matched.num_inference_steps == cell.num_inference_steps else
+             f"{'more' if matched.num_inference_steps > cell.num_inference_steps else 'fewer'} steps "
+             f"({matched.num_inference_steps} vs {cell.num_inference_steps})"]
+    on, was_on = matched.guidance_scale > 1, cell.guidance_scale > 1
+    parts.append(("CFG on" if on else "CFG off") if on != was_on else f"CFG {'on' if on else 'off'} as well")
+    if on and matched.guidance_scale != cell.guidance_scale:
+        parts.append(f"w={matched.guidance_scale:g}")
+    return ", ".join(parts)
+
+
+def matched_cell(cell: Cell, cost: float, standard_costs: dict[Cell, float], inputs: TableInputs,
+                 metric: str) -> Cell | None:
+    """Standard noise at matched compute (module docstring): of the standard cells costing at least `cost`, the
+    cheapest, and of those the best mean for `metric`; None when no standard cell costs that much."""
+    above = {c: v for c, v in standard_costs.items() if v >= cost - 1e-9}
+    if not above:
+        return None
+    cheapest = min(above.values())
+    ties = [c for c, v in above.items() if v == cheapest]
+    means = {c: float(cell_scores(c, inputs.scores, metric, inputs.selection).mean()) for c in ties}
+    return min(ties, key=lambda c: (-means[c], c.guidance_scale, c.num_inference_steps))
+
+
 def table_rows(inputs: TableInputs) -> list[dict]:
     """One dict per (cell, metric), metrics innermost; numbers as floats (None where not defined)."""
     rows = []
     tuned = {(s, m): tuned_guidance(inputs, s, m) for s in {c.num_inference_steps for c in inputs.cells}
              for m in inputs.metrics}
+    standard_costs = {c: cell_cost(c, inputs)["unet_evals_per_image"] for c in inputs.cells if c.method == "standard"}
     for cell in inputs.cells:
         cost = cell_cost(cell, inputs)
         for metric in inputs.metrics:
@@ -108,7 +147,14 @@ def table_rows(inputs: TableInputs) -> list[dict]:
             if cell.method != "standard":
                 row.update(_paired(values, cell_scores(cell.baseline(), inputs.scores, metric, inputs.selection),
                                    inputs))
-            if cell.method == "gnsnet" and (oracle := _oracle_of(cell, inputs)) is not None:
+            if cell.method != "standard" and (matched := matched_cell(
+                    cell, cost["unet_evals_per_image"], standard_costs, inputs, metric)) is not None:
+                row.update(matched_guidance_scale=matched.guidance_scale,
+                           matched_num_inference_steps=matched.num_inference_steps,
+                           matched_unet_evals_per_image=standard_costs[matched], matched_rule=matched_rule(cell, matched))
+                row.update(_paired(values, cell_scores(matched, inputs.scores, metric, inputs.selection), inputs,
+                                   "_vs_matched"))
+            if cell.method in LEARNED and (oracle := _oracle_of(cell, inputs)) is not None:
                 p = paired_comparison(values, cell_scores(oracle, inputs.scores, metric, inputs.selection),
                                       samples=inputs.bootstrap_samples, seed=inputs.seed)
                 row.update(diff_vs_oracle=p["diff_mean"], ci_low_vs_oracle=p["ci95_low"],
@@ -125,17 +171,17 @@ def table_rows(inputs: TableInputs) -> list[dict]:
 
 
 def _oracle_of(cell: Cell, inputs: TableInputs) -> Cell | None:
-    """The oracle cell at a gnsnet cell's guidance, steps and n, if the grid has it."""
+    """The oracle cell at a learned cell's guidance, steps and n, if the grid has it."""
     oracle = Cell(cell.guidance_scale, cell.num_inference_steps, "oracle", cell.num_gen_steps)
     return oracle if oracle in inputs.cells else None
 
 
 def _oracle_shares(rows: list[dict]) -> None:
-    """gnsnet's share_of_oracle_gain: its diff / the oracle's at the same guidance, steps, n and metric."""
+    """A learned method's share_of_oracle_gain: its diff / the oracle's at the same guidance, steps, n and metric."""
     key = lambda r: (r["guidance_scale"], r["num_inference_steps"], r["num_gen_steps"], r["metric"])  # noqa: E731
     oracle = {key(r): r["diff"] for r in rows if r["method"] == "oracle"}
     for r in rows:
-        gain = oracle.get(key(r)) if r["method"] == "gnsnet" else None
+        gain = oracle.get(key(r)) if r["method"] in LEARNED else None
         if gain:
             r["share_of_oracle_gain"] = r["diff"] / gain
 
@@ -165,15 +211,20 @@ def _signed(x, digits: int = 4) -> str:
 def text_table(rows: Sequence[dict]) -> str:
     """The sweep's results as an aligned text table (golden_noise.tables)."""
     header = ["steps", "guidance", "method", "n", "metric", "mean", "diff vs standard [95% CI]", "win",
-              "vs tuned (w) [95% CI]", "UNet evals/img", "s/img"]
+              "vs tuned (w) [95% CI]", "vs matched compute [95% CI] (standard w, steps)", "UNet evals/img", "s/img"]
     body = []
     for r in rows:
         diff = "(baseline)" if r["diff"] is None else \
             f"{_signed(r['diff'])} [{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]"
         tuned = f"(tuned, w={r['tuned_guidance_scale']:g})" if r["diff_vs_tuned"] is None else \
             f"{_signed(r['diff_vs_tuned'])} [{_signed(r['ci_low_vs_tuned'])}, {_signed(r['ci_high_vs_tuned'])}]"
+        matched = "" if r["diff_vs_matched"] is None else (
+            f"{_signed(r['diff_vs_matched'])} [{_signed(r['ci_low_vs_matched'])}, {_signed(r['ci_high_vs_matched'])}] "
+            f"(w={r['matched_guidance_scale']:g}, {r['matched_num_inference_steps']})")
+        if r["method"] != "standard" and r["diff_vs_matched"] is None:
+            matched = "(no standard cell costs as much)"
         body.append([r["num_inference_steps"], f"{r['guidance_scale']:g}", r["method"],
                      "" if r["num_gen_steps"] is None else r["num_gen_steps"], r["metric"], f"{r['mean']:.4f}", diff,
-                     "" if r["win_rate"] is None else f"{100 * r['win_rate']:.1f}%", tuned,
+                     "" if r["win_rate"] is None else f"{100 * r['win_rate']:.1f}%", tuned, matched,
                      f"{r['unet_evals_per_image']:.2f}", f"{r['seconds_per_image']:.4f}"])
-    return format_table(body, header=header, align_right=(0, 1, 3, 5, 9, 10))
+    return format_table(body, header=header, align_right=(0, 1, 3, 5, 10, 11))

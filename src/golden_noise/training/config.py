@@ -1,15 +1,20 @@
-"""What a stage-3 training run is given: `TrainingConfig` (data, optimisation, checkpoints) and the architecture
-(a `NoiseSequenceRNNConfig` whose data fields the trainer takes from the dataset). The CLI's flags are generated
-from both, so every default is written once."""
+"""What a stage-3 training run is given: `TrainingConfig` (data, optimisation, checkpoints, which model) and the
+architecture (the model type's config dataclass: `NoiseSequenceRNNConfig` for rnn_v3 and direct, `NPNetConfig` for
+npnet, whose data fields the trainer takes from the dataset). The CLI's flags are generated from them, so every
+default is written once."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from ..model import DEFAULT_MODEL_TYPE, MODEL_TYPES
 from ..model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNConfig
 
 # the architecture: every model config field that does not describe the data
 ARCH_FIELDS = tuple(f.name for f in fields(NoiseSequenceRNNConfig) if f.name not in DATA_FIELDS)
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+MODEL_TYPE_HELP = ("the model: rnn_v3 (NoiseSequenceRNN_v3, rolled out n steps: gnsnet), direct (the same network "
+                   "predicting x'_n from x_T in one step, no recurrence) or npnet (NPNet's network, one step; needs "
+                   "timm)")
 
 
 def _f(default, group: str, text: str, **metadata):
@@ -33,7 +38,11 @@ class TrainingConfig:
     min_reward_gain: float | None = _f(None, "data", "train only on samples whose recorded reward_gain (reward of "
                                        "the image from x'_n minus that from x_T: generate_npd_series.py "
                                        "--score_metric) is >= X, NPNet's filter; the validation split is unchanged")
+    train_fraction: float = _f(1.0, "data", "train on this fraction of the training samples, chosen by a hash of the "
+                               "sample id (deterministic; a smaller fraction's samples are in every larger one's); "
+                               "the validation split is unchanged")
     dataloader_num_workers: int = _f(2, "data", "data-loading worker processes per GPU")
+    model_type: str = _f(DEFAULT_MODEL_TYPE, "model", MODEL_TYPE_HELP, choices=tuple(MODEL_TYPES))
     noise_resolution: int | None = _f(None, "model", "H = W of the noise; default and check: the dataset's "
                                       "latent_shape")
     text_embed_dim: int | None = _f(None, "model", "text-embedding size; default and check: the dataset's "
@@ -75,9 +84,9 @@ class TrainingConfig:
     NON_NEGATIVE = ("dataloader_num_workers", "max_checkpoints", "validation_steps", "kl_weight", "max_grad_norm",
                     "weight_decay", "lr_warmup_steps")
 
-    def record(self, arch: NoiseSequenceRNNConfig) -> dict:
+    def record(self, arch) -> dict:
         """Every setting of the run, flat and in flag order: what checkpoints and the export record as `args`."""
-        return {**asdict(self), **{k: getattr(arch, k) for k in ARCH_FIELDS}}
+        return {**asdict(self), **{k: getattr(arch, k) for k in arch_fields(type(arch))}}
 
 
 def field_groups(cls=TrainingConfig) -> dict[str, list[str]]:
@@ -88,12 +97,29 @@ def field_groups(cls=TrainingConfig) -> dict[str, list[str]]:
     return groups
 
 
-def architecture(**values) -> NoiseSequenceRNNConfig:
-    """A model config from architecture fields (ARCH_FIELDS) only; the trainer sets DATA_FIELDS from the dataset.
+def data_fields(cls) -> tuple[str, ...]:
+    """The fields of a model config dataclass that the trainer sets from the dataset."""
+    from ..model.npnet import DATA_FIELDS as NPNET_DATA_FIELDS, NPNetConfig
 
-    Its noise_resolution stands in until then: the smallest one the encoder stages accept."""
-    unknown = sorted(set(values) - set(ARCH_FIELDS))
+    return NPNET_DATA_FIELDS if cls is NPNetConfig else DATA_FIELDS
+
+
+def arch_fields(cls) -> tuple[str, ...]:
+    """The architecture fields of a model config dataclass: every field that does not describe the data."""
+    return tuple(f.name for f in fields(cls) if f.name not in data_fields(cls))
+
+
+def architecture(model_type: str = DEFAULT_MODEL_TYPE, **values):
+    """The model config of `model_type` from its architecture fields (`arch_fields`) only; the trainer sets the data
+    fields from the dataset. For the CNN models, noise_resolution stands in until then: the smallest one the encoder
+    stages accept."""
+    from ..model import config_class
+
+    cls = config_class(model_type)
+    unknown = sorted(set(values) - set(arch_fields(cls)))
     if unknown:
-        raise ValueError(f"not architecture fields: {unknown}")
-    stages = len(values.get("cnn_num_blocks") or NoiseSequenceRNNConfig().cnn_num_blocks)
-    return NoiseSequenceRNNConfig(noise_resolution=2 ** max(0, stages - 1), **values)
+        raise ValueError(f"not architecture fields of {model_type}: {unknown}")
+    if cls is NoiseSequenceRNNConfig:
+        stages = len(values.get("cnn_num_blocks") or NoiseSequenceRNNConfig().cnn_num_blocks)
+        return NoiseSequenceRNNConfig(noise_resolution=2 ** max(0, stages - 1), **values)
+    return cls(**values)

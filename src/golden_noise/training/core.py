@@ -1,4 +1,4 @@
-"""Training helpers for NoiseSequenceRNN_v3 (stage 3): data order, losses, LR schedule, validation summaries."""
+"""Training helpers for the noise models (stage 3): data order, subsets, losses, LR schedule, validation summaries."""
 from __future__ import annotations
 
 import math
@@ -59,6 +59,34 @@ def keep_reward_gain(train, dataset_dir: str | Path, minimum: float):
     return kept
 
 
+def keep_fraction(train, fraction: float):
+    """The training samples whose id ranks in the first round(fraction * N) by a hash of the id (at least one), as a
+    copy of the `SequenceDataset`: deterministic, independent of order and process count, and nested (a smaller
+    fraction's samples are in every larger one's); logs how many are kept."""
+    import copy
+    import hashlib
+
+    from ..runtime import get_logger
+
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"--train_fraction must be in (0, 1], got {fraction}")
+    ranked = sorted(train.ids, key=lambda i: hashlib.sha256(f"golden-noise-subset:{i}".encode()).hexdigest())
+    keep = set(ranked[:max(1, round(fraction * len(ranked)))])
+    kept = copy.copy(train)
+    kept.rows = [r for r in train.rows if r.id in keep]
+    get_logger("train_rnn_model_v3").info("--train_fraction %g keeps %d of %d training samples (the validation split "
+                                          "is unchanged)", fraction, len(kept.rows), len(train.rows))
+    return kept
+
+
+def training_pair(source: torch.Tensor, golden: torch.Tensor, one_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model input, target) of a batch: the RNN's teacher-forcing inputs (B, n, C, H, W) and x'_1..x'_n, or for a
+    one-step model (direct, npnet) x_T (B, C, H, W) and x'_n (B, C, H, W)."""
+    if one_step:
+        return source, golden[:, -1]
+    return teacher_forcing_inputs(source, golden), golden
+
+
 def teacher_forcing_inputs(source: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
     """source (B, C, H, W), golden (B, n, C, H, W) -> x_prev (B, n, C, H, W) = [x_T, x'_1, ..., x'_{n-1}]."""
     return torch.cat([source[:, None], golden[:, :-1]], dim=1)
@@ -108,8 +136,14 @@ def validation_errors(model, batch: dict) -> dict[str, torch.Tensor]:
 
     tf_model / tf_identity: teacher forcing, prediction of x'_k from the true x'_{k-1} vs x'_{k-1} itself.
     roll_model / roll_identity: autoregressive rollout x-hat'_k from x_T alone vs x_T itself.
+    A one-step model (direct, npnet) predicts x'_n alone: its errors are (B, 1), the step n for both.
     """
     source, golden, text = batch["source"], batch["golden"], batch["text"]  # (B,C,H,W) (B,n,C,H,W) (B,P)
+    mse = lambda a, b: (a.float() - b.float()).pow(2).flatten(2).mean(dim=2)  # noqa: E731  -> (B, n)
+    if getattr(model, "one_step", False):
+        pred = model.generate_sequence(source, text, golden.shape[1])  # (B, 1, C, H, W)
+        err, base = mse(pred, golden[:, -1:]), mse(source[:, None], golden[:, -1:])
+        return {"tf_model": err, "tf_identity": base, "roll_model": err, "roll_identity": base}
     x_prev = teacher_forcing_inputs(source, golden)  # (B, n, C, H, W)
     was_training = model.training
     model.eval()
@@ -118,7 +152,6 @@ def validation_errors(model, batch: dict) -> dict[str, torch.Tensor]:
     finally:
         model.train(was_training)
     rollout = model.generate_sequence(source, text, golden.shape[1])  # (B, n, C, H, W)
-    mse = lambda a, b: (a.float() - b.float()).pow(2).flatten(2).mean(dim=2)  # noqa: E731  -> (B, n)
     return {"tf_model": mse(mean, golden), "tf_identity": mse(x_prev, golden),
             "roll_model": mse(rollout, golden), "roll_identity": mse(source[:, None].expand_as(golden), golden)}
 
@@ -128,26 +161,28 @@ def explained(model_err: float, baseline_err: float) -> float:
     return 1.0 - model_err / baseline_err if baseline_err > 0 else float("nan")
 
 
-def summarize_validation(errors: dict[str, torch.Tensor]) -> dict:
-    """Turn gathered per-sample errors {name: (V, n)} into the validation report."""
+def summarize_validation(errors: dict[str, torch.Tensor], num_steps: int | None = None) -> dict:
+    """Turn gathered per-sample errors {name: (V, n)} into the validation report; `num_steps` > n: the errors are
+    of the last n of that many steps (a one-step model's (V, 1) errors are of step num_steps)."""
     v, n = errors["tf_model"].shape
+    first = (num_steps or n) - n  # steps before the first one measured
     means = {k: e.double().mean(dim=0) for k, e in errors.items()}  # (n,) each
 
     def per_step(m: str, b: str) -> list[dict]:
-        return [{"step": k + 1, "model_mse": means[m][k].item(), "baseline_mse": means[b][k].item(),
+        return [{"step": first + k + 1, "model_mse": means[m][k].item(), "baseline_mse": means[b][k].item(),
                  "explained_fraction": explained(means[m][k].item(), means[b][k].item())} for k in range(n)]
 
     tf_model, tf_id = means["tf_model"].mean().item(), means["tf_identity"].mean().item()
     return {
         "num_samples": v,
-        "num_steps": n,
+        "num_steps": first + n,
         "note": "mse = mean squared error per element (||.||^2 / (C*H*W)), averaged over the samples; "
                 "explained_fraction = 1 - model_mse / baseline_mse",
         "teacher_forcing": {"baseline": "identity: x'_k predicted as the true x'_{k-1}",
                             "per_step": per_step("tf_model", "tf_identity"), "model_mse": tf_model,
                             "baseline_mse": tf_id, "explained_fraction": explained(tf_model, tf_id)},
         "rollout": {"baseline": "x_T unchanged", "per_step": per_step("roll_model", "roll_identity")},
-        "final_step": {"step": n, "model_mse": means["roll_model"][-1].item(),
+        "final_step": {"step": first + n, "model_mse": means["roll_model"][-1].item(),
                        "baseline_mse": means["roll_identity"][-1].item(),
                        "explained_fraction": explained(means["roll_model"][-1].item(),
                                                        means["roll_identity"][-1].item())},

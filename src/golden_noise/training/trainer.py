@@ -1,5 +1,5 @@
-"""The stage-3 training loop: NoiseSequenceRNN_v3 on a golden-noise sequence dataset, with accelerate (1..N
-processes, CPU too). `Trainer(config, arch).run()` builds, resumes, trains, validates, checkpoints and exports;
+"""The stage-3 training loop: a noise model (NoiseSequenceRNN_v3, or with --model_type the one-step direct or npnet
+baselines) on a golden-noise sequence dataset, with accelerate (1..N processes, CPU too). `Trainer(config, arch).run()` builds, resumes, trains, validates, checkpoints and exports;
 tests call it in process, and src/train_rnn_model_v3.py only turns flags into its two dataclasses.
 
 Exact resume: the data order depends only on (seed, epoch); a checkpoint holds the model, optimizer, scheduler
@@ -25,12 +25,13 @@ import torch
 from .. import layout
 from ..errors import UserError
 from ..io import atomic_write_json
-from ..model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
+from ..model import config_class, model_class
+from ..model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNNConfig
 from ..runs import RunLock, check_writable_dir
 from ..runtime import get_logger, on_main, setup_logging
 from . import checkpoints as C
 from . import core as T
-from .config import ARCH_FIELDS, TrainingConfig, architecture
+from .config import TrainingConfig, arch_fields, architecture
 
 logger = get_logger("train_rnn_model_v3")
 
@@ -39,9 +40,13 @@ class Trainer:
     """Train NoiseSequenceRNN_v3: `build` (accelerator, output-dir lock, verified data and checkpoint, model,
     loaders), `resume`, `run` (the loop, `validate`, `save` checkpoints, `export`), `close`."""
 
-    def __init__(self, config: TrainingConfig, arch: NoiseSequenceRNNConfig | None = None):
+    def __init__(self, config: TrainingConfig, arch=None):
         self.config = config
-        self.arch = arch if arch is not None else architecture()
+        self.arch = arch if arch is not None else architecture(config.model_type)
+        if type(self.arch) is not config_class(config.model_type):
+            raise UserError(f"--model_type {config.model_type} takes a {config_class(config.model_type).__name__}, "
+                            f"got a {type(self.arch).__name__}")
+        self.one_step = bool(getattr(model_class(config.model_type), "one_step", False))
         self.output_dir = Path(config.output_dir)
         self.accelerator = self.lock = self.data = self.model_config = None
         self.model = self.optimizer = self.lr_scheduler = self.train_loader = self.val_loader = None
@@ -54,6 +59,11 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def delta_scale(self) -> float | None:
+        """The model's change scale (the golden change's RMS); None for NPNet, which has none."""
+        return getattr(self.model_config, "delta_scale", None)
 
     # ---- build ---------------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
@@ -69,7 +79,7 @@ class Trainer:
             logger.warning("--base_model_id %s differs from the dataset's %s: the dataset's is recorded",
                            cfg.base_model_id, run_config.get("base_model_id"))
         if cfg.npnet_model_id:
-            logger.info("--npnet_model_id %s is not used by NoiseSequenceRNN_v3 (recorded only)", cfg.npnet_model_id)
+            logger.info("--npnet_model_id %s is not used by the trainer (recorded only)", cfg.npnet_model_id)
         self.model_config = self._model_config()
         self._build_objects()
         return self
@@ -107,9 +117,10 @@ class Trainer:
                 logger.warning("set the damaged checkpoint aside as %s", moved)
         return str(resume_dir) if resume_dir is not None else None
 
-    def _model_config(self) -> NoiseSequenceRNNConfig:
-        """Shapes from run_config.json, architecture from `arch`, delta_scale from the data (or, when resuming,
-        the checkpoint's config, which `arch` must match)."""
+    def _model_config(self):
+        """Shapes from run_config.json, architecture from `arch`, delta_scale from the data (the RMS of the per-step
+        change for the RNN, of the whole change x'_n - x_T for the direct model; NPNet has none) or, when resuming,
+        the checkpoint's config, which `arch` must match."""
         from ..sequence_data import golden_change_rms
 
         cfg, data = self.config, self.data
@@ -123,21 +134,29 @@ class Trainer:
         if cfg.text_embed_dim is not None and cfg.text_embed_dim != data.text_dim:
             raise UserError(f"--text_embed_dim {cfg.text_embed_dim} contradicts the dataset's text_embedding.dim "
                             f"{data.text_dim} ({path}): drop the flag or pass --text_embed_dim {data.text_dim}")
-        arch = {k: getattr(self.arch, k) for k in ARCH_FIELDS}
+        own = arch_fields(type(self.arch))
+        arch = {k: getattr(self.arch, k) for k in own}
         if self.resume_dir is not None:
-            config = NoiseSequenceRNNConfig.from_dict(C.read_training_state(self.resume_dir)["model_config"])
-            saved = {k: getattr(config, k) for k in ARCH_FIELDS}
-            diff = [f"--{k} {arch[k]} (checkpoint: {saved[k]})" for k in ARCH_FIELDS if arch[k] != saved[k]]
+            state = C.read_training_state(self.resume_dir)
+            saved_type = (state.get("args") or {}).get("model_type", "rnn_v3")
+            if saved_type != cfg.model_type:
+                raise UserError(f"{self.resume_dir} trained --model_type {saved_type}: resume with it or start a new "
+                                "--output_dir")
+            config = type(self.arch).from_dict(state["model_config"])
+            saved = {k: getattr(config, k) for k in own}
+            diff = [f"--{k} {arch[k]} (checkpoint: {saved[k]})" for k in own if arch[k] != saved[k]]
             shape = (config.latent_channels, config.noise_resolution, config.text_embed_dim)
             if diff or shape != (c, h, data.text_dim):
                 raise UserError(f"{self.resume_dir} was trained with another model config: "
                                 f"{'; '.join(diff) or 'data shape'}: resume with the original flags or start a new "
                                 "--output_dir")
             return config
-        delta_scale = golden_change_rms(data.train, skip_bad_samples=cfg.skip_bad_samples)
+        values = dict(latent_channels=c, noise_resolution=h, text_embed_dim=data.text_dim)
+        if isinstance(self.arch, NoiseSequenceRNNConfig):
+            values["delta_scale"] = golden_change_rms(data.train, skip_bad_samples=cfg.skip_bad_samples,
+                                                      total=self.one_step)
         try:
-            return dataclasses.replace(self.arch, latent_channels=c, noise_resolution=h, text_embed_dim=data.text_dim,
-                                       delta_scale=delta_scale)
+            return dataclasses.replace(self.arch, **values)
         except ValueError as e:
             raise UserError(f"invalid model flags: {e}") from None
 
@@ -149,7 +168,7 @@ class Trainer:
 
         cfg, acc = self.config, self.accelerator
         set_seed(cfg.seed)
-        model = NoiseSequenceRNN_v3(self.model_config)
+        model = model_class(cfg.model_type)(self.model_config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.sampler = T.EpochSampler(len(self.data.train), cfg.seed)
@@ -228,13 +247,14 @@ class Trainer:
         logger.info("  train samples=%d, validation samples=%d, missing files skipped=%d, damaged files skipped=%d, "
                     "steps per sequence=%d", len(data.train), len(data.validation), len(data.missing),
                     len(data.damaged), data.train.seq_len)
-        logger.info("  latent=%s, text dim=%d, parameters=%.2fM, golden change RMS (delta_scale)=%.4g",
-                    list(data.latent_shape), data.text_dim, self.n_params / 1e6, self.model_config.delta_scale)
+        logger.info("  model_type=%s, latent=%s, text dim=%d, parameters=%.2fM, golden change RMS (delta_scale)=%s",
+                    cfg.model_type, list(data.latent_shape), data.text_dim, self.n_params / 1e6,
+                    f"{self.delta_scale:.4g}" if self.delta_scale is not None else "none (npnet)")
         logger.info("  batch/device=%d, accumulation=%d, effective batch=%d, epochs=%d, optimizer steps=%d, "
                     "warmup=%d", cfg.batch_size, accum, cfg.batch_size * accum * acc.num_processes, self.num_epochs,
                     self.total_steps, self.warmup)
         hparams = {**cfg.record(self.arch), "mixed_precision": acc.mixed_precision,
-                   "num_processes": acc.num_processes, "delta_scale": self.model_config.delta_scale,
+                   "num_processes": acc.num_processes, "delta_scale": self.delta_scale,
                    "train_samples": len(data.train), "validation_samples": len(data.validation)}
         acc.init_trackers("train_rnn_model_v3", config=T.flat_hparams(hparams))
 
@@ -292,9 +312,9 @@ class Trainer:
                 logger.warning("skipping bad sample: %s", batch["errors"][0])
             self.bad_ids.update(batch["bad_ids"])
         with acc.accumulate(model):
-            x_prev = T.teacher_forcing_inputs(batch["source"], batch["golden"])  # (B, n, C, H, W)
-            mean, logvar = model(x_prev, batch["text"])
-            terms = T.sequence_loss(mean, logvar, batch["golden"], batch["valid"], cfg.kl_weight)
+            inputs, target = T.training_pair(batch["source"], batch["golden"], self.one_step)
+            mean, logvar = model(inputs, batch["text"])
+            terms = T.sequence_loss(mean, logvar, target, batch["valid"], cfg.kl_weight)
             stop = torch.tensor(float(bool(batch["errors"]) and not cfg.skip_bad_samples), device=mean.device)
             gathered = acc.gather(torch.stack([*(t.detach() for t in terms.values()), stop])[None])
             if gathered[:, -1].any():  # a bad file on any process stops every process with its message
@@ -356,7 +376,7 @@ class Trainer:
         keep = cat.pop("valid")
         if not keep.any():
             return None
-        report = T.summarize_validation({k: v[keep] for k, v in cat.items()})
+        report = T.summarize_validation({k: v[keep] for k, v in cat.items()}, self.data.validation.seq_len)
         tf, final = report["teacher_forcing"], report["final_step"]
         acc.log({"val/teacher_forcing_model_mse": tf["model_mse"],
                  "val/teacher_forcing_identity_mse": tf["baseline_mse"],
@@ -396,20 +416,22 @@ class Trainer:
     def export(self, report: dict | None) -> dict:
         """Write the final export (weights + config JSON) and validation.json on the main process; returns the
         summary."""
-        acc, data = self.accelerator, self.data
+        acc, data, cfg = self.accelerator, self.data, self.config
         summary = {"global_step": self.global_step, "num_processes": acc.num_processes,
                    "train_samples": len(data.train), "validation_samples": len(data.validation),
                    "validation_ids": data.validation.ids,
                    "skipped_bad_samples": len(self.bad_ids | set(data.dropped_ids)),
                    "missing_files": len(data.missing), "damaged_files": len(data.damaged),
-                   "golden_change_rms": self.model_config.delta_scale, "parameters": self.n_params,
+                   "model_type": cfg.model_type, "golden_change_rms": self.delta_scale, "parameters": self.n_params,
                    "mixed_precision": acc.mixed_precision, "validation": report}
         if self.is_main:
             net = acc.unwrap_model(self.model)
             training = {"args": self.config.record(self.arch),
                         **{k: v for k, v in summary.items() if k != "validation_ids"}}
-            self.export_paths = net.save_pretrained(self.output_dir / FINAL_STEM,
-                                                    {"run_config": data.run_config, "training": training})
+            extra = {"run_config": data.run_config, "training": training}
+            if self.one_step:  # the golden step it predicts in one forward
+                extra = {"predicts_step": data.train.seq_len, **extra}
+            self.export_paths = net.save_pretrained(self.output_dir / FINAL_STEM, extra)
             atomic_write_json(self.output_dir / "validation.json", summary)
             logger.info("saved %s and %s", *self.export_paths)
         return summary
@@ -444,6 +466,8 @@ def _open_data(cfg: TrainingConfig):
                         return_errors=True)
     if cfg.min_reward_gain is not None:
         data.train = T.keep_reward_gain(data.train, cfg.dataset_dir, cfg.min_reward_gain)
+    if cfg.train_fraction < 1.0:
+        data.train = T.keep_fraction(data.train, cfg.train_fraction)
     return data
 
 
@@ -452,6 +476,10 @@ def done_message(summary: dict, weights: Path) -> str:
     report, procs = summary["validation"], summary["num_processes"]
     if not report:
         return f"done: {summary['global_step']} steps on {procs} process(es), no validation set; export {weights}"
+    if summary.get("model_type", "rnn_v3") != "rnn_v3":  # a one-step model: no rollout, no teacher forcing
+        return (f"done: {summary['global_step']} steps on {procs} process(es); held-out {report['num_samples']} "
+                f"samples: the {summary['model_type']} model's one-step prediction of x'_{report['num_steps']} explains "
+                f"{report['final_step']['explained_fraction']:.4f} of the golden change; export {weights}")
     return (f"done: {summary['global_step']} steps on {procs} process(es); held-out {report['num_samples']} samples: "
             f"rollout step {report['num_steps']} explains {report['final_step']['explained_fraction']:.4f} of the "
             f"golden change (teacher forcing {report['teacher_forcing']['explained_fraction']:.4f}); export {weights}")
