@@ -22,3 +22,9 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str] | None 
     if header is not None and rule:
         lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """A GitHub-markdown table (the README's form) of `rows` under `header`."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
