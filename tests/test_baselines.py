@@ -21,7 +21,7 @@ from golden_noise.model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3,
 from golden_noise.testing.weights import key_filled, reference_input
 from tests.conftest import ROOT, load_cli
 from tests.test_generate import run_main
-from tests.test_inference import TRAIN_GOLDEN, TRAIN_STEPS, make_export
+from tests.test_inference import TRAIN_STEPS, make_export
 from tests.test_training import fresh_process_state, npd_dataset, train  # noqa: F401  (fixtures)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "npnet" / "npnet_reference.safetensors"
@@ -246,8 +246,6 @@ def test_batch_inference_direct_and_npnet(exports, tiny_pipeline, tiny_pipeline_
     """Stage 5's direct and npnet images are the pipeline's images from the model's prediction for each seed's x_T;
     the settings name each export; missing flags, a wrong export type and another n are one-line errors."""
     from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise, text_embedding
-    from golden_noise.inference.batch import BatchJob, run_batch
-    from golden_noise.inference.config import PipelineSpec, SamplingConfig
 
     out = tmp_path / "images"
     base = ["scripts/batch_inference.py", "--prompt_file", exports["prompts"], "--output_base_dir", out,

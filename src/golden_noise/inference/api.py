@@ -55,7 +55,8 @@ def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_va
                         path, weights)
         model, meta = load_export(str(weights), device=device, dtype=dtype, expect=model_type, label=f"{flag} {path}")
     if predict_variance and not (meta.get("model_config") or {}).get("predict_variance", False):
-        raise UserError(f"--predict_variance was given, but the export {path} was trained without it "
+        what = f"RNN export {export_paths(path)[1]}" if model_type == "rnn_v3" else f"export {path}"
+        raise UserError(f"--predict_variance was given, but the {what} was trained without it "
                         "(model_config.predict_variance is false): drop --predict_variance or pass an export "
                         "trained with it")
     return model.eval(), meta

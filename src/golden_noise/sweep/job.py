@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..evaluation import Metric
 from ..inference.batch import BatchJob
 from ..inference.config import PipelineSpec, SamplingConfig
-from ..methods import LEARNED, METHOD_HELP, ONE_STEP, best_of_k, is_method
+from ..methods import LEARNED, METHOD_HELP, best_of_k, is_method
 from .grid import GOLDEN, SEED_STRIDE, Unit
 
 SETTINGS_FILE = "sweep_settings.json"
