@@ -42,11 +42,12 @@ SETTINGS_FILE = "batch_settings.json"
 EARLY_KEYS = ("prompt_fingerprint", "start_seed", "batch_size", "num_inference_steps", "guidance_scale",
               "negative_prompt", "scheduler", "timestep_spacing", "sampling_model_id", "sampling_unet", "sampling_lora",
               "sampling_lora_scale", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
-              "enable_vae_slicing", "enable_vae_tiling", "num_gen_steps_used", "golden", "rnn_sha256")  # pre-load
+              "enable_vae_slicing", "enable_vae_tiling", "num_gen_steps_used", "golden", "rnn_sha256",
+              "rnn_config_sha256")  # pre-load; the last two: the RNN export's identity (weights and config)
 LOADED_KEYS = ("height_used", "width_used", "latent_shape", "pipeline_class", "scheduler_class")  # once loaded
 # None when this run's methods do not use them (no gnsnet / oracle): then the earlier run's values are kept
-KEPT_WHEN_UNUSED = ("num_gen_steps_used", "golden", "rnn_weights_file", "rnn_sha256", "rnn_model_config",
-                    "rnn_run_config")
+KEPT_WHEN_UNUSED = ("num_gen_steps_used", "golden", "rnn_weights_file", "rnn_sha256", "rnn_config_sha256",
+                    "rnn_model_config", "rnn_run_config")
 _PNG_HEAD, _PNG_TAIL = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -155,7 +156,7 @@ def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None) -> BatchR
                 "num_processes": state.num_processes, **pipeline_record(job.pipeline, gn, device),
                 "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn) if noisy else None,
                 "golden": golden.to_dict() if golden else None,
-                **rnn_record(gn if "gnsnet" in job.methods else None, job.rnn_weights_path)}
+                **rnn_record(gn if "gnsnet" in job.methods else None)}
     refuse_mixed_rerun(out / SETTINGS_FILE, settings, EARLY_KEYS, "--output_base_dir", "images",
                        lenient=KEPT_WHEN_UNUSED)  # every process checks, so all fail alike
     return BatchRun(job, state, out, prompts, gn, settings, golden)

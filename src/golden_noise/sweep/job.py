@@ -20,8 +20,9 @@ SAMPLER_KEYS = ("scheduler", "timestep_spacing", "sampling_model_id", "sampling_
                 "sampling_lora_scale")  # the separate sampler: the same in every cell
 EARLY_KEYS = ("prompt_fingerprint", "start_seed", "seed_stride", "batch_size", "negative_prompt", *SAMPLER_KEYS,
               "height", "width", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
-              "enable_vae_slicing", "enable_vae_tiling", "golden", "rnn_sha256")
-KEPT_WHEN_UNUSED = ("golden", "rnn_sha256")  # None when this run has no oracle / gnsnet cells
+              "enable_vae_slicing", "enable_vae_tiling", "golden", "rnn_sha256", "rnn_config_sha256")
+# None when this run has no oracle / gnsnet cells; rnn_config_sha256 also in folders made before it was recorded
+KEPT_WHEN_UNUSED = ("golden", "rnn_sha256", "rnn_config_sha256")
 
 
 def _f(default=dataclasses.MISSING, text: str = "", **kw):
