@@ -248,13 +248,15 @@ def check_seal(doc: dict, files: ExportFiles) -> None:
     if sealed is not None:
         have = config_sha256(doc)
         if have != sealed:
-            raise UserError(f"{files.config} was edited after export: its sha256 {have[:12]}... differs from the "
-                            f"{sealed[:12]}... sealed in {files.weights.name}: restore the exported file or export "
-                            "again (a changed delta_scale or num_steps would silently change every rollout)")
+            raise UserError(f"{files.config} does not belong to {files.weights.name}: edited after export, or the "
+                            f"two files come from different exports (its sha256 {have[:12]}... differs from the "
+                            f"{sealed[:12]}... sealed in the weights): restore the exported files or export again (an "
+                            "edited delta_scale or num_steps would silently change every rollout)")
         return
     if "model_config" in meta and json.loads(meta["model_config"]) != doc["model_config"]:
-        raise UserError(f"{files.config} was edited after export: its model_config differs from the one recorded in "
-                        f"{files.weights.name}: restore the exported file or export again")
+        raise UserError(f"{files.config} does not belong to {files.weights.name}: edited after export, or the two "
+                        f"files come from different exports (its model_config differs from the one recorded in the "
+                        "weights): restore the exported files or export again")
     logger.warning("%s was exported before configs were sealed: an edit of its run_config cannot be detected "
                    "(re-export, or push it to the hub, which seals it)", files.weights)
 

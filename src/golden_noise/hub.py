@@ -157,6 +157,8 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, repo_type: str = "mod
 
     check_repo_type(repo_type)
     check_repo_id(repo_id, what)
+    if offline():
+        raise UserError(f"{what} {repo_id}: HF_HUB_OFFLINE=1 forbids uploads: unset it to upload")
     api = HfApi(token=token)
     with _hub_errors(f"{what} {repo_id}", repo_type, revision):
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)

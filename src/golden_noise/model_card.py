@@ -72,7 +72,7 @@ def _intro(repo_id: str, model_type: str, rc: dict) -> str:
 def _usage(repo_id: str, base) -> str:
     load = (f'DiffusionPipeline.from_pretrained("{base}")' if base and is_repo_id(str(base))
             else f'DiffusionPipeline.from_pretrained(...)  # the base model it was trained with: {base}')
-    return ("## Use\n\n```python\nfrom diffusers import DiffusionPipeline\nfrom golden_noise import GoldenNoise\n\n"
+    return ("## Use\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\nfrom golden_noise import GoldenNoise\n\n"
             f"pipe = {load}\ngn = GoldenNoise.from_pretrained(\"{repo_id}\", pipe=pipe)\n"
             'prompt = "A futuristic cityscape at sunset, synthwave style"\n'
             "image = pipe(prompt, latents=gn(prompt, seed=0)).images[0]  # standard: generator=torch.Generator()"
@@ -94,7 +94,9 @@ def _training_data(rc: dict, training: dict) -> str:
                         f" on a {golden.get('schedule_steps')}-step DDIM schedule (t0 = {golden.get('t0')}), applied "
                         f"n = {rc.get('num_steps')} times"),
         ("text embedding", f"{text.get('kind')} ({text.get('dim')} values, from {text.get('source')})"),
-        ("prompts", f"{rc.get('prompt_file') or 'file not recorded'}; seeds from {rc.get('start_seed')}"),
+        ("prompts", f"{rc.get('prompt_file') or 'file not recorded'}"
+                    + (f", {rc['num_prompts']} prompts (fingerprint `{rc.get('prompt_fingerprint')}`)"
+                       if rc.get("num_prompts") is not None else "") + f"; seeds from {rc.get('start_seed')}"),
         ("samples", f"{training.get('train_samples', '?')} for training, {training.get('validation_samples', '?')} "
                     "held out for validation (split by id)"),
         ("data fingerprint", f"`{training.get('data_fingerprint') or 'not recorded'}`"),

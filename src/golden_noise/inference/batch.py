@@ -67,8 +67,8 @@ class BatchJob:
     save_noise: bool = field(default=False, metadata={
         "help": "also save each method's initial latents as noise/{method}/{index}.pt (C, H, W)"})
     rnn_weights_path: str | None = field(default=None, metadata={
-        "help": "trained RNN export (needed for gnsnet): .safetensors, .json, their stem, the run dir, or the "
-                "seed's rnn_v3_model_final.pth (= that export)"})
+        "help": "trained RNN export (needed for gnsnet): .safetensors, .json, their stem, the run dir, the seed's "
+                "rnn_v3_model_final.pth (= that export), or a hub repo id owner/name"})
     predict_variance: bool = field(default=False, metadata={"help": PREDICT_VARIANCE_HELP})
     num_gen_steps: int | None = field(default=None, metadata={
         "help": "n: RNN rollout / oracle steps (default: num_steps of the RNN's training data, else 10)"})

@@ -51,8 +51,8 @@ class SweepJob:
     start_seed: int = _f(0, "seed of prompt index i = start_seed + i; best_of_K's candidate k: + k * "
                          f"{SEED_STRIDE:,}")
     batch_size: int = _f(8, "prompts per pipeline call (part of the settings: pixels depend on batch-mates)")
-    rnn_weights_path: str | None = _f(None, "trained RNN export (needed for gnsnet; its training data also sets "
-                                      "the oracle's golden step, n and the image size)")
+    rnn_weights_path: str | None = _f(None, "trained RNN export or hub repo id owner/name (needed for gnsnet; its "
+                                      "training data also sets the oracle's golden step, n and the image size)")
     golden_overrides: dict = field(default_factory=dict)  # GoldenConfig fields for the oracle (else the RNN's)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # per cell: guidance and steps replaced
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
