@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from golden_noise.export import FINAL_STEM, ExportableModel  # noqa: F401  (FINAL_STEM: the export's file stem)
+from golden_noise.export import FINAL_STEM, ExportableModel
+
+__all__ = ["DATA_FIELDS", "FINAL_STEM", "NoiseSequenceRNNConfig", "NoiseSequenceRNN_v3"]
 
 LOGVAR_MIN, LOGVAR_MAX = -20.0, 5.0
 # config fields that describe the data, not the architecture: training sets them from the dataset

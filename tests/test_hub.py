@@ -198,7 +198,8 @@ def test_model_card_states_what_it_was_trained_on(export, dataset, tmp_path):
     from golden_noise.evaluation import summarize
     from golden_noise.model_card import model_card
 
-    scores = {"HPSv2": {"standard": torch.linspace(0.2, 0.3, 6).numpy(), "gnsnet": torch.linspace(0.21, 0.3, 6).numpy()}}
+    scores = {"HPSv2": {"standard": torch.linspace(0.2, 0.3, 6).numpy(),
+                        "gnsnet": torch.linspace(0.21, 0.3, 6).numpy()}}
     results = summarize(scores, "standard", samples=200, seed=0)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "summary.json").write_text(json.dumps(

@@ -102,8 +102,8 @@ class _hub_errors:
         elif isinstance(exc, E.GatedRepoError):
             message = f"{label} is gated: accept its terms on the Hub and {LOGIN_HINT}"
         elif isinstance(exc, E.RepositoryNotFoundError):
-            message = (f"{label}: no such {self.repo_type} repo on the Hugging Face Hub, or it is private ({LOGIN_HINT}); "
-                       "a local path must exist")
+            message = (f"{label}: no such {self.repo_type} repo on the Hugging Face Hub, or it is private "
+                       f"({LOGIN_HINT}); a local path must exist")
         elif isinstance(exc, (E.LocalEntryNotFoundError, E.OfflineModeIsEnabled)) or \
                 type(exc).__name__ == "IncompleteSnapshotError":
             message = (f"{label} is neither a local path nor in the Hugging Face cache, and the hub cannot be reached"

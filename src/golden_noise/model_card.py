@@ -55,15 +55,17 @@ def _validation(report: dict | None) -> dict | None:
         return None
     return {"rollout": report["final_step"]["explained_fraction"], "steps": report.get("num_steps"),
             "teacher_forcing": report["teacher_forcing"]["explained_fraction"], "samples": report.get("num_samples"),
-            "model_mse": report["final_step"].get("model_mse"), "baseline_mse": report["final_step"].get("baseline_mse")}
+            "model_mse": report["final_step"].get("model_mse"),
+            "baseline_mse": report["final_step"].get("baseline_mse")}
 
 
 def _intro(repo_id: str, model_type: str, rc: dict) -> str:
     family = (rc.get("family") or {}).get("name", "?")
     shape = "×".join(str(s) for s in rc.get("latent_shape") or []) or "?"
     return (f"# {repo_id}\n\nA **{model_type}** golden-noise model made with {LIBRARY}. From a "
-            f"prompt and the initial noise x_T of a seed it predicts the golden noise x'_n that n = {rc.get('num_steps')} "
-            "golden steps (denoise one DDIM step with guidance w_l, invert it with guidance w_w) would make, for the "
+            "prompt and the initial noise x_T of a seed it predicts the golden noise x'_n that "
+            f"n = {rc.get('num_steps')} golden steps (denoise one DDIM step with guidance w_l, invert it with "
+            "guidance w_w) would make, for the "
             f"base model `{rc.get('base_model_id')}` ({family} latents {shape}); the pipeline then samples from it as "
             "from any initial latents. It only imitates the golden step: whether its images are better is what an "
             "evaluation measures (below, when one was given).")
@@ -72,7 +74,8 @@ def _intro(repo_id: str, model_type: str, rc: dict) -> str:
 def _usage(repo_id: str, base) -> str:
     load = (f'DiffusionPipeline.from_pretrained("{base}")' if base and is_repo_id(str(base))
             else f'DiffusionPipeline.from_pretrained(...)  # the base model it was trained with: {base}')
-    return ("## Use\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\nfrom golden_noise import GoldenNoise\n\n"
+    return ("## Use\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n"
+            "from golden_noise import GoldenNoise\n\n"
             f"pipe = {load}\ngn = GoldenNoise.from_pretrained(\"{repo_id}\", pipe=pipe)\n"
             'prompt = "A futuristic cityscape at sunset, synthwave style"\n'
             "image = pipe(prompt, latents=gn(prompt, seed=0)).images[0]  # standard: generator=torch.Generator()"
@@ -112,7 +115,8 @@ def _validation_section(v: dict | None) -> str:
     if v is None:
         return "## Validation\n\nThis export has no validation report (trained without a held-out split)."
     return (f"## Validation\n\nOn {v['samples']} held-out samples, the rollout's step n = {v['steps']} explains "
-            f"**{v['rollout']:.4f}** of the golden change (1 − ‖x̂'_n − x'_n‖² / ‖x_T − x'_n‖²; model mse "
+            f"**{v['rollout']:.4f}** of the golden change (1 − ‖x̂'_n − x'_n‖² / ‖x_T − x'_n‖²; "
+            "model mse "
             f"{v['model_mse']:.4g} vs {v['baseline_mse']:.4g} for x_T unchanged), and {v['teacher_forcing']:.4f} "
             "with teacher forcing (against predicting each step unchanged). 0 is no better than keeping x_T; "
             "this measures imitation of the golden step, not image quality.")
@@ -198,8 +202,8 @@ def _sweep(rows: list[dict], path: Path) -> dict:
                          "num_gen_steps": int(r["num_gen_steps"]) if r["num_gen_steps"] else None,
                          "metric": r["metric"], "n": int(r["n"]), "diff": diff,
                          "ci95": [_num(r["ci_low"]), _num(r["ci_high"])], "win_rate": _num(r["win_rate"])})
-    text = ("## Evaluation\n\nA sweep (`sweep.py`) over guidance scales, sampling steps and methods, scored per cell; "
-            "diff = method − standard at the same guidance and steps, paired by prompt and seed, with its 95% bootstrap "
-            "CI.\n\n" + markdown_table(table, ("steps", "guidance", "method", "n (rollout)", "metric", "prompts",
-                                               "mean", "diff vs standard [95% CI]", "win rate")))
+    text = ("## Evaluation\n\nA sweep (`sweep.py`) over guidance scales, sampling steps and methods, scored per "
+            "cell; diff = method − standard at the same guidance and steps, paired by prompt and seed, with its 95% "
+            "bootstrap CI.\n\n" + markdown_table(table, ("steps", "guidance", "method", "n (rollout)", "metric",
+                                                       "prompts", "mean", "diff vs standard [95% CI]", "win rate")))
     return {"metadata": {"source": "sweep.py", "cells": meta}, "markdown": text}

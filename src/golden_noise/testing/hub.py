@@ -103,7 +103,8 @@ class UploadRecorder:
             rec.uploads.append(Upload(repo_id, repo_type or "model", files, commit_message,
                                       list(delete_patterns) if delete_patterns else None, revision,
                                       made.get("private"), token or api.token))
-            return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/{len(rec.uploads)}"})()
+            url = f"https://huggingface.co/{repo_id}/commit/{len(rec.uploads)}"
+            return type("CommitInfo", (), {"commit_url": url})()
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
