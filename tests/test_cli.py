@@ -103,3 +103,56 @@ def test_unwritable_output_is_one_line_before_any_work(tmp_path, script, args, w
     assert proc.returncode == 2 and lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert out in lines[-1] and "writable" in lines[-1], lines[-1]
+
+
+# ---------------------------------------------------------------- the flags of each stage stay the same
+FLAG_CLIS = ["src/generate_npd_series.py", "src/train_rnn_model_v3.py", "src/inference_rnn.py",
+             "scripts/batch_inference.py", "scripts/evaluate_hps.py", "scripts/sweep.py",
+             "scripts/measure_oracle_gain.py"]
+FLAG_BASELINE = ROOT / "tests" / "data" / "cli_flags.json"
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing, carrying the parser a CLI built."""
+
+
+def cli_flags(script: str) -> dict:
+    """{'--flag [--no-flag]': default} of a CLI's parser (defaults as JSON: tuples as lists, other objects as str)."""
+    import json
+
+    from tests.conftest import load_cli
+
+    def grab(self, *args, **kwargs):
+        raise _Parsed(self)
+
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        load_cli(script).parse_args([])
+    except _Parsed as e:
+        p = e.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    out = {}
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        default = list(action.default) if isinstance(action.default, tuple) else action.default
+        try:
+            json.dumps(default)
+        except TypeError:
+            default = str(default)
+        out[" ".join(sorted(action.option_strings))] = default
+    return out
+
+
+@pytest.mark.parametrize("script", FLAG_CLIS)
+def test_flags_and_defaults_are_those_recorded(script):
+    """Generating a stage's flags from dataclasses keeps its flags and defaults: tests/data/cli_flags.json holds
+    them as they were written by hand (a flag added on purpose is added there too)."""
+    import json
+
+    recorded = json.loads(FLAG_BASELINE.read_text())[script]
+    now = cli_flags(script)
+    assert sorted(now) == sorted(recorded)
+    assert {k: v for k, v in now.items() if recorded[k] != v} == {}, {k: recorded[k] for k in now if recorded[k] != now[k]}
