@@ -369,21 +369,30 @@ def test_foreign_or_tampered_repos_are_one_line_errors(case, export, dataset, ti
     assert "\n" not in str(e.value)
 
 
-def test_online_repo_listing_refuses_pickles_before_downloading(monkeypatch):
-    """Online, a repo's file list is checked before anything is downloaded."""
+def test_online_repo_listing_refuses_pickles_before_downloading(export, tmp_path, monkeypatch):
+    """Online, a repo's file list is checked before anything is downloaded, and only the export's files (and the
+    card) are downloaded."""
     import huggingface_hub
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
-                        lambda api, repo_id, **kw: [".gitattributes", HUB_CONFIG, HUB_WEIGHTS, "optimizer.pt"])
+    listing = [".gitattributes", "README.md", HUB_CONFIG, HUB_WEIGHTS, "samples/grid.png"]
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda api, repo_id, **kw: listing)
+    snapshot, calls = cache_repo(tmp_path / "cache", "owner/x", repo_files(export, tmp_path)), []
 
-    def no_download(*args, **kwargs):
-        raise AssertionError("downloaded a repo holding pickles")
+    def download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(snapshot)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert load_export("owner/x", revision="v1").files.weights == snapshot / HUB_WEIGHTS
+    [(repo_id, kwargs)] = calls
+    assert repo_id == "owner/x" and kwargs["revision"] == "v1" and kwargs["repo_type"] == "model"
+    assert sorted(kwargs["allow_patterns"]) == ["README.md", HUB_CONFIG, HUB_WEIGHTS]
+    listing.append("optimizer.pt")
     with pytest.raises(UserError, match=r"hub model repo owner/x holds pickle files \(optimizer.pt\)"):
         load_export("owner/x")
+    assert len(calls) == 1  # refused before any download
 
 
 def test_local_paths_win_and_hub_ids_are_recognised(export, tmp_path, monkeypatch):

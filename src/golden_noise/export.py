@@ -136,7 +136,8 @@ def resolve_export(source: str | os.PathLike, revision: str | None = None, token
     weights, config = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
     local = path.suffix in (".safetensors", ".json") or weights.exists() or config.exists()
     if not local and hub.is_repo_id(text):
-        folder = hub.snapshot(text, "model", revision=revision, token=token, what=what)
+        folder = hub.snapshot(text, "model", revision=revision, token=token, what=what,
+                              allow_patterns=[HUB_WEIGHTS, HUB_CONFIG, CARD])  # after the repo's pickle check
         files = _folder_export(folder, f"hub repo {text}", hub_only=True)
         return dataclasses.replace(files, repo_id=text, revision=folder.name)
     for f in (weights, config):
