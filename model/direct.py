@@ -8,19 +8,16 @@ with the intermediate targets x'_1 .. x'_{n-1}. Comparing the two isolates what 
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
 from .rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 
-MODEL_TYPE = "direct"
-
 
 class DirectNoiseModel(NoiseSequenceRNN_v3):
-    """NoiseSequenceRNN_v3's network predicting x'_n from x_T in one step (no recurrence)."""
+    """NoiseSequenceRNN_v3's network predicting x'_n from x_T in one step (no recurrence); exported like it (its
+    config document's model_type: DirectNoiseModel)."""
 
+    model_type = "DirectNoiseModel"
     config_class = NoiseSequenceRNNConfig
     one_step = True  # predicts x'_n directly: the trainer and the rollout treat it as one step
 
@@ -45,14 +42,3 @@ class DirectNoiseModel(NoiseSequenceRNN_v3):
             return mean[:, None]
         finally:
             self.train(was_training)
-
-    def save_pretrained(self, stem_path: str | os.PathLike, extra: dict | None = None) -> tuple[Path, Path]:
-        from .export import save_export
-
-        return save_export(self, stem_path, MODEL_TYPE, extra)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None):
-        from .export import load_export
-
-        return load_export(cls, path, device, dtype)

@@ -16,20 +16,21 @@ forward, with the state-dict layout of the released SDXL checkpoint (`sdxl.pth`)
 Defaults are the released SDXL model's: 128 x 128 latents, SDXL's prompt_embeds (77 x 2048) flattened as the text
 input (golden_noise.diffusion's `prompt_embeds` text embedding), Swin-T at 224 px (28.3M of its 30M parameters;
 the Swin's ImageNet classifier head is kept, unused, because the checkpoint holds it). Trained on our data, the text
-input is the dataset's text embedding and the sizes are the dataset's (`--model_type npnet`).
+input is the dataset's text embedding and the sizes are the dataset's (`--model_type NPNet`).
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODEL_TYPE = "npnet"
+from golden_noise.export import ExportableModel
+
+MODEL_TYPE = "NPNet"
 SDXL_TEXT_DIM = 77 * 2048
 # the sub-dictionaries of NPNet's released checkpoint (torch.save of a dict) -> our submodule / parameter names
 CHECKPOINT_PARTS = {"unet_svd": "unet_svd", "unet_embedding": "unet_embedding", "embeeding": "text_embedding"}
@@ -192,9 +193,11 @@ class AdaGroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, eps=self.eps) * (1 + scale) + shift
 
 
-class NPNet(nn.Module):
-    """NPNet: x_T (B, 4, H, W) and a text embedding (B, P) -> golden noise (B, 4, H, W) in one forward."""
+class NPNet(ExportableModel, nn.Module):
+    """NPNet: x_T (B, 4, H, W) and a text embedding (B, P) -> golden noise (B, 4, H, W) in one forward; exported as
+    every noise model is (golden_noise.export), or loaded from NPNet's released checkpoint (`load_released`)."""
 
+    model_type = MODEL_TYPE
     config_class = NPNetConfig
     one_step = True
 
@@ -227,18 +230,7 @@ class NPNet(nn.Module):
         finally:
             self.train(was_training)
 
-    # ---- export -----------------------------------------------------------------------------------------
-    def save_pretrained(self, stem_path: str | os.PathLike, extra: dict | None = None) -> tuple[Path, Path]:
-        from .export import save_export
-
-        return save_export(self, stem_path, MODEL_TYPE, extra)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None):
-        from .export import load_export
-
-        return load_export(cls, path, device, dtype)
-
+    # ---- NPNet's released checkpoint --------------------------------------------------------------------
     def load_released_state(self, checkpoint: dict) -> None:
         """Load NPNet's released checkpoint dict ({"unet_svd", "unet_embedding", "embeeding": state dicts, "alpha",
         "beta": tensors}) strictly."""
@@ -282,19 +274,24 @@ def config_from_released(checkpoint: dict) -> NPNetConfig:
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-def load_released(path: str | os.PathLike, device=None, dtype=None) -> tuple[NPNet, dict]:
-    """(NPNet in eval mode, export-like metadata) from NPNet's released checkpoint (`sdxl.pth`: a torch.save of
-    {"unet_svd", "unet_embedding", "embeeding": state dicts, "alpha", "beta": tensors}), read with weights_only=True
-    (no code is unpickled). Its sizes come from its tensors; the metadata says what it was trained for: SDXL base's
-    latents at 8 px per latent pixel, SDXL's prompt_embeds flattened as the text input, one golden step."""
+def load_released(path: str | os.PathLike, device=None, dtype=None):
+    """NPNet's released checkpoint (`sdxl.pth`: a torch.save of {"unet_svd", "unet_embedding", "embeeding": state
+    dicts, "alpha", "beta": tensors}), read with weights_only=True (no code is unpickled), as a golden_noise.export
+    Export (its identity: the file's sha256 and the config document's). Its sizes come from its tensors; the config
+    document says what it was trained for: SDXL base's latents at 8 px per latent pixel, SDXL's prompt_embeds
+    flattened as the text input, one golden step."""
+    from pathlib import Path
+
     from golden_noise.errors import UserError
+    from golden_noise.export import Export, ExportFiles
 
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, or a pickle that needs code
         raise UserError(f"--npnet_weights {path}: cannot read it as NPNet's checkpoint with weights_only=True "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    missing = [k for k in (*CHECKPOINT_PARTS, *CHECKPOINT_SCALARS) if not isinstance(checkpoint, dict) or k not in checkpoint]
+    missing = [k for k in (*CHECKPOINT_PARTS, *CHECKPOINT_SCALARS)
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise UserError(f"--npnet_weights {path} is not NPNet's released checkpoint: it lacks {', '.join(missing)} "
                         "(expected the keys unet_svd, unet_embedding, embeeding, alpha, beta)")
@@ -306,10 +303,10 @@ def load_released(path: str | os.PathLike, device=None, dtype=None) -> tuple[NPN
         raise UserError(f"--npnet_weights {path}: cannot load it into NPNet ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300]})") from None
     res = config.noise_resolution
-    meta = {"model_type": MODEL_TYPE, "model_config": config.to_dict(), "predicts_step": 1,
-            "source": f"NPNet's released checkpoint {path}",
+    meta = {"model_type": MODEL_TYPE, "model_config": config.to_dict(),
             "run_config": {"base_model_id": SDXL_BASE, "num_steps": 1, "latent_shape": [config.latent_channels, res, res],
                            "height": 8 * res, "width": 8 * res,
                            "text_embedding": {"kind": "prompt_embeds", "dim": config.text_embed_dim}}}
     model.to(device=device, dtype=dtype)
-    return model.eval(), meta
+    path = Path(path).resolve()
+    return Export(model.eval(), meta, ExportFiles(path, path))

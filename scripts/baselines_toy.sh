@@ -42,6 +42,7 @@ CNN=(--cnn_base_filters 32 --cnn_num_blocks 2 2 --cnn_feat_dim 128 --gru_hidden_
      --text_proj_dim 64)                           # the quickstart's RNN, 0.73M parameters
 NPNET=(--svd_hidden_dim 64 --svd_mlp_dim 256 --svd_num_heads 8 --swin_img_size 16 --swin_patch_size 2
        --swin_embed_dim 72 --swin_depths 2 2 --swin_num_heads 2 4 --swin_window_size 4 --swin_num_classes 0)  # 0.69M
+declare -A TYPE=([rnn_v3]=NoiseSequenceRNN_v3 [direct]=DirectNoiseModel [npnet]=NPNet)  # run folder -> model type
 for model in direct npnet rnn_v3; do
   for f in $FRACTIONS; do
     run="$OUT/${model}_f$f"
@@ -55,7 +56,7 @@ for model in direct npnet rnn_v3; do
     if [ -f "$run/rnn_v3_model_final.safetensors" ]; then echo "$run: trained"; continue; fi
     if [ "$model" = npnet ]; then ARCH=("${NPNET[@]}"); else ARCH=("${CNN[@]}"); fi
     step "2/5 train $model on ${f} of the sequences -> $run"
-    python src/train_rnn_model_v3.py --dataset_dir "$DATA" --output_dir "$run" --model_type "$model" \
+    python src/train_rnn_model_v3.py --dataset_dir "$DATA" --output_dir "$run" --model_type "${TYPE[$model]}" \
       --train_fraction "$f" "${ARCH[@]}" "${RECIPE[@]}" --resume_from_checkpoint latest
   done
 done

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from golden_noise.cli import add_dataclass_arguments, add_pipeline_arguments, check_flag_minimum, dataclass_from_args
+from golden_noise.cli import add_dataclass_arguments, add_pipeline_arguments, dataclass_from_args
 from golden_noise.cli import parser as make_parser
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.inference.config import PipelineSpec, add_sampling_arguments, sampling_from_args
@@ -21,16 +21,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser(__doc__)
     p.add_argument("--rnn_weights_path", required=True,
                    help="the trained RNN export: its .safetensors, its .json, their stem, the training run directory "
-                        "holding rnn_v3_model_final.*, or the seed's rnn_v3_model_final.pth (= that export)")
+                        "holding rnn_v3_model_final.*, the seed's rnn_v3_model_final.pth (= that export), or a hub "
+                        "repo id owner/name (or a folder) holding model.safetensors + config.json")
     p.add_argument("--prompt", required=True, help="the text prompt")
     add_dataclass_arguments(p, SingleJob, exclude=("rnn_weights_path", "prompt", "sampling", "pipeline"))
     add_sampling_arguments(p.add_argument_group("sampling"))
     add_pipeline_arguments(p.add_argument_group("pipeline"), None,
                            f"diffusers pipeline (hub id or local dir); default: the one the RNN was trained with, "
                            f"else {DEFAULT_MODEL_ID}")
-    args = p.parse_args(argv)
-    check_flag_minimum(p, args, ("num_inference_steps", "num_gen_steps"))
-    return args
+    return p.parse_args(argv)  # the flags' ranges are their fields' (SingleJob, SamplingConfig)
 
 
 def job_from_args(args: argparse.Namespace) -> SingleJob:

@@ -5,6 +5,7 @@ made once with NPNet's own public code (tests/fixtures/npnet/make_npnet_fixture.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 from PIL import Image
 
 from golden_noise.errors import UserError
-from golden_noise.model import load_export, model_type_of
+from golden_noise.export import load_export
+from golden_noise.model import model_type_of
 from golden_noise.model.direct import DirectNoiseModel
 from golden_noise.model.npnet import CHECKPOINT_PARTS, NPNet, NPNetConfig, config_from_released, load_released
 from golden_noise.model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
@@ -109,11 +111,16 @@ def test_released_checkpoint_loads_with_weights_only(tmp_path):
     torch.save(released_checkpoint(model), path)
     assert config_from_released(torch.load(path, weights_only=True)).to_dict() == {**config.to_dict(),
                                                                                   "swin_drop_path_rate": 0.1}
-    loaded, meta = load_released(path)
+    export = load_released(path)
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 96)
-    torch.testing.assert_close(loaded(x, text)[0], model(x, text)[0], rtol=0, atol=0)
-    assert meta["model_type"] == "npnet" and meta["predicts_step"] == 1
-    assert meta["run_config"]["text_embedding"] == {"kind": "prompt_embeds", "dim": 96}
+    torch.testing.assert_close(export.model(x, text)[0], model(x, text)[0], rtol=0, atol=0)
+    assert export.meta["model_type"] == "NPNet" and export.meta["run_config"]["num_steps"] == 1
+    assert export.meta["run_config"]["text_embedding"] == {"kind": "prompt_embeds", "dim": 96}
+    assert export.identity["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    from golden_noise.inference import GoldenNoise
+
+    gn = GoldenNoise.from_pretrained(path, model_type="NPNet", flag="--npnet_weights")
+    assert (gn.model_type, gn.predicts_step) == ("NPNet", 1)
 
     torch.save({"unet_svd": {}}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="not NPNet's released checkpoint: it lacks unet_embedding"):
@@ -138,7 +145,7 @@ def test_train_fraction_is_a_nested_deterministic_subset(npd_dataset):
         keep_fraction(train_set, 0.0)
 
 
-@pytest.mark.parametrize("model_type", ["direct", "npnet"])
+@pytest.mark.parametrize("model_type", ["DirectNoiseModel", "NPNet"])
 def test_one_step_models_train_export_and_load(model_type, npd_dataset, tmp_path, capsys):
     """The same trainer, another --model_type: the one-step model learns x'_n from x_T on held-out sequences (an
     untrained direct model is the identity and explains 0), exports with its model_type and the step it predicts,
@@ -147,7 +154,7 @@ def test_one_step_models_train_export_and_load(model_type, npd_dataset, tmp_path
     from golden_noise.sequence_data import collate, open_dataset
 
     out = tmp_path / model_type
-    extra = NPNET_FLAGS if model_type == "npnet" else []
+    extra = NPNET_FLAGS if model_type == "NPNet" else []
     summary = train("--dataset_dir", npd_dataset, "--output_dir", out, "--model_type", model_type, "--max_train_steps",
                     150, "--batch_size", 8, "--learning_rate", 2e-3, "--dropout", 0, "--validation_fraction", 0.25,
                     "--validation_steps", 0, "--save_steps", 1000, "--logging_steps", 50, "--train_fraction", 0.75,
@@ -160,10 +167,11 @@ def test_one_step_models_train_export_and_load(model_type, npd_dataset, tmp_path
     assert f"one-step prediction of x'_4 explains" in stdout
 
     meta = json.loads((out / f"{FINAL_STEM}.json").read_text())
-    assert meta["model_type"] == model_type and meta["predicts_step"] == 4
+    assert meta["model_type"] == model_type and meta["run_config"]["num_steps"] == 4
     assert meta["training"]["args"]["model_type"] == model_type and meta["training"]["args"]["train_fraction"] == 0.75
-    model, _ = load_export(out)
-    assert type(model) is (DirectNoiseModel if model_type == "direct" else NPNet) and model_type_of(meta) == model_type
+    model = load_export(out).model
+    assert type(model) is (DirectNoiseModel if model_type == "DirectNoiseModel" else NPNet)
+    assert model_type_of(meta) == model_type
     data = open_dataset(npd_dataset, 0.25)
     batch = collate([data.validation[i] for i in range(len(data.validation))])
     pred = model.generate_sequence(batch["source"], batch["text"], 4)  # (V, 1, C, H, W)
@@ -176,8 +184,8 @@ def test_one_step_models_train_export_and_load(model_type, npd_dataset, tmp_path
     torch.testing.assert_close(gn.rollout(batch["source"], batch["text"])[:, -1], pred[:, 0])
     with pytest.raises(UserError, match=f"predicts x'_4 in one forward .*pass --num_gen_steps 4"):
         gn.rollout(batch["source"], batch["text"], 2)
-    with pytest.raises(UserError, match=f"--rnn_weights_path {out} is a {model_type} export, not rnn_v3"):
-        GoldenNoise.from_pretrained(out, model_type="rnn_v3")
+    with pytest.raises(UserError, match=f"--rnn_weights_path {out} is a {model_type} export, not NoiseSequenceRNN_v3"):
+        GoldenNoise.from_pretrained(out, model_type="NoiseSequenceRNN_v3")
 
 
 def test_direct_is_the_rnn_network_for_one_step():
@@ -199,17 +207,18 @@ def test_model_type_flags(tmp_path, capsys):
     from golden_noise.training.config import architecture
 
     cli = load_cli("src/train_rnn_model_v3.py")
-    args = cli.parse_args(["--model_type", "npnet", "--swin_depths", "1", "1", "--swin_num_heads", "1", "2"])
+    args = cli.parse_args(["--model_type", "NPNet", "--swin_depths", "1", "1", "--swin_num_heads", "1", "2"])
     assert isinstance(args.arch, NPNetConfig) and args.arch.swin_depths == [1, 1]
-    assert isinstance(cli.parse_args(["--model_type", "direct"]).arch, NoiseSequenceRNNConfig)
+    assert isinstance(cli.parse_args(["--model_type", "DirectNoiseModel"]).arch, NoiseSequenceRNNConfig)
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--train_fraction", bad])
+        assert "--train_fraction" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.parse_args(["--train_fraction", "0"])
-    assert "--train_fraction must be in (0, 1], got 0.0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.parse_args(["--model_type", "npnet", "--swin_depths", "1", "1", "--swin_num_heads", "1"])
+        cli.parse_args(["--model_type", "NPNet", "--swin_depths", "1", "1", "--swin_num_heads", "1"])
     assert "need one entry per stage" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="not architecture fields of rnn_v3"):
-        architecture("rnn_v3", swin_depths=[1])
+    with pytest.raises(ValueError, match="not architecture fields of NoiseSequenceRNN_v3"):
+        architecture("NoiseSequenceRNN_v3", swin_depths=[1])
 
 
 # ---- stage 5, costs and the sweep --------------------------------------------------------------------------------
@@ -219,7 +228,7 @@ def make_one_step_export(stem: Path, model_type: str, pipe, pipe_dir: Path, seed
     rnn = make_export(stem.parent / "rnn_tmp" / FINAL_STEM, pipe, pipe_dir, seed=seed)
     meta = json.loads(rnn.with_suffix(".json").read_text())
     torch.manual_seed(seed)
-    if model_type == "direct":
+    if model_type == "DirectNoiseModel":
         model = DirectNoiseModel(NoiseSequenceRNNConfig.from_dict(meta["model_config"]))
         torch.nn.init.normal_(model.mean_head.weight, std=0.2)
     else:
@@ -227,7 +236,7 @@ def make_one_step_export(stem: Path, model_type: str, pipe, pipe_dir: Path, seed
         model = NPNet(NPNetConfig(noise_resolution=16, text_embed_dim=dim, **{**TINY_NPNET, "svd_num_heads": 4}))
         with torch.no_grad():
             model.beta.fill_(0.5)
-    model.save_pretrained(stem, extra={"predicts_step": TRAIN_STEPS, "run_config": meta["run_config"]})
+    model.save_pretrained(stem, extra={"run_config": meta["run_config"]})
     return stem
 
 
@@ -237,9 +246,9 @@ def exports(tiny_pipeline, tiny_pipeline_dir, tmp_path_factory) -> dict:
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     return {"root": root, "prompts": root / "prompts.txt",
             "rnn": make_export(root / "rnn" / FINAL_STEM, tiny_pipeline, tiny_pipeline_dir).parent,
-            "direct": make_one_step_export(root / "direct" / FINAL_STEM, "direct", tiny_pipeline,
+            "direct": make_one_step_export(root / "direct" / FINAL_STEM, "DirectNoiseModel", tiny_pipeline,
                                            tiny_pipeline_dir).parent,
-            "npnet": make_one_step_export(root / "npnet" / FINAL_STEM, "npnet", tiny_pipeline, tiny_pipeline_dir).parent}
+            "npnet": make_one_step_export(root / "npnet" / FINAL_STEM, "NPNet", tiny_pipeline, tiny_pipeline_dir).parent}
 
 
 def test_batch_inference_direct_and_npnet(exports, tiny_pipeline, tiny_pipeline_dir, tmp_path, capsys):
@@ -261,7 +270,7 @@ def test_batch_inference_direct_and_npnet(exports, tiny_pipeline, tiny_pipeline_
     text = text_embedding(tiny_pipeline, PROMPTS, cond, "pooled")
     x_T = seeded_noise([10 + i for i in range(len(PROMPTS))], (4, 16, 16))
     for method in ("direct", "npnet"):
-        model, _ = load_export(exports[method])
+        model = load_export(exports[method]).model
         latents = model.generate_sequence(x_T, text)[:, 0]
         assert not torch.allclose(latents, x_T, atol=1e-3)
         for i in range(len(PROMPTS)):  # a batch of two, as stage 5 ran it
@@ -272,8 +281,10 @@ def test_batch_inference_direct_and_npnet(exports, tiny_pipeline, tiny_pipeline_
 
     for args, message in (
             (["--methods", "direct"], "--methods direct needs --direct_weights"),
-            (["--methods", "direct", "--direct_weights", str(exports["npnet"])], "is a npnet export, not direct"),
-            (["--methods", "gnsnet", "--rnn_weights_path", str(exports["direct"])], "is a direct export, not rnn_v3"),
+            (["--methods", "direct", "--direct_weights", str(exports["npnet"])],
+             "is a NPNet export, not DirectNoiseModel"),
+            (["--methods", "gnsnet", "--rnn_weights_path", str(exports["direct"])],
+             "is a DirectNoiseModel export, not NoiseSequenceRNN_v3"),
             (["--methods", "direct", "--direct_weights", str(exports["direct"]), "--num_gen_steps", "2"],
              "its model predicts x'_3 in one forward, but this run's n is 2")):
         code, _, err = run_main(capsys, *map(str, base[:4]), str(tmp_path / "other"), *map(str, base[5:]), *args)

@@ -13,8 +13,8 @@ import re
 
 METHODS = ("standard", "gnsnet", "direct", "npnet", "oracle")   # fixed names, in display order; best_of_K follows
 # the learned methods: the model type each loads and the flag (a job field) naming its export
-LEARNED = {"gnsnet": ("rnn_v3", "rnn_weights_path"), "direct": ("direct", "direct_weights"),
-           "npnet": ("npnet", "npnet_weights")}
+LEARNED = {"gnsnet": ("NoiseSequenceRNN_v3", "rnn_weights_path"), "direct": ("DirectNoiseModel", "direct_weights"),
+           "npnet": ("NPNet", "npnet_weights")}
 ONE_STEP = ("direct", "npnet")  # learned methods that predict x'_n for their own n only
 FOLDER_SUFFIX = "_output"
 _BEST_OF = re.compile(r"^best_of_(\d+)$")

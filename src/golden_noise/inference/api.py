@@ -1,7 +1,6 @@
 """Golden noise from a trained RNN export (the `GoldenNoise` API) and from the real golden step (the oracle)."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -19,53 +18,37 @@ logger = get_logger(__name__)
 DEFAULT_NUM_GEN_STEPS = 10  # used only when no RNN export says how many steps its data had
 
 
-def export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights .safetensors, config .json) of an export: the .safetensors, the .json, their stem, the training run
-    directory, or the seed's spelling `.../rnn_v3_model_final.pth`, which means the safetensors export beside it."""
-    from ..model.rnn_seq_model_v3 import resolve_export_paths
-
-    path = Path(path)
-    if path.suffix == ".pth":
-        stem = path.with_suffix("")
-        if path.is_file() and not stem.with_name(stem.name + ".safetensors").is_file():
-            raise UserError(f"--rnn_weights_path {path} is a pickle, which is never loaded (it could run code), and "
-                            f"there is no {stem.name}.safetensors beside it: pass the training run's safetensors "
-                            "export (train_rnn_model_v3.py writes it)")
-        path = stem
-    return resolve_export_paths(path)
-
-
 def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_variance: bool = False,
-                    model_type: str | None = "rnn_v3", flag: str = "--rnn_weights_path"):
-    """Load a trained noise-model export (any path `export_paths` takes) -> (model in eval mode, meta); UserError
-    when missing/invalid. `model_type`: the type the export must be (golden_noise.model.MODEL_TYPES; None: any),
-    else a UserError naming `flag`; for npnet, a `.pth` without a safetensors export beside it is NPNet's released
-    checkpoint (read with weights_only=True). `predict_variance=True` (the seed's flag) requires an export trained
-    with the variance head."""
-    from ..model import load_export
+                    revision: str | None = None, token: str | bool | None = None, model_type: str | None = None,
+                    flag: str = "--rnn_weights_path"):
+    """Load a trained noise-model export (any spelling golden_noise.export.resolve_export takes: a local export, a
+    run directory, the seed's `.pth` name, a hub repo id) -> golden_noise.export.Export (model in eval mode);
+    UserError when missing, invalid or edited. `model_type`: the type the export must be (golden_noise.model's
+    registry; None: any), else a UserError naming `flag`; for NPNet, a `.pth` without a safetensors export beside it
+    is NPNet's released checkpoint (read with weights_only=True). `predict_variance=True` (the seed's flag) requires
+    an export trained with the variance head."""
+    from ..export import load_export
+    from ..model import model_type_of
 
-    if model_type == "npnet" and Path(path).suffix == ".pth" and not Path(path).with_suffix(".safetensors").is_file():
+    released = (model_type == "NPNet" and Path(path).suffix == ".pth"
+                and not Path(path).with_suffix(".safetensors").is_file())
+    if released:
         from ..model.npnet import load_released
 
-        model, meta = load_released(path, device=device, dtype=dtype)
+        export = load_released(path, device=device, dtype=dtype)
     else:
-        weights, meta_path = export_paths(path)
         if Path(path).suffix == ".pth":
-            logger.info("%s %s: .pth means the safetensors export %s (+ .json); a pickled .pth is never loaded", flag,
-                        path, weights)
-        model, meta = load_export(str(weights), device=device, dtype=dtype, expect=model_type, label=f"{flag} {path}")
-    if predict_variance and not (meta.get("model_config") or {}).get("predict_variance", False):
-        what = f"RNN export {export_paths(path)[1]}" if model_type == "rnn_v3" else f"export {path}"
-        raise UserError(f"--predict_variance was given, but the {what} was trained without it "
-                        "(model_config.predict_variance is false): drop --predict_variance or pass an export "
+            logger.info("%s %s: .pth means the safetensors export beside it (+ .json); a pickled .pth is never "
+                        "loaded", flag, path)
+        export = load_export(path, device=device, dtype=dtype, revision=revision, token=token)
+    if model_type is not None and model_type_of(export.meta) != model_type:
+        raise UserError(f"{flag} {path} is a {model_type_of(export.meta)} export, not {model_type}: pass a "
+                        f"{model_type} export (train_rnn_model_v3.py --model_type {model_type})")
+    if predict_variance and not (export.meta.get("model_config") or {}).get("predict_variance", False):
+        raise UserError(f"--predict_variance was given, but the RNN export {export.files.config} was trained without "
+                        "it (model_config.predict_variance is false): drop --predict_variance or pass an export "
                         "trained with it")
-    return model.eval(), meta
-
-
-def check_guidance_scale(flag: str, value: float | None) -> None:
-    """Refuse a negative (or NaN/infinite) guidance scale, naming its flag; None means "not set"."""
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise UserError(f"{flag} must not be negative (a finite number >= 0), got {value}")
+    return export
 
 
 def export_latent_shape(meta: dict) -> tuple[int, int, int]:
@@ -90,15 +73,7 @@ def golden_config_from(run_config: dict | None, **overrides) -> GoldenConfig:
             logger.warning("oracle: %s=%s differs from the %s the RNN's training data used; the oracle uses %s",
                            key, value, values[key], value)
         values[key] = value
-    config = GoldenConfig(**values)
-    check_golden_config(config)
-    return config
-
-
-def check_golden_config(config: GoldenConfig) -> None:
-    """Refuse negative guidance scales of the golden step, naming the flag."""
-    for name in ("denoise_guidance_scale", "inversion_guidance_scale"):
-        check_guidance_scale(f"--{name}", getattr(config, name))
+    return GoldenConfig(**values).check()  # refuses a value out of range, naming the flag
 
 
 def describe_latent_space(space: dict) -> str:
@@ -123,7 +98,7 @@ def oracle_noise(pipe, prompts: Sequence[str], x_T: torch.Tensor, num_steps: int
     """The real golden step applied `num_steps` times to x_T: (B, C, H, W) -> x'_n (B, C, H, W) float32.
 
     Uses the pipeline's own (default) scheduler config and its family's golden step, like the data generation stage."""
-    check_golden_config(config)
+    config.check()
     step = golden_step(pipe, config, height, width)
     cond = encode_prompts(pipe, list(prompts), height=height, width=width)
     return step.sequence(x_T.to(family_of(pipe).device, torch.float32), cond, num_steps)[:, -1]
@@ -133,36 +108,60 @@ class GoldenNoise:
     """Turn a prompt and a seed into golden initial latents for your own diffusers pipeline (the family the RNN was
     trained for: SDXL, SD 1.5/2.1, SD3, FLUX), or for a separate sampler of the same latent space.
 
-        gn = GoldenNoise.from_pretrained("output/run/rnn_v3_model_final", pipe=pipe)
+        gn = GoldenNoise.from_pretrained("output/run/rnn_v3_model_final", pipe=pipe)  # or a hub id "owner/name"
         image = pipe(prompt, latents=gn(prompt, seed=0)).images[0]
         image = turbo(prompt, latents=gn(prompt, seed=0, sampler=turbo), num_inference_steps=1).images[0]
     """
 
-    def __init__(self, model, meta: dict, pipe=None, device=None):
+    def __init__(self, model, meta: dict, pipe=None, device=None, export=None):
         self.model = model
         self.meta = meta
         self.pipe = pipe
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.export = export  # the golden_noise.export.Export it was loaded from (files, identity), if any
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, pipe=None, device=None, dtype=None,
-                        predict_variance: bool = False, model_type: str | None = None,
+                        predict_variance: bool = False, revision: str | None = None,
+                        token: str | bool | None = None, model_type: str | None = None,
                         flag: str = "--rnn_weights_path") -> "GoldenNoise":
-        """Load an export (the .safetensors, the .json, their stem, a run directory or the seed's `.pth` name) of any
-        noise model (`model_type`: require one, golden_noise.model.MODEL_TYPES; npnet also takes NPNet's released
-        `.pth`); it runs on `device` (default: the pipeline's device, else CPU) in `dtype` (default float32).
-        `predict_variance=True` refuses an export trained without the variance head."""
+        """Load an export: a hub repo id ("owner/name", at `revision`; from the cache when offline), a folder holding
+        model.safetensors + config.json, or a training export (the .safetensors, the .json, their stem, the run
+        directory or the seed's `.pth` name). The RNN runs on `device` (default: the pipeline's device, else CPU)
+        in `dtype` (default float32). `predict_variance=True` refuses an export trained without the variance head;
+        an edited, foreign or incomplete export is a one-line UserError. Any noise model loads (`model_type`: require
+        one of golden_noise.model's registry, naming `flag` otherwise); NPNet also from its released `.pth`."""
         if device is None:
             device = family_of(pipe).device if pipe is not None else torch.device("cpu")
-        model, meta = load_rnn_export(path, device=device, dtype=dtype or torch.float32,
-                                      predict_variance=predict_variance, model_type=model_type, flag=flag)
-        gn = cls(model, meta, pipe=pipe, device=device)
+        export = load_rnn_export(path, device=device, dtype=dtype or torch.float32,
+                                 predict_variance=predict_variance, revision=revision, token=token,
+                                 model_type=model_type, flag=flag)
+        gn = cls(export.model, export.meta, pipe=pipe, device=device, export=export)
         if pipe is not None:
             gn.check_pipeline(pipe)
             if gn.height and tuple(latent_shape(pipe)) != gn.latent_shape:
                 logger.warning("the RNN was trained at %sx%s px, not the pipeline's default size: call "
                                "pipe(..., height=gn.height, width=gn.width)", gn.height, gn.width)
         return gn
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None,
+                    evaluation: str | os.PathLike | None = None, commit_message: str | None = None,
+                    revision: str | None = None) -> str:
+        """Upload this export to the hub repo `repo_id` ("owner/name"; created, `private` if asked, when new):
+        model.safetensors, config.json and a generated model card README.md. `evaluation`: a stage-6 results folder
+        (or its summary.json) or a sweep folder (or its sweep.csv) to summarise in the card. Returns the commit URL."""
+        from ..export import push_export
+
+        if self.export is None:
+            raise UserError("push_to_hub needs a GoldenNoise loaded with from_pretrained (it pushes that export)")
+        return push_export(self.export, repo_id, token=token, private=private, evaluation=evaluation,
+                           commit_message=commit_message, revision=revision, what="push_to_hub")
+
+    @property
+    def identity(self) -> dict | None:
+        """The export's weights sha256 and config sha256 (what every run's settings record); None if not loaded
+        from an export."""
+        return self.export.identity if self.export is not None else None
 
     @property
     def run_config(self) -> dict:
@@ -175,18 +174,20 @@ class GoldenNoise:
 
     @property
     def model_type(self) -> str:
-        """rnn_v3 (rolled out n steps), direct or npnet (x'_n in one forward): golden_noise.model.MODEL_TYPES."""
+        """NoiseSequenceRNN_v3 (rolled out n steps), DirectNoiseModel or NPNet (x'_n in one forward)."""
         from ..model import model_type_of
 
         return model_type_of(self.meta)
 
     @property
     def predicts_step(self) -> int | None:
-        """The golden step k a one-step model (direct, npnet) predicts x'_k of in one forward; None for the RNN."""
+        """The golden step k of x'_k that a one-step model (DirectNoiseModel, NPNet) predicts in one forward: its
+        training sequences' length (run_config num_steps, or the training's --max_seq_len); None for the RNN."""
         if not getattr(self.model, "one_step", False):
             return None
-        k = self.meta.get("predicts_step") or self.run_config.get("num_steps")
-        return int(k) if k is not None else None
+        n = self.run_config.get("num_steps")
+        cut = (((self.meta.get("training") or {}).get("args")) or {}).get("max_seq_len")
+        return int(min(n, cut) if n is not None and cut else n) if n is not None else None
 
     @property
     def num_steps(self) -> int | None:
@@ -277,7 +278,7 @@ class GoldenNoise:
     def rollout(self, x_T: torch.Tensor, text: torch.Tensor, num_steps: int | None = None, sample: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Roll the RNN out from x_T (B, C, H, W) with text embeddings (B, P): -> (B, n, C, H, W) float32; a one-step
-        model (direct, npnet) returns (B, 1, C, H, W), its x-hat'_n, and only for its own n."""
+        model (DirectNoiseModel, NPNet) returns (B, 1, C, H, W), its x-hat'_n, and only for its own n."""
         n = int(num_steps or self.num_steps or DEFAULT_NUM_GEN_STEPS)
         if n < 1:
             raise UserError(f"--num_gen_steps must be at least 1, got {n}")

@@ -64,11 +64,12 @@ def denoiser_forward_flops(pipe, latent_shape, height: int, width: int) -> int:
 def rollout_flops(gn, num_steps: int) -> int:
     """FLOPs of a learned noise for one sample (the RNN's rollout of `num_steps` steps; a one-step model's single
     forward), on a meta copy of the export's architecture (`gn`: a GoldenNoise)."""
-    from ..model import config_class, model_class
+    from ..model import model_class
 
-    config = config_class(gn.model_type).from_dict(gn.model_config)
+    cls = model_class(gn.model_type)
+    config = cls.config_class.from_dict(gn.model_config)
     with torch.device("meta"):
-        model = model_class(gn.model_type)(config).eval()
+        model = cls(config).eval()
     x = torch.empty(1, *gn.latent_shape, device="meta")  # (1, C, H, W)
     text = torch.empty(1, config.text_embed_dim, device="meta")  # (1, P)
     return count_flops(model.generate_sequence, x, text, num_steps)

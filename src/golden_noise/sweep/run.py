@@ -13,14 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import UserError
-from ..inference.batch import LOADED_KEYS  # resolved once the pipeline is loaded: the same for the sweep
 from ..io import atomic_write_json, atomic_write_text
 from ..methods import folder
 from ..prompts import Prompt
 from ..runtime import get_logger, on_main
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
-from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, PROMPTS_FILE, SAMPLER_KEYS, SETTINGS_FILE, SweepJob, check_job,
-                  metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
+from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_FIELDS, SETTINGS_FILE, SweepJob,
+                  check_job, metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
 
 logger = get_logger(__name__)
 
@@ -71,16 +70,17 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     golden = golden_config_from(ref.run_config if ref else None, **job.golden_overrides) \
         if "oracle" in job.methods else None
     sampling = job.sampling
+    identity = rnn_record(gn if "gnsnet" in job.methods else None)  # the export's weights and config sha256
     settings = {"prompt_file": str(job.prompt_file), "prompt_fingerprint": prompt_fingerprint(prompts),
                 "num_prompts": len(prompts), "start_seed": job.start_seed, "seed_stride": SEED_STRIDE,
-                "batch_size": job.batch_size, "negative_prompt": sampling.negative_prompt,
-                **{k: getattr(sampling, k) for k in SAMPLER_KEYS}, "height": sampling.height, "width": sampling.width,
+                "batch_size": job.batch_size, **{k: getattr(sampling, k) for k in SAMPLER_FIELDS},
+                "height": sampling.height, "width": sampling.width,
                 **pipeline_record(job.pipeline, ref, device), "revision": job.pipeline.revision,
                 "variant": job.pipeline.variant, "enable_vae_slicing": job.pipeline.enable_vae_slicing,
                 "enable_vae_tiling": job.pipeline.enable_vae_tiling, "golden": golden.to_dict() if golden else None,
-                "rnn_sha256": rnn_record(gn, job.rnn_weights_path)["rnn_sha256"] if "gnsnet" in job.methods else None,
-                **{f"{m}_sha256": learned_record(m, others.get(m), getattr(job, LEARNED[m][1]))[f"{m}_sha256"]
-                   for m in ONE_STEP},
+                **{k: identity[k] for k in ("rnn_sha256", "rnn_config_sha256")},
+                **{k: v for m in ONE_STEP for k, v in learned_record(m, others.get(m)).items()
+                   if k in (f"{m}_sha256", f"{m}_config_sha256")},
                 "standard_steps": job.standard_steps,
                 "guidance_scales": job.guidance_scales, "num_inference_steps": job.num_inference_steps,
                 "num_gen_steps": ns, "methods": job.methods, "metrics": metric_record(job.metrics),

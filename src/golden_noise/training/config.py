@@ -1,10 +1,12 @@
 """What a stage-3 training run is given: `TrainingConfig` (data, optimisation, checkpoints, which model) and the
-architecture (the model type's config dataclass: `NoiseSequenceRNNConfig` for rnn_v3 and direct, `NPNetConfig` for
-npnet, whose data fields the trainer takes from the dataset). The CLI's flags are generated from them, so every
-default is written once."""
+architecture (the model type's config dataclass: `NoiseSequenceRNNConfig` for NoiseSequenceRNN_v3 and
+DirectNoiseModel, `NPNetConfig` for NPNet, whose data fields the trainer takes from the dataset). The CLI's flags are
+generated from them, so every default is written once."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+
+from ..cli import check_fields, setting
 
 from ..model import DEFAULT_MODEL_TYPE, MODEL_TYPES
 from ..model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNConfig
@@ -12,14 +14,16 @@ from ..model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNConfig
 # the architecture: every model config field that does not describe the data
 ARCH_FIELDS = tuple(f.name for f in fields(NoiseSequenceRNNConfig) if f.name not in DATA_FIELDS)
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
-MODEL_TYPE_HELP = ("the model: rnn_v3 (NoiseSequenceRNN_v3, rolled out n steps: gnsnet), direct (the same network "
-                   "predicting x'_n from x_T in one step, no recurrence) or npnet (NPNet's network, one step; needs "
-                   "timm)")
+# accelerate's set_seed seeds numpy, whose seeds are 32-bit, with seed + process index: leave room for the processes
+TRAINING_SEED_RULES = {"min": 0, "max": 2 ** 31 - 1}
+MODEL_TYPE_HELP = ("the model (golden_noise.model): NoiseSequenceRNN_v3 (rolled out n steps: gnsnet), "
+                   "DirectNoiseModel (the same network predicting x'_n from x_T in one step, no recurrence: direct) or "
+                   "NPNet (NPNet's network, one step: npnet; needs timm)")
 
 
-def _f(default, group: str, text: str, **metadata):
-    """A TrainingConfig field: its default, its --help group and text (and e.g. choices)."""
-    return field(default=default, metadata={"group": group, "help": text, **metadata})
+def _f(default, group: str, text: str, **rules):
+    """A TrainingConfig field: its default, its --help group and text, and its rules (golden_noise.cli.setting)."""
+    return setting(default, text, group=group, **rules)
 
 
 @dataclass
@@ -31,8 +35,8 @@ class TrainingConfig:
     output_dir: str = _f("./output/rnn_v3_seq_model_output/", "data",
                          "checkpoints, tensorboard logs, validation.json and the final export")
     validation_fraction: float = _f(0.1, "data", "fraction of sample ids held out for validation (deterministic "
-                                    "split by id)")
-    max_seq_len: int | None = _f(None, "data", "train on the first N golden steps only")
+                                    "split by id)", min=0, below=1)
+    max_seq_len: int | None = _f(None, "data", "train on the first N golden steps only", min=1)
     skip_bad_samples: bool = _f(False, "data", "skip (and count) samples with missing, damaged or corrupt files "
                                 "instead of stopping")
     min_reward_gain: float | None = _f(None, "data", "train only on samples whose recorded reward_gain (reward of "
@@ -40,53 +44,67 @@ class TrainingConfig:
                                        "--score_metric) is >= X, NPNet's filter; the validation split is unchanged")
     train_fraction: float = _f(1.0, "data", "train on this fraction of the training samples, chosen by a hash of the "
                                "sample id (deterministic; a smaller fraction's samples are in every larger one's); "
-                               "the validation split is unchanged")
-    dataloader_num_workers: int = _f(2, "data", "data-loading worker processes per GPU")
+                               "the validation split is unchanged", above=0, max=1)
+    dataloader_num_workers: int = _f(2, "data", "data-loading worker processes per GPU", min=0)
     model_type: str = _f(DEFAULT_MODEL_TYPE, "model", MODEL_TYPE_HELP, choices=tuple(MODEL_TYPES))
     noise_resolution: int | None = _f(None, "model", "H = W of the noise; default and check: the dataset's "
-                                      "latent_shape")
+                                      "latent_shape", min=1)
     text_embed_dim: int | None = _f(None, "model", "text-embedding size; default and check: the dataset's "
-                                    "text_embedding.dim")
+                                    "text_embedding.dim", min=1)
     base_model_id: str | None = _f(None, "model", "accepted for compatibility: the base model is the one recorded "
                                    "in run_config.json")
     npnet_model_id: str | None = _f(None, "model", "accepted for compatibility; not used by this model")
-    kl_weight: float = _f(0.0, "optimisation", "weight of KL(predicted Gaussian || N(0, I)) (default: 0, off)")
-    num_epochs: int = _f(50, "optimisation", "epochs (ignored when --max_train_steps is set)")
-    max_train_steps: int | None = _f(None, "optimisation", "optimizer steps in total; overrides --num_epochs")
-    batch_size: int = _f(8, "optimisation", "samples per device per micro-batch")
-    gradient_accumulation_steps: int = _f(1, "optimisation", "micro-batches per optimizer step")
-    learning_rate: float = _f(1e-4, "optimisation", "peak AdamW learning rate")
-    weight_decay: float = _f(1e-2, "optimisation", "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "optimisation", "AdamW beta1")
-    adam_beta2: float = _f(0.999, "optimisation", "AdamW beta2")
+    kl_weight: float = _f(0.0, "optimisation", "weight of KL(predicted Gaussian || N(0, I)) (default: 0, off)",
+                          min=0)
+    num_epochs: int = _f(50, "optimisation", "epochs (ignored when --max_train_steps is set)", min=1)
+    max_train_steps: int | None = _f(None, "optimisation", "optimizer steps in total; overrides --num_epochs", min=1)
+    batch_size: int = _f(8, "optimisation", "samples per device per micro-batch", min=1)
+    gradient_accumulation_steps: int = _f(1, "optimisation", "micro-batches per optimizer step", min=1)
+    learning_rate: float = _f(1e-4, "optimisation", "peak AdamW learning rate", above=0)
+    weight_decay: float = _f(1e-2, "optimisation", "AdamW weight decay", min=0)
+    adam_beta1: float = _f(0.9, "optimisation", "AdamW beta1", min=0, below=1)
+    adam_beta2: float = _f(0.999, "optimisation", "AdamW beta2", min=0, below=1)
     lr_warmup_steps: int | None = _f(None, "optimisation", "linear warmup steps before the cosine decay "
-                                     "(default: 5%% of the steps, at most 500)")
-    max_grad_norm: float = _f(1.0, "optimisation", "gradient clipping norm (0: no clipping)")
+                                     "(default: 5%% of the steps, at most 500)", min=0)
+    max_grad_norm: float = _f(1.0, "optimisation", "gradient clipping norm (0: no clipping)", min=0)
     mixed_precision: str | None = _f(None, "optimisation", "autocast precision (default: accelerate launch "
                                      "--mixed_precision or the accelerate config, else no; fp16 needs a GPU, on "
                                      "CPU it trains in float32)", choices=MIXED_PRECISION_CHOICES)
-    seed: int = _f(42, "optimisation", "seed of the model init, the data order and dropout")
-    save_steps: int = _f(1000, "checkpoints and logging", "save a resumable checkpoint-{step} every N steps")
-    max_checkpoints: int = _f(3, "checkpoints and logging", "keep only the newest N checkpoints (0: keep all)")
+    seed: int = _f(42, "optimisation", "seed of the model init, the data order and dropout", **TRAINING_SEED_RULES)
+    save_steps: int = _f(1000, "checkpoints and logging", "save a resumable checkpoint-{step} every N steps", min=1)
+    max_checkpoints: int = _f(3, "checkpoints and logging", "keep only the newest N checkpoints (0: keep all)",
+                              min=0)
     resume_from_checkpoint: str | None = _f(None, "checkpoints and logging", "'latest' or a checkpoint-{step} "
                                             "folder; a damaged checkpoint is an error naming its file")
     resume_fallback: bool = _f(False, "checkpoints and logging", "with --resume_from_checkpoint latest: when the "
                                "newest checkpoint is damaged, resume from the newest intact one (and set the "
                                "damaged ones aside as damaged-checkpoint-{step})")
-    validation_steps: int = _f(500, "checkpoints and logging", "validate every N steps (and always at the end)")
-    logging_steps: int = _f(10, "checkpoints and logging", "log the training losses every N steps")
+    validation_steps: int = _f(500, "checkpoints and logging", "validate every N steps (and always at the end)",
+                               min=0)
+    logging_steps: int = _f(10, "checkpoints and logging", "log the training losses every N steps", min=1)
     report_to: str = _f("tensorboard", "checkpoints and logging", "experiment tracker",
                         choices=("tensorboard", "none"))
+    push_to_hub: str | None = _f(None, "hub", "after training, upload the final export to this Hugging Face model "
+                                 "repo (owner/name; created if needed) as model.safetensors + config.json + a "
+                                 "generated model card README.md")
+    hub_token: str | None = _f(None, "hub", "Hugging Face token with write access for --push_to_hub (default: the "
+                               "one `hf auth login` saved, or HF_TOKEN); never recorded")
+    hub_private_repo: bool = _f(False, "hub", "with --push_to_hub: create the repo private (an existing repo keeps "
+                                "its visibility)")
 
-    # flag checks (golden_noise.cli.check_flag_minimum): at least 1, and not negative
-    POSITIVE = ("batch_size", "gradient_accumulation_steps", "num_epochs", "save_steps", "logging_steps",
-                "max_train_steps", "max_seq_len", "noise_resolution", "text_embed_dim")
-    NON_NEGATIVE = ("dataloader_num_workers", "max_checkpoints", "validation_steps", "kl_weight", "max_grad_norm",
-                    "weight_decay", "lr_warmup_steps")
+    def check(self) -> "TrainingConfig":
+        """A UserError naming the flag of a value out of range (the CLI checks the same rules when parsing)."""
+        check_fields(self)
+        return self
+
+    # where the export goes, not what it is: not recorded (the token is a secret), so pushing leaves the bytes alone
+    NOT_RECORDED = ("push_to_hub", "hub_token", "hub_private_repo")
 
     def record(self, arch) -> dict:
-        """Every setting of the run, flat and in flag order: what checkpoints and the export record as `args`."""
-        return {**asdict(self), **{k: getattr(arch, k) for k in arch_fields(type(arch))}}
+        """Every setting of the run that shapes its export, flat and in flag order: what checkpoints and the export
+        record as `args`."""
+        return {**{k: v for k, v in asdict(self).items() if k not in self.NOT_RECORDED},
+                **{k: getattr(arch, k) for k in arch_fields(type(arch))}}
 
 
 def field_groups(cls=TrainingConfig) -> dict[str, list[str]]:
@@ -113,9 +131,9 @@ def architecture(model_type: str = DEFAULT_MODEL_TYPE, **values):
     """The model config of `model_type` from its architecture fields (`arch_fields`) only; the trainer sets the data
     fields from the dataset. For the CNN models, noise_resolution stands in until then: the smallest one the encoder
     stages accept."""
-    from ..model import config_class
+    from ..model import model_class
 
-    cls = config_class(model_type)
+    cls = model_class(model_type).config_class
     unknown = sorted(set(values) - set(arch_fields(cls)))
     if unknown:
         raise ValueError(f"not architecture fields of {model_type}: {unknown}")

@@ -25,7 +25,7 @@ import torch
 from .. import layout
 from ..errors import UserError
 from ..io import atomic_write_json
-from ..model import config_class, model_class
+from ..model import is_one_step, model_class
 from ..model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNNConfig
 from ..runs import RunLock, check_writable_dir
 from ..runtime import get_logger, on_main, setup_logging
@@ -38,15 +38,16 @@ logger = get_logger("train_rnn_model_v3")
 
 class Trainer:
     """Train NoiseSequenceRNN_v3: `build` (accelerator, output-dir lock, verified data and checkpoint, model,
-    loaders), `resume`, `run` (the loop, `validate`, `save` checkpoints, `export`), `close`."""
+    loaders), `resume`, `run` (the loop, `validate`, `save` checkpoints, `export`, `push` to the hub), `close`."""
 
     def __init__(self, config: TrainingConfig, arch=None):
-        self.config = config
+        self.config = config.check()  # the same rules as the flags, for a config built in code
         self.arch = arch if arch is not None else architecture(config.model_type)
-        if type(self.arch) is not config_class(config.model_type):
-            raise UserError(f"--model_type {config.model_type} takes a {config_class(config.model_type).__name__}, "
-                            f"got a {type(self.arch).__name__}")
-        self.one_step = bool(getattr(model_class(config.model_type), "one_step", False))
+        wanted = model_class(config.model_type).config_class
+        if type(self.arch) is not wanted:
+            raise UserError(f"--model_type {config.model_type} takes a {wanted.__name__}, got a "
+                            f"{type(self.arch).__name__}")
+        self.one_step = is_one_step(config.model_type)
         self.output_dir = Path(config.output_dir)
         self.accelerator = self.lock = self.data = self.model_config = None
         self.model = self.optimizer = self.lr_scheduler = self.train_loader = self.val_loader = None
@@ -68,6 +69,10 @@ class Trainer:
     # ---- build ---------------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
         """Everything before the first step; every check that can fail runs before any heavy work."""
+        if self.config.push_to_hub:  # a push that cannot happen fails now, not after the training
+            from ..hub import check_can_push
+
+            check_can_push(self.config.push_to_hub, "--push_to_hub", self.config.hub_token)
         self._start_accelerator()
         on_main(self.accelerator, self._claim_output_dir)
         resume_dir = on_main(self.accelerator, self._find_resume)
@@ -138,7 +143,7 @@ class Trainer:
         arch = {k: getattr(self.arch, k) for k in own}
         if self.resume_dir is not None:
             state = C.read_training_state(self.resume_dir)
-            saved_type = (state.get("args") or {}).get("model_type", "rnn_v3")
+            saved_type = (state.get("args") or {}).get("model_type", "NoiseSequenceRNN_v3")
             if saved_type != cfg.model_type:
                 raise UserError(f"{self.resume_dir} trained --model_type {saved_type}: resume with it or start a new "
                                 "--output_dir")
@@ -229,6 +234,8 @@ class Trainer:
             acc.wait_for_everyone()
             self.bad_ids = set().union(*gather_object([self.bad_ids]))
             summary = self.export(self.validate())
+            if self.config.push_to_hub:
+                on_main(acc, self.push)
             # leave together, after releasing the prepared objects (close() stops the loaders' worker processes)
             acc.wait_for_everyone()
             return summary
@@ -425,16 +432,31 @@ class Trainer:
                    "model_type": cfg.model_type, "golden_change_rms": self.delta_scale, "parameters": self.n_params,
                    "mixed_precision": acc.mixed_precision, "validation": report}
         if self.is_main:
+            from ..sequence_data import dataset_fingerprint
+
             net = acc.unwrap_model(self.model)
             training = {"args": self.config.record(self.arch),
-                        **{k: v for k, v in summary.items() if k != "validation_ids"}}
-            extra = {"run_config": data.run_config, "training": training}
-            if self.one_step:  # the golden step it predicts in one forward
-                extra = {"predicts_step": data.train.seq_len, **extra}
-            self.export_paths = net.save_pretrained(self.output_dir / FINAL_STEM, extra)
+                        **{k: v for k, v in summary.items() if k != "validation_ids"},
+                        "data_fingerprint": dataset_fingerprint(self.config.dataset_dir)}
+            self.export_paths = net.save_pretrained(self.output_dir / FINAL_STEM,
+                                                    {"run_config": data.run_config, "training": training})
             atomic_write_json(self.output_dir / "validation.json", summary)
             logger.info("saved %s and %s", *self.export_paths)
         return summary
+
+    def push(self) -> str:
+        """(Main process) upload the final export to --push_to_hub with its model card; returns the commit URL."""
+        from ..export import push_export
+
+        cfg = self.config
+        try:
+            url = push_export(self.export_paths[0], cfg.push_to_hub, token=cfg.hub_token,
+                              private=cfg.hub_private_repo or None)
+        except UserError as e:
+            raise UserError(f"{e} (the export {self.export_paths[0]} is saved: push it later with python "
+                            f"scripts/push_model.py {self.output_dir} {cfg.push_to_hub})") from None
+        logger.info("pushed %s to the Hugging Face Hub: %s", self.export_paths[0].name, url)
+        return url
 
     def close(self) -> None:
         """Release the prepared objects (stopping the loaders' worker processes), the trackers and the lock."""
@@ -476,7 +498,7 @@ def done_message(summary: dict, weights: Path) -> str:
     report, procs = summary["validation"], summary["num_processes"]
     if not report:
         return f"done: {summary['global_step']} steps on {procs} process(es), no validation set; export {weights}"
-    if summary.get("model_type", "rnn_v3") != "rnn_v3":  # a one-step model: no rollout, no teacher forcing
+    if is_one_step(summary.get("model_type")):  # a one-step model: no rollout, no teacher forcing
         return (f"done: {summary['global_step']} steps on {procs} process(es); held-out {report['num_samples']} "
                 f"samples: the {summary['model_type']} model's one-step prediction of x'_{report['num_steps']} explains "
                 f"{report['final_step']['explained_fraction']:.4f} of the golden change; export {weights}")
