@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, NoReturn, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, NoReturn, Sequence
 
 import torch
 
@@ -121,6 +122,39 @@ def setup_logging(main_process: bool = True, quiet_diffusion_libraries: bool = T
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if quiet_diffusion_libraries:
         quiet_libraries()
+
+
+class _EachWarningOnce(logging.Filter):
+    """Lets a warning through the first time its logger says exactly that text; drops the repeats."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@contextmanager
+def each_warning_once() -> Iterator[None]:
+    """Within the block, a warning that repeats word for word is logged once (the sweep runs stage 5's batch runner
+    once per cell, and a warning about the same flag would otherwise repeat for every cell). Filters the handlers
+    of the root logger, where every logger's records end."""
+    once = _EachWarningOnce()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(once)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(once)
 
 
 def quiet_libraries() -> None:
