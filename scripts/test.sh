@@ -27,4 +27,5 @@ done
 if [ -z "${SKIP_INSTALL:-}" ]; then
   PYTHON="$PY" bash scripts/install.sh --tests
 fi
-exec "$PY" -m pytest -q ${SELECT[@]+"${SELECT[@]}"} ${ARGS[@]+"${ARGS[@]}"}
+# --durations: the slowest tests are listed at the end (what to mark slow when the fast mode grows)
+exec "$PY" -m pytest -q --durations=15 ${SELECT[@]+"${SELECT[@]}"} ${ARGS[@]+"${ARGS[@]}"}

@@ -141,10 +141,12 @@ def test_the_fast_and_the_ci_modes_of_the_test_command(sandbox):
     """`bash scripts/test.sh` runs the tests not marked slow; `--all` (CI: .ci/run) runs every test; other arguments
     reach pytest; every test and the processes it starts get one CPU thread."""
     proc = run(sandbox, "scripts/test.sh", env={"SKIP_INSTALL": "1"})
-    assert proc.returncode == 0 and calls(sandbox) == [["python", "-m", "pytest", "-q", "-m", "not slow"]]
+    assert proc.returncode == 0 and calls(sandbox) == [["python", "-m", "pytest", "-q", "--durations=15", "-m",
+                                                                   "not slow"]]
     sandbox["log"].write_text("")
     proc = run(sandbox, "scripts/test.sh", "--all", "-x", "tests/test_cli.py", env={"SKIP_INSTALL": "1"})
-    assert proc.returncode == 0 and calls(sandbox) == [["python", "-m", "pytest", "-q", "-x", "tests/test_cli.py"]]
+    assert proc.returncode == 0 and calls(sandbox) == [["python", "-m", "pytest", "-q", "--durations=15", "-x",
+                                                                   "tests/test_cli.py"]]
     sandbox["log"].write_text("")
     proc = subprocess.run(["bash", ".ci/run"], cwd=sandbox["repo"], env=sandbox["env"], capture_output=True,
                           text=True, timeout=60)

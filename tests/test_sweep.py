@@ -483,14 +483,16 @@ def test_a_bad_reward_path_fails_before_anything_is_written(setup, tmp_path, cap
 
 
 def test_a_warning_shared_by_every_cell_is_logged_once(setup, tmp_path, capsys):
-    """The RNN was trained on n = 3; --num_gen_steps 1 2 at two guidance scales runs 4 gnsnet units, and each n
-    is warned about once (not once per unit)."""
+    """Issue 21 item 6: the RNN was trained on n = 3; --num_gen_steps 1 2 at two guidance scales runs 4 gnsnet
+    units, and each n is warned about once (not once per unit), as is the note that guidance 1 means no CFG."""
     out = tmp_path / "out"
     code, _, err = sweep(capsys, *sweep_args(setup, out, methods=("standard", "gnsnet"),
                                              metrics=[f"{setup['rewards']}:Brightness"]))
     assert code == 0, err
     for n in NS:
         assert err.count(f"--num_gen_steps {n} differs from the 3 steps") == 1, err
+    assert err.count("--guidance_scale 1 <= 1: diffusers applies no classifier-free guidance") == 1, err
+    assert err.count("Running batch inference") == 6  # what differs per unit is still said per unit
 
 
 def _rows(cells: list[tuple]) -> list[dict]:

@@ -124,17 +124,15 @@ def setup_logging(main_process: bool = True, quiet_diffusion_libraries: bool = T
         quiet_libraries()
 
 
-class _EachWarningOnce(logging.Filter):
-    """Lets a warning through the first time its logger says exactly that text; drops the repeats."""
+class _EachMessageOnce(logging.Filter):
+    """Lets a record through the first time its logger says exactly that text; drops the repeats."""
 
     def __init__(self):
         super().__init__()
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: set[tuple[str, int, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING:
-            return True
-        key = (record.name, record.getMessage())
+        key = (record.name, record.levelno, record.getMessage())
         if key in self.seen:
             return False
         self.seen.add(key)
@@ -142,11 +140,12 @@ class _EachWarningOnce(logging.Filter):
 
 
 @contextmanager
-def each_warning_once() -> Iterator[None]:
-    """Within the block, a warning that repeats word for word is logged once (the sweep runs stage 5's batch runner
-    once per cell, and a warning about the same flag would otherwise repeat for every cell). Filters the handlers
-    of the root logger, where every logger's records end."""
-    once = _EachWarningOnce()
+def each_message_once() -> Iterator[None]:
+    """Within the block, a log message that repeats word for word is logged once: the sweep runs stage 5's batch
+    runner once per cell, and its warnings and notes about the same flags (an n the RNN was not trained on, a
+    guidance scale <= 1) would otherwise repeat for every cell. Filters the handlers of the root logger, where every
+    logger's records end."""
+    once = _EachMessageOnce()
     handlers = list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(once)
