@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import check_fields
 from ..diffusion import family_of, sample_images
 from ..errors import UserError
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json
@@ -31,7 +32,7 @@ class SingleJob:
                 "the seed)"})
     seed: int = field(default=42, metadata={"help": "seed of the initial noise x_T"})
     num_gen_steps: int | None = field(default=None, metadata={
-        "help": "RNN rollout length n (default: num_steps of the training data; another value warns)"})
+        "help": "RNN rollout length n (default: num_steps of the training data; another value warns)", "min": 1})
     generate_standard: bool = field(default=False, metadata={
         "help": "also sample the standard image from x_T itself, same seed and settings"})
     generate_oracle: bool = field(default=False, metadata={
@@ -65,9 +66,8 @@ def check_single(job: SingleJob) -> str:
     if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
         raise UserError(f"--output_name {name!r} is not a plain file name: it names the outputs inside --output_dir "
                         "and may not hold / or \\ or be empty, '.' or '..'; choose the folder with --output_dir")
+    check_fields(job)
     job.sampling.check()
-    if job.num_gen_steps is not None and job.num_gen_steps < 1:
-        raise UserError(f"--num_gen_steps must be at least 1, got {job.num_gen_steps}")
     return text
 
 
