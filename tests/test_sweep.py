@@ -356,6 +356,8 @@ def test_two_processes_make_the_same_sweep(reference, setup, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "cells" / f"w3.0_s{STEPS}" / "run.json").read_text())["num_processes"] == 2
+    for n in NS:  # said once, by the main process (not once per unit and process)
+        assert proc.stderr.count(f"--num_gen_steps {n} differs from the 3 steps") == 1, proc.stderr[-3000:]
     drop = ("seconds_per_image",)
     assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop), proc.stderr[-3000:]
     images = {k: v for k, v in tree(reference["out"]).items() if k.endswith(".png") and k.startswith("cells/")}

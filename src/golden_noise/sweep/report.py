@@ -54,7 +54,7 @@ class Findings:
 
     metric: str
     series: list[MethodFindings]
-    oracle_shares: list[str]   # 'w=1, 20 steps, n=2: 92%' where the oracle's gain CI excludes 0
+    oracle_shares: list[str]   # '20 steps, n=2: w=1 92%, w=1.5 100%' where the oracle's gain CI excludes 0
     no_oracle_gain: list[str]  # cells where the oracle's gain CI contains 0 (no share to speak of)
     frontier: list[dict]       # the rows on the cost frontier, cheapest first
 
@@ -73,7 +73,8 @@ class Findings:
             out.append("  gnsnet's share of the oracle's gain, where the oracle's gain CI excludes 0:")
             out += [f"    {share}" for share in self.oracle_shares]
         if self.no_oracle_gain:
-            out.append(f"  no share ({NO_SHARE}) where the oracle's own gain CI contains 0: {items(self.no_oracle_gain)}")
+            out.append(f"  no share ({NO_SHARE}) where the oracle's own gain CI contains 0: "
+                       f"{items(self.no_oracle_gain)}")
         out.append("  on the cost frontier (no cheaper or equal cell scores higher), cheapest first:")
         out += [f"    {r['unet_evals_per_image']:.1f} UNet evals: {r['method']} {_where(r)}, mean {r['mean']:.4f}"
                 for r in self.frontier]
@@ -101,8 +102,12 @@ def findings(rows: Sequence[dict]) -> list[Findings]:
         key = lambda r: (r["guidance_scale"], r["num_inference_steps"], r["num_gen_steps"])  # noqa: E731
         gnsnet = sorted((r for r in rs if r["method"] == "gnsnet" and key(r) in oracle),
                         key=lambda r: (r["num_inference_steps"], r["num_gen_steps"], r["guidance_scale"]))
-        shares = [f"{_where(r)}: {100 * r['share_of_oracle_gain']:.0f}%" for r in gnsnet
-                  if r["share_of_oracle_gain"] is not None]
+        groups: dict[tuple, list[dict]] = {}
+        for r in gnsnet:
+            if r["share_of_oracle_gain"] is not None:
+                groups.setdefault((r["num_inference_steps"], r["num_gen_steps"]), []).append(r)
+        share = lambda r: f"w={r['guidance_scale']:g} {100 * r['share_of_oracle_gain']:.0f}%"  # noqa: E731
+        shares = [f"{steps} steps, n={n}: " + ", ".join(map(share, cells)) for (steps, n), cells in groups.items()]
         none = [_where(r) for r in gnsnet if r["share_of_oracle_gain"] is None]
         front = set(pareto([(r["unet_evals_per_image"], r["mean"]) for r in rs]))
         frontier = sorted((r for r in rs if (r["unet_evals_per_image"], r["mean"]) in front),

@@ -224,13 +224,13 @@ def resolved_sizes(plan: SweepPlan) -> None:
 
 def run_sweep(job: SweepJob, state=None) -> dict | None:
     """Make, score and tabulate every cell of `job`'s grid; returns the results on the main process. Every unit runs
-    stage 5's checks, so a warning or note about a flag (e.g. an n the RNN was not trained on) is said once, not
-    once per cell."""
+    stage 5's checks, so a warning or note about a flag (e.g. an n the RNN was not trained on) is said once, by the
+    main process, not once per cell and process."""
     from ..runs import RunLock
     from ..runtime import distributed_state, each_message_once
 
     state = state if state is not None else distributed_state()
-    with each_message_once():
+    with each_message_once(state.is_main_process):
         plan = prepare_sweep(job, state)
         lock = RunLock(plan.out, "--output_dir")
         on_main(state, lock.acquire)
