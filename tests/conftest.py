@@ -80,6 +80,13 @@ def progress(request):
     return say
 
 
+def idle_threads(most: int) -> int:
+    """Threads for a long CPU job a test starts: as many cores as no other job keeps busy (the 1-minute load average
+    less the one core the test run itself keeps busy, with a quarter core of slack), between 1 and `most`."""
+    others = max(0.0, os.getloadavg()[0] - 1)
+    return max(1, min(most, int((os.cpu_count() or 1) - others + 0.25)))
+
+
 _BAR = re.compile(r"^\s*([^:|]{1,60}):\s*\d+%\|")  # a tqdm bar: "train UNet:  45%|####  | 675/1500 [...]"
 
 
