@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: all six stages end to end on the built-in toy world, on CPU, from a fresh clone.
 # Usage:
-#   bash scripts/quickstart.sh                         # installs what it needs, then runs (5-10 min on 2 cores)
+#   bash scripts/quickstart.sh                         # installs what it needs, then runs (5 min on 2 quiet cores)
 #   CPU_ONLY=1 bash scripts/quickstart.sh              # install torch as CPU-only wheels (no 3 GB of CUDA libraries)
 #   EVAL_ON=seen_captions bash scripts/quickstart.sh   # evaluate on new seeds of 24 training captions instead
 #   QUICK=1 bash scripts/quickstart.sh                 # a 2-3 minute smoke run of the same path (tiny sizes)

@@ -165,6 +165,7 @@ def test_oracle_and_gnsnet_noises(reference, setup, tiny_pipeline):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_two_processes_give_the_same_files(reference, setup):
     out = setup["root"] / "two_processes"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", **ONE_THREAD}

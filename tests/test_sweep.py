@@ -338,6 +338,7 @@ def test_growing_a_sweep_reuses_its_cells_and_other_settings_are_refused(referen
     assert tree(out) == before
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_two_processes_make_the_same_sweep(reference, setup, tmp_path):
     """accelerate launch with 2 processes (each takes its share of every unit's batches; the main process scores
     and writes): the same images and the same sweep.csv (seconds aside) as one process."""
@@ -406,6 +407,7 @@ def _state():
     return distributed_state()
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_bench_sweep_quick_measures_the_unet_and_vae_share(tmp_path):
     """bench/bench_sweep.py --quick runs a real sweep on the toy world and reports the UNet + VAE share of its wall
     time (the quotient of the times it printed) and of its image phase."""

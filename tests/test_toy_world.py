@@ -179,6 +179,7 @@ def test_cli_builds_and_refuses_to_overwrite(tmp_path):
     assert not list(tmp_path.glob(".w.building*"))  # nothing half-built left behind
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_measure_oracle_gain_cli(test_world, tmp_path):
     out = tmp_path / "oracle.json"
     proc = run_cli("scripts/measure_oracle_gain.py", "--world", test_world, "--num_pairs", 4, "--n", 1, 2,
@@ -243,6 +244,7 @@ def test_oracle_gain_uses_the_shared_statistics(test_world):
     assert row["gain"] == round(float(diff.mean()), 4)
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_probe_finds_what_the_pooled_embedding_loses(tmp_path):
     """The committed world's diagnosis behind --text_embedding pooled+mean_token (README results): a linear probe
     reads every attribute of unseen captions from the token mean, but not the position from the pooled embedding."""
