@@ -48,13 +48,13 @@ def parse_args(argv=None):
 def random_export(world: str, folder: Path) -> Path:
     """An RNN export for `world` with the quickstart's architecture and random weights (its change head too)."""
     from golden_noise.diffusion import load_pipeline
-    from golden_noise.golden import GoldenConfig, GoldenStep
+    from golden_noise.golden import GoldenConfig, golden_step
     from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
     from golden_noise.npd import GenerationSettings, build_run_config
 
     pipe = load_pipeline(world, dtype="float32", device="cpu")
     settings = GenerationSettings(base_model_id=world, num_steps=2, text_embedding="pooled+mean_token")
-    run_config = build_run_config(pipe, settings, GoldenStep(pipe.unet, pipe.scheduler.config, GoldenConfig()))
+    run_config = build_run_config(pipe, settings, golden_step(pipe, GoldenConfig()))
     c, h, _ = run_config["latent_shape"]
     config = NoiseSequenceRNNConfig(latent_channels=c, noise_resolution=h,
                                     text_embed_dim=run_config["text_embedding"]["dim"], text_proj_dim=64,
