@@ -201,16 +201,23 @@ def _job_parser():
     (["--rate", "inf"], "error: argument --rate: must be a finite number, got inf"),
     (["--scales", "1,-inf"], "error: --scales: must be a finite number, got -inf"),
     (["--kind", "c"], "error: argument --kind: invalid choice: 'c' (choose from 'a', 'b')"),
+    (["--path"], "error: argument --path: expected one argument"),
 ])
 def test_a_fields_rules_refuse_a_flag_in_one_line(argv, line, capsys):
     """A field's range (min/max inclusive, above/below exclusive), choices and the finite rule of floats refuse a
     bad flag after parsing: one line, exit 2."""
     p = _job_parser()
-    assert p.parse_args(["--fraction", "0", "--rate", "1e-9", "--seed", str(2 ** 63 - 1), "--scales", "0"]).seed \
-        == 2 ** 63 - 1
+    assert p.parse_args(["--path", "p", "--fraction", "0", "--rate", "1e-9", "--seed", str(2 ** 63 - 1), "--scales",
+                         "0"]).seed == 2 ** 63 - 1
     with pytest.raises(SystemExit) as e:
-        p.parse_args(argv)
+        p.parse_args(["--path", "p", *argv])
     assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+
+
+def test_a_field_without_default_is_a_required_flag(capsys):
+    with pytest.raises(SystemExit):
+        _job_parser().parse_args([])
+    assert capsys.readouterr().err.splitlines() == ["error: the following arguments are required: --path"]
 
 
 def test_a_fields_rules_refuse_a_value_set_in_code():
