@@ -22,6 +22,8 @@ import common  # noqa: E402  (bench/common.py; this script's folder is on sys.pa
 
 import torch  # noqa: E402
 
+from golden_noise.cli import finite_float  # noqa: E402  (NaN and infinities are refused)
+
 
 def parse_args(argv=None):
     p = common.bench_args(__doc__.split("\n")[0])
@@ -31,7 +33,7 @@ def parse_args(argv=None):
                    "quick 8)")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=None, help="sweep --batch_size values (default "
                    "8 48, quick 8)")
-    p.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 5.5], help="sweep grid")
+    p.add_argument("--guidance_scales", type=finite_float, nargs="+", default=[1.0, 5.5], help="sweep grid")
     p.add_argument("--num_inference_steps", type=int, nargs="+", default=None, help="sweep grid (default 20, "
                    "quick 4)")
     p.add_argument("--num_gen_steps", type=int, nargs="+", default=[2], help="sweep grid")

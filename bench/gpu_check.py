@@ -21,6 +21,8 @@ import common  # noqa: E402  (bench/common.py; this script's folder is on sys.pa
 
 import torch  # noqa: E402
 
+from golden_noise.cli import finite_float  # noqa: E402  (NaN and infinities are refused)
+
 # --tiny: the same architectures, scaled down so a CPU runs every section in seconds
 TINY_UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -54,9 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=8, help="sequences per RNN training step")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend ('none' skips the section)")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
-    p.add_argument("--min_compile_budget_s", type=float, default=150.0,
+    p.add_argument("--min_compile_budget_s", type=finite_float, default=150.0,
                    help="skip torch.compile when less than this much of the time budget is left")
-    p.add_argument("--time_budget_s", type=float, default=390.0,
+    p.add_argument("--time_budget_s", type=finite_float, default=390.0,
                    help="sections that would start after this many seconds are skipped")
     p.add_argument("--json", default=None, help="write the figures here (after every section)")
     p.add_argument("--threads", type=int, default=None,
