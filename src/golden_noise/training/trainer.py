@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from .. import layout
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..io import atomic_write_json
 from ..model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
-from ..runs import RunLock, check_writable_dir
+from ..runs import RunLock, check_writable_dir, refuse_other_settings
 from ..runtime import get_logger, on_main, setup_logging
 from . import checkpoints as C
 from . import core as T
-from .config import ARCH_FIELDS, TrainingConfig, architecture
+from .config import RESUME_KEYS, TrainingConfig, architecture
 
 logger = get_logger("train_rnn_model_v3")
 
@@ -194,8 +194,10 @@ class Trainer:
             logger.info("removed %s, a checkpoint an interrupted run left half-written", stale)
 
     def _find_resume(self) -> str | None:
+        """The verified checkpoint to resume (None: a new run), after refusing to mix runs in one output dir."""
         cfg = self.config
         resume_dir = C.find_resume_checkpoint(self.output_dir, cfg.resume_from_checkpoint, cfg.resume_fallback)
+        self._refuse_mixing(resume_dir)
         if cfg.resume_from_checkpoint == "latest" and resume_dir is None:
             logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run",
                         self.output_dir)
@@ -203,6 +205,29 @@ class Trainer:
             for moved in C.set_aside_newer(self.output_dir, C.checkpoint_step(resume_dir)):
                 logger.warning("set the damaged checkpoint aside as %s", moved)
         return str(resume_dir) if resume_dir is not None else None
+
+    def _refuse_mixing(self, resume_dir: Path | None) -> None:
+        """Without a resume flag, an output dir holding an earlier training (checkpoints or an export) is refused,
+        whatever its settings; resuming, a checkpoint (or, with none, the export) made with other byte-shaping
+        settings (TrainingConfig's `rerun` fields, the architecture) is refused, naming each difference."""
+        cfg, out = self.config, self.output_dir
+        export = out / f"{FINAL_STEM}.json"
+        if not cfg.resume_from_checkpoint:
+            earlier = [p.name for p in C.list_checkpoints(out)] + ([export.name] if export.is_file() else [])
+            if earlier:
+                raise UserError(f"--output_dir {out} holds an earlier training ({', '.join(earlier)}): pass "
+                                "--resume_from_checkpoint latest to continue it (with the same settings), or choose "
+                                "a new --output_dir")
+            return
+        if resume_dir is not None:
+            where, old = resume_dir, C.read_training_state(resume_dir).get("args") or {}
+        elif export.is_file():
+            where, old = export, C.read_export_args(export)
+        else:
+            return
+        refuse_other_settings(where, old, cfg.record(self.arch), RESUME_KEYS, "resume with the same settings (only "
+                              "the run's length, checkpointing and logging may change), or choose a new "
+                              "--output_dir", what="a training")
 
     def _note_compatibility_flags(self) -> None:
         """The seed's flags that this model does not use: said once, recorded only."""
@@ -215,7 +240,7 @@ class Trainer:
 
     def _model_config(self) -> NoiseSequenceRNNConfig:
         """Shapes from run_config.json, architecture from `arch`, delta_scale from the data (or, when resuming,
-        the checkpoint's config, which `arch` must match)."""
+        the checkpoint's config, whose shapes the data must match)."""
         from ..sequence_data import golden_change_rms
 
         cfg, data = self.config, self.data
@@ -229,16 +254,13 @@ class Trainer:
         if cfg.text_embed_dim is not None and cfg.text_embed_dim != data.text_dim:
             raise UserError(f"--text_embed_dim {cfg.text_embed_dim} contradicts the dataset's text_embedding.dim "
                             f"{data.text_dim} ({path}): drop the flag or pass --text_embed_dim {data.text_dim}")
-        arch = {k: getattr(self.arch, k) for k in ARCH_FIELDS}
-        if self.resume_dir is not None:
+        if self.resume_dir is not None:  # its architecture is the flags' (_refuse_mixing checked it)
             config = NoiseSequenceRNNConfig.from_dict(C.read_training_state(self.resume_dir)["model_config"])
-            saved = {k: getattr(config, k) for k in ARCH_FIELDS}
-            diff = [f"--{k} {arch[k]} (checkpoint: {saved[k]})" for k in ARCH_FIELDS if arch[k] != saved[k]]
             shape = (config.latent_channels, config.noise_resolution, config.text_embed_dim)
-            if diff or shape != (c, h, data.text_dim):
-                raise UserError(f"{self.resume_dir} was trained with another model config: "
-                                f"{'; '.join(diff) or 'data shape'}: resume with the original flags or start a new "
-                                "--output_dir")
+            if shape != (c, h, data.text_dim):
+                raise UserError(f"{self.resume_dir} was trained on data of another shape ({list(shape)} as latent "
+                                f"channels, resolution, text dim; the dataset's: {[c, h, data.text_dim]}): resume "
+                                "with the original --dataset_dir or start a new --output_dir")
             return config
         delta_scale = golden_change_rms(data.train, skip_bad_samples=cfg.skip_bad_samples)
         try:
@@ -431,27 +453,48 @@ class Trainer:
         return report
 
     def save(self, step: int) -> Path:
-        """Write the resumable `checkpoint-{step}` (through a temp folder renamed when complete) and prune."""
+        """Write the resumable `checkpoint-{step}` (through a temp folder renamed when complete) and prune. A write
+        that fails (a full disk) stops every process with one line; the earlier checkpoints are left as they were."""
+        from accelerate.utils import gather_object
+
         acc, out = self.accelerator, self.output_dir
         final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if self.is_main:
-            atomic_write_json(tmp / C.TRAINING_STATE, {
-                "global_step": step, "epoch": step // self.updates_per_epoch,
-                "model_config": self.model_config.to_dict(), "num_processes": acc.num_processes,
-                "args": self.config.record(self.arch)})
+        try:  # every process writes its random state; the main process the rest
+            acc.save_state(str(tmp))
+            failed = ""
+        except OSError as e:
+            failed = one_line(e)
+        failures = [f for f in gather_object([failed]) if f]
+        if failures:
+            on_main(acc, lambda: shutil.rmtree(tmp, ignore_errors=True))
+            self._save_failed(final, failures[0])
+
+        def publish() -> None:
+            try:
+                atomic_write_json(tmp / C.TRAINING_STATE, {
+                    "global_step": step, "epoch": step // self.updates_per_epoch,
+                    "model_config": self.model_config.to_dict(), "num_processes": acc.num_processes,
+                    "args": self.config.record(self.arch)})
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._save_failed(final, one_line(e))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for old in C.prune_checkpoints(out, self.config.max_checkpoints):
                 logger.info("removed old checkpoint %s", old)
             logger.info("saved %s", final)
-        acc.wait_for_everyone()
+
+        on_main(acc, publish)  # a failure there is raised on every process
         return final
+
+    def _save_failed(self, checkpoint: Path, reason: str) -> None:
+        raise UserError(f"cannot write {checkpoint} ({reason}): training stopped at step {self.global_step}, "
+                        f"{T.what_is_kept(self.last_checkpoint)}; free space on that disk or choose another "
+                        "--output_dir")
 
     def export(self, report: dict | None) -> dict:
         """Write the final export (weights + config JSON) and validation.json on the main process; returns the
