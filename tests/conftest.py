@@ -56,3 +56,12 @@ def load_cli(relpath: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache that huggingface_hub (and subprocesses) read offline; fill it with
+    golden_noise.testing.hub.cache_repo(hub_cache, "owner/name", files, repo_type="model" or "dataset")."""
+    from golden_noise.testing.hub import use_offline_cache
+
+    return use_offline_cache(monkeypatch, tmp_path / "hf-cache")

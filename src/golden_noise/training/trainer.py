@@ -64,7 +64,8 @@ class LossWindow:
 
 class Trainer:
     """Train NoiseSequenceRNN_v3: `build` (accelerator, output-dir lock, verified data and checkpoint, model,
-    loaders), `resume`, `run` (`train`: the loop, with `validate` and `save`; then `export`), `close`."""
+    loaders), `resume`, `run` (`train`: the loop, with `validate` and `save`; then `export` and `push` to the hub),
+    `close`."""
 
     def __init__(self, config: TrainingConfig, arch: NoiseSequenceRNNConfig | None = None):
         self.config = config.check()  # the same rules as the flags, for a config built in code
@@ -110,6 +111,8 @@ class Trainer:
             acc.wait_for_everyone()
             self.bad_ids = set().union(*gather_object([self.bad_ids]))
             summary = self.export(self.validate())
+            if self.config.push_to_hub:
+                on_main(acc, self.push)
             # leave together, after releasing the prepared objects (close() stops the loaders' worker processes)
             acc.wait_for_everyone()
             return summary
@@ -151,6 +154,10 @@ class Trainer:
         """Everything before the first step; every check that can fail runs before any heavy work."""
         from accelerate.utils import set_seed
 
+        if self.config.push_to_hub:  # a push that cannot happen fails now, not after the training
+            from ..hub import check_can_push
+
+            check_can_push(self.config.push_to_hub, "--push_to_hub", self.config.hub_token)
         self._start_accelerator()
         acc, cfg = self.accelerator, self.config
         on_main(acc, self._claim_output_dir)
@@ -508,14 +515,31 @@ class Trainer:
                    "golden_change_rms": self.model_config.delta_scale, "parameters": self.n_params,
                    "mixed_precision": acc.mixed_precision, "validation": report}
         if self.is_main:
+            from ..sequence_data import dataset_fingerprint
+
             net = acc.unwrap_model(self.model)
             training = {"args": self.config.record(self.arch),
-                        **{k: v for k, v in summary.items() if k != "validation_ids"}}
+                        **{k: v for k, v in summary.items() if k != "validation_ids"},
+                        "data_fingerprint": dataset_fingerprint(self.config.dataset_dir)}
             self.export_paths = net.save_pretrained(self.output_dir / FINAL_STEM,
                                                     {"run_config": data.run_config, "training": training})
             atomic_write_json(self.output_dir / "validation.json", summary)
             logger.info("saved %s and %s", *self.export_paths)
         return summary
+
+    def push(self) -> str:
+        """(Main process) upload the final export to --push_to_hub with its model card; returns the commit URL."""
+        from ..export import push_export
+
+        cfg = self.config
+        try:
+            url = push_export(self.export_paths[0], cfg.push_to_hub, token=cfg.hub_token,
+                              private=cfg.hub_private_repo or None)
+        except UserError as e:
+            raise UserError(f"{e} (the export {self.export_paths[0]} is saved: push it later with python "
+                            f"scripts/push_model.py {self.output_dir} {cfg.push_to_hub})") from None
+        logger.info("pushed %s to the Hugging Face Hub: %s", self.export_paths[0].name, url)
+        return url
 
     def close(self) -> None:
         """Release the prepared objects (stopping the loaders' worker processes), the trackers and the lock."""
