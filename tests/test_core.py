@@ -235,7 +235,7 @@ def _project_imports() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 target = ".".join(base[: len(base) - node.level + 1] + [node.module or ""]).strip(".") \
                     if node.level else node.module
-                names = [f"{target}.{a.name}" for a in node.names] + [target]
+                names = [f"{target}.{a.name}" if f"{target}.{a.name}" in files else target for a in node.names]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             else:
