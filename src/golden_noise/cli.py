@@ -69,7 +69,8 @@ def parser(doc: str | None, first_paragraph: bool = True) -> Parser:
 def setting(default: Any = dataclasses.MISSING, help: str | None = None, *,
             default_factory: Any = dataclasses.MISSING, **metadata) -> Any:
     """A dataclass field with its help and rules in its metadata (see the module docstring): min, max, above,
-    below, choices, group, rerun, loaded, when_unused."""
+    below; choices; how its flag is spelled (metavar; for a list valid/valid_help or append); group; and the
+    settings keys that record it for a rerun (rerun, loaded, when_unused)."""
     if help is not None:
         metadata["help"] = help
     unknown = set(metadata) - {*FLAG_KEYS, "group", "rerun", "loaded", "when_unused", *RANGE_KEYS}
