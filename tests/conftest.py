@@ -67,6 +67,15 @@ def load_cli(relpath: str):
 
 
 @pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache that huggingface_hub (and subprocesses) read offline; fill it with
+    golden_noise.testing.hub.cache_repo(hub_cache, "owner/name", files, repo_type="model" or "dataset")."""
+    from golden_noise.testing.hub import use_offline_cache
+
+    return use_offline_cache(monkeypatch, tmp_path / "hf-cache")
+
+
+@pytest.fixture
 def progress(request):
     """say(message): a line on the terminal at once, while the test runs (pytest's output capture does not hold it
     back), prefixed with the test's name and its seconds so far: slow tests report where they are."""

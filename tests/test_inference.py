@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise
-from golden_noise.golden import GoldenConfig, GoldenStep
+from golden_noise.golden import GoldenConfig, golden_step
 from golden_noise.errors import UserError
 from golden_noise.io import load_tensor
 from tests.conftest import load_cli, run_cli
@@ -32,7 +32,7 @@ def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, pr
     res = noise_resolution * pipe.vae_scale_factor
     settings = GenerationSettings(base_model_id=str(pipe_dir), num_steps=TRAIN_STEPS, golden=TRAIN_GOLDEN,
                                   height=res, width=res, text_embedding=text_embedding)
-    run_config = build_run_config(pipe, settings, GoldenStep(pipe.unet, pipe.scheduler.config, TRAIN_GOLDEN))
+    run_config = build_run_config(pipe, settings, golden_step(pipe, TRAIN_GOLDEN))
     config = NoiseSequenceRNNConfig(latent_channels=4, noise_resolution=noise_resolution,
                                     text_embed_dim=run_config["text_embedding"]["dim"],
                                     text_proj_dim=16, cnn_base_filters=8, cnn_num_blocks=[1, 1], cnn_max_filters=16,
@@ -155,6 +155,12 @@ def test_single_cli_end_to_end(export, tiny_pipeline, tiny_pipeline_dir, tmp_pat
     assert settings["num_inference_steps"] == steps and settings["scheduler_class"] == "DDIMScheduler"
     assert settings["oracle_golden"] == TRAIN_GOLDEN.to_dict()
     assert settings["rnn_run_config"]["num_steps"] == TRAIN_STEPS
+    # the export's identity (issue 20 item 4): the weights' sha256 and the sha256 of its config's canonical JSON
+    from golden_noise.export import config_sha256, file_sha256
+
+    weights = export / "rnn_v3_model_final.safetensors"
+    assert settings["rnn_sha256"] == file_sha256(weights) and settings["rnn_weights_file"] == str(weights.resolve())
+    assert settings["rnn_config_sha256"] == config_sha256(json.loads(weights.with_suffix(".json").read_text()))
     assert settings["timings"]["rollout_seconds"] > 0 and settings["timings"]["gnsnet_sampling_seconds"] > 0
     assert set(settings["files"]) == {"gnsnet", "standard", "oracle", "source_noise", "golden_noise", "oracle_noise"}
 
@@ -171,7 +177,7 @@ def test_single_cli_end_to_end(export, tiny_pipeline, tiny_pipeline_dir, tmp_pat
     torch.testing.assert_close(golden[None], GoldenNoise.from_pretrained(export, pipe=pipe)(PROMPT, seed=seed),
                                rtol=0, atol=1e-5)
     oracle = load_tensor(out / "x_oracle_noise.pt")
-    step = GoldenStep(pipe.unet, pipe.scheduler.config, TRAIN_GOLDEN)
+    step = golden_step(pipe, TRAIN_GOLDEN)
     expected = step.sequence(x_T[None], encode_prompts(pipe, [PROMPT]), TRAIN_STEPS)[:, -1]
     torch.testing.assert_close(oracle[None], expected, rtol=0, atol=1e-5)
     for name, z in (("gnsnet", golden), ("oracle", oracle)):

@@ -338,3 +338,16 @@ def golden_change_rms(dataset: SequenceDataset, max_samples: int = 256, skip_bad
         raise UserError("the golden sequences of the training set never change (x'_k == x'_{k-1}): "
                         "the dataset is degenerate; regenerate it")
     return rms
+
+
+def dataset_fingerprint(dataset_dir: str | Path) -> str:
+    """sha256 naming a dataset: its run_config.json (canonical JSON) and metadata.csv (every sample's id, prompt,
+    seed and files; the same for any process count or resume). A training export records it as the data it was
+    trained on, and the model card shows it."""
+    from .export import canonical_json
+
+    root = Path(dataset_dir)
+    digest = hashlib.sha256(canonical_json(layout.read_run_config_json(root)).encode("utf-8"))
+    digest.update(b"\n")
+    digest.update((root / layout.METADATA).read_bytes())
+    return digest.hexdigest()

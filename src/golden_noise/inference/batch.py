@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli import check_fields, rerun_keys, setting
+from ..cli import SEED_RULES, check_fields, check_seeds, rerun_keys, setting
 from ..diffusion import family_of, sample_images
 from ..diffusion.base import ModelRows
 from ..errors import UserError
@@ -64,14 +64,17 @@ class BatchJob:
     output_base_dir: str = setting("./inference_output", "folder of the {method}_output/ folders")
     methods: list[str] = setting(default_factory=lambda: ["standard", "gnsnet"])  # --methods may grow on a rerun
     prompt_column: str | None = setting(None, "column of a .csv/.tsv prompt file (default: prompt or caption)")
-    start_seed: int = setting(0, "seed of prompt index i = start_seed + i (default: %(default)s)", rerun=True)
+    start_seed: int = setting(0, "seed of prompt index i = start_seed + i (default: %(default)s)", rerun=True,
+                              **SEED_RULES)
     batch_size: int = setting(4, "prompts per pipeline call", min=1, rerun=True)
     save_noise: bool = setting(False, "also save each method's initial latents as noise/{method}/{index}.pt (C, H, "
                                "W)")
     rnn_weights_path: str | None = setting(None, "trained RNN export (needed for gnsnet): .safetensors, .json, their "
-                                           "stem, the run dir, or the seed's rnn_v3_model_final.pth (= that export)",
-                                           rerun="rnn_sha256", when_unused=("rnn_weights_file", "rnn_sha256",
-                                                                            "rnn_model_config", "rnn_run_config"))
+                                           "stem, the run dir, the seed's rnn_v3_model_final.pth (= that export), or "
+                                           "a hub repo id owner/name",
+                                           rerun=("rnn_sha256", "rnn_config_sha256"),  # the export's identity
+                                           when_unused=("rnn_weights_file", "rnn_sha256", "rnn_config_sha256",
+                                                        "rnn_model_config", "rnn_run_config"))
     predict_variance: bool = setting(False, PREDICT_VARIANCE_HELP)
     num_gen_steps: int | None = setting(None, "n: RNN rollout / oracle steps (default: num_steps of the RNN's "
                                         "training data, else 10)", min=1, rerun="num_gen_steps_used",
@@ -154,6 +157,7 @@ def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None) -> BatchR
     job.methods = list(dict.fromkeys(job.methods))
     check_batch(job)
     prompts = read_prompts(job.prompt_file, job.prompt_column)
+    check_seeds("--start_seed", job.start_seed, prompts[-1].index)
     out = check_writable_dir(job.output_base_dir, "--output_base_dir")  # before any model is loaded
     device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
     if gn is None:
@@ -166,7 +170,7 @@ def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None) -> BatchR
                 "num_processes": state.num_processes, **pipeline_record(job.pipeline, gn, device),
                 "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn) if noisy else None,
                 "golden": golden.to_dict() if golden else None,
-                **rnn_record(gn if "gnsnet" in job.methods else None, job.rnn_weights_path)}
+                **rnn_record(gn if "gnsnet" in job.methods else None)}
     refuse_mixed_rerun(out / SETTINGS_FILE, settings, EARLY_KEYS, "--output_base_dir", "images",
                        lenient=KEPT_WHEN_UNUSED)  # every process checks, so all fail alike
     return BatchRun(job, state, out, prompts, gn, settings, golden)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import check_fields
+from ..cli import SEED_RULES, check_fields
 from ..diffusion import family_of, sample_images
 from ..errors import UserError
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json
@@ -30,7 +30,7 @@ class SingleJob:
     output_name: str | None = field(default=None, metadata={
         "help": "file-name stem of the outputs, a plain name without / or \\ (default: a slug of the prompt plus "
                 "the seed)"})
-    seed: int = field(default=42, metadata={"help": "seed of the initial noise x_T"})
+    seed: int = field(default=42, metadata={"help": "seed of the initial noise x_T", **SEED_RULES})
     num_gen_steps: int | None = field(default=None, metadata={
         "help": "RNN rollout length n (default: num_steps of the training data; another value warns)", "min": 1})
     generate_standard: bool = field(default=False, metadata={
@@ -95,7 +95,7 @@ def run_single(job: SingleJob) -> dict:
     from ..npd import package_versions
 
     settings = {**flat_record(job), **resolved, "oracle_golden": golden.to_dict() if golden else None,
-                "files": files, "timings": timings, **rnn_record(gn, job.rnn_weights_path),
+                "files": files, "timings": timings, **rnn_record(gn),
                 "versions": package_versions()}
     atomic_write_json(out / f"{stem}_settings.json", settings)
     logger.info("rollout %.3fs (%d steps) = %.1f%% of sampling %.3fs; settings in %s", timings["rollout_seconds"],

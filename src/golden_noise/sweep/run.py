@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text
-from ..methods import folder
+from ..cli import check_seeds
+from ..methods import best_of_k, folder
 from ..prompts import Prompt
 from ..runtime import get_logger, on_main
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
@@ -60,6 +61,9 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     if uses_best_of(job) and prompts[-1].index >= SEED_STRIDE:
         raise UserError(f"best_of_K seeds prompt i's candidate k as start_seed + i + k * {SEED_STRIDE}: the prompt "
                         f"file has indices up to {prompts[-1].index}; use --max_prompts {SEED_STRIDE} or fewer")
+    last = prompts[-1].index + (max(best_of_k(m) or 1 for m in job.methods) - 1) * SEED_STRIDE
+    check_seeds("--start_seed", job.start_seed, last, f"the largest seed offset (prompt index + k x {SEED_STRIDE:,} "
+                "for best_of_K's candidate k)")
     out = check_writable_dir(job.output_dir, "--output_dir")
     device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
     gn = load_golden_noise(job.rnn_weights_path, device)
@@ -67,6 +71,7 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
         if "oracle" in job.methods else None
     sampling = job.sampling
+    identity = rnn_record(gn if "gnsnet" in job.methods else None)  # the export's weights and config sha256
     settings = {"prompt_file": str(job.prompt_file), "prompt_fingerprint": prompt_fingerprint(prompts),
                 "num_prompts": len(prompts), "start_seed": job.start_seed, "seed_stride": SEED_STRIDE,
                 "batch_size": job.batch_size, **{k: getattr(sampling, k) for k in SAMPLER_FIELDS},
@@ -74,7 +79,7 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
                 **pipeline_record(job.pipeline, gn, device), "revision": job.pipeline.revision,
                 "variant": job.pipeline.variant, "enable_vae_slicing": job.pipeline.enable_vae_slicing,
                 "enable_vae_tiling": job.pipeline.enable_vae_tiling, "golden": golden.to_dict() if golden else None,
-                "rnn_sha256": rnn_record(gn, job.rnn_weights_path)["rnn_sha256"] if "gnsnet" in job.methods else None,
+                **{k: identity[k] for k in ("rnn_sha256", "rnn_config_sha256")},
                 "guidance_scales": job.guidance_scales, "num_inference_steps": job.num_inference_steps,
                 "num_gen_steps": ns, "methods": job.methods, "metrics": metric_record(job.metrics),
                 "selection_metric": job.selection}
