@@ -2,7 +2,7 @@
 # README command 2: install what the tests need, then run them (CPU, offline).
 # Usage:
 #   bash scripts/test.sh                     # the fast tests: every test but the 22 marked slow
-#                                            # (635 s measured on 2 cores at a load average of 8-9)
+#                                            # (454 s on 2 cores at a load average of 4-6)
 #   bash scripts/test.sh --all               # CI mode (.ci/run): every test, also the slow end-to-end runs (toy-world
 #                                            # and student builds, the quickstart, the benches, multi-process, kill
 #                                            # and training runs; see the README for their times); the world build and
