@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Does the sequence matter? The README's learned-noise baselines on the built-in toy world, in one command.
-#   bash scripts/quickstart.sh && bash scripts/baselines_toy.sh     # needs the quickstart's data and held-out pairs
+# Usage:
+#   bash scripts/quickstart.sh && bash scripts/baselines_toy.sh   # needs the quickstart's data, RNN and held-out pairs
+#   bash scripts/baselines_toy.sh --help                          # this text; runs nothing
 # 1. the stage-2 sequences: the quickstart's own (26,400 training (caption, seed) pairs, n = NUM_STEPS = 2 golden
-#    steps); with NUM_STEPS=3 (or another n) stage 2 makes new ones on the same pairs into data/baselines/npd_n$N
+#    steps; nothing to do); with NUM_STEPS=3 (or another n) stage 2 makes new ones on the same pairs into
+#    data/baselines/npd_n$NUM_STEPS
 # 2. train, on 100%, 30% and 10% of the training sequences (--train_fraction, nested subsets by id), with the
-#    quickstart's recipe (batch 32, 2,500 steps, lr 1e-3): gnsnet (the quickstart's RNN architecture; with n = 2 its
-#    100% run is the quickstart's own RNN, output/quickstart: the same data, flags and seed), direct (the same network, x_T -> x'_n in one step) and npnet (NPNet's architecture at
-#    toy size, about as many parameters) -> output/baselines/{rnn_v3,direct,npnet}_f{1.0,0.3,0.1}/
+#    quickstart's recipe (batch 32, 2,500 steps, lr 1e-3): gnsnet (NoiseSequenceRNN_v3, the quickstart's architecture;
+#    with n = 2 its 100% run is the quickstart's own RNN, output/quickstart: the same data, flags and seed), direct
+#    (DirectNoiseModel: the same network, x_T -> x'_n in one step) and npnet (NPNet's architecture at toy size, about
+#    as many parameters) -> output/baselines/{rnn_v3,direct,npnet}_f{1.0,0.3,0.1}/
 # 3. the sweep on the quickstart's 240 held-out pairs with the 100% models: guidance {1, 1.5, 2} x DDIM steps {4, 20}
 #    x {standard, gnsnet n = 1..n+1, direct, npnet, oracle n = 1..n+1, best_of_4}, plus standard noise alone at 5,
 #    7, 21 and 23 steps for the matched-compute comparison -> results/baselines/sweep/
 # 4. the data-efficiency sweeps (w = 1, 4 and 20 steps, at n) with the 30% and 10% models -> results/baselines/data_f*/
 # 5. the README's tables: scripts/baselines_summary.py
-# Rerun to resume: stage 2 and the sweeps resume, a finished training is skipped.
+# Rerun to resume: stage 2 and the sweeps resume, a finished training is skipped. One process throughout; measured:
+# about 2.5 hours on a busy 2-core machine (load average 5-11; each training 17-47 min). Variables: WORLD, QUICK_DATA,
+# QUICK_RNN, NUM_STEPS, DATA, OUT, RESULTS, FRACTIONS.
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

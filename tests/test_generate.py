@@ -126,6 +126,7 @@ def test_batch_size_does_not_change_samples(tmp_path, tiny_pipeline_dir, capsys)
     assert (a / "metadata.csv").read_text() == (b / "metadata.csv").read_text()
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_two_processes_give_the_same_dataset_byte_for_byte(tmp_path, tiny_pipeline_dir, capsys):
     pf = prompts_file(tmp_path, 10)
     single, multi = tmp_path / "single", tmp_path / "multi"
@@ -141,6 +142,7 @@ def test_two_processes_give_the_same_dataset_byte_for_byte(tmp_path, tiny_pipeli
     assert same_tree(single, multi)
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_resume_after_kill_is_byte_identical(tmp_path, tiny_pipeline_dir, capsys):
     pf = prompts_file(tmp_path, 120)
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
