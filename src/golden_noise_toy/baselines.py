@@ -8,7 +8,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from golden_noise.errors import UserError
+from golden_noise.inference import GoldenNoise
+from golden_noise.stats import paired_comparison, share_of_gain
+from golden_noise.sweep.cost import rollout_flops
 from golden_noise.tables import markdown_table
 
 METHOD_OF = {"rnn_v3": "gnsnet", "direct": "direct", "npnet": "npnet"}
@@ -44,8 +49,14 @@ def gain(r: dict | None, suffix: str = "") -> str:
     return f"{d:+.4f} [{_num(r, f'ci_low{suffix}'):+.4f}, {_num(r, f'ci_high{suffix}'):+.4f}]"
 
 
-def share(r: dict | None) -> str:
-    s = _num(r, "share_of_oracle_gain")
+def share(rows: Sequence[dict], r: dict | None) -> str:
+    """A learned cell's share of the oracle's gain at the same guidance, steps, n and metric (stats.share_of_gain:
+    '—' where the oracle's gain CI contains 0), recomputed from the rows."""
+    if r is None:
+        return "—"
+    o = cell(rows, "oracle", float(r["guidance_scale"]), int(r["num_inference_steps"]),
+             int(r["num_gen_steps"]) if r["num_gen_steps"] else None, r["metric"])
+    s = share_of_gain(_num(r, "diff"), _num(o, "diff"), (_num(o, "ci_low"), _num(o, "ci_high")) if o else None)
     return "—" if s is None else f"{100 * s:.0f}%"
 
 
@@ -63,10 +74,37 @@ def gains_table(rows: Sequence[dict], n: int) -> str:
         row = [s, f"{w:g}", f"{float(std['mean']):.4f}", gain(oracle)]
         for method in ("gnsnet", "direct", "npnet"):
             r = cell(rows, method, w, s, n)
-            row.append(f"{gain(r)} ({share(r)})")
+            row.append(f"{gain(r)} ({share(rows, r)})")
         body.append(row)
     head = ["steps", "guidance", "standard", f"oracle n = {n} gain", f"gnsnet n = {n} gain (share of oracle)",
             "direct gain (share)", "npnet gain (share)"]
+    return markdown_table(body, head)
+
+
+def cell_scores(results: Path, method: str, w: float, steps: int, n: int, metric: str = "toy_attributes"):
+    """The per-pair scores a sweep stored for one cell (cells/w{w}_s{steps}_n{n}/scores/{method}/{metric}.json)."""
+    path = results / "cells" / f"w{float(w)!r}_s{steps}_n{n}" / "scores" / method / f"{metric}.json"
+    try:
+        return np.asarray(json.loads(path.read_text(encoding="utf-8"))["scores"], dtype=np.float64)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read {path} ({e}): run scripts/baselines_toy.sh first") from None
+
+
+def versus_table(rows: Sequence[dict], sweep_dirs: dict[str, Path], n: int, pairs=(("direct", "gnsnet"),
+                                                                                       ("npnet", "gnsnet"))) -> str:
+    """Paired differences between learned noises (e.g. direct − gnsnet), by (caption, seed), with 95% CIs."""
+    body = []
+    for fraction, folder in sweep_dirs.items():
+        for s, w in grid(read_sweep(folder / "sweep.csv")):
+            if w != 1.0 and fraction != "1.0":
+                continue
+            row = [fraction, s, f"{w:g}"]
+            for a, b in pairs:
+                p = paired_comparison(cell_scores(folder, a, w, s, n), cell_scores(folder, b, w, s, n),
+                                      samples=10000, seed=0)
+                row.append(f"{p['diff_mean']:+.4f} [{p['ci95_low']:+.4f}, {p['ci95_high']:+.4f}]")
+            body.append(row)
+    head = ["training fraction", "steps", "guidance", *(f"{a} − {b} [95% CI]" for a, b in pairs)]
     return markdown_table(body, head)
 
 
@@ -78,7 +116,7 @@ def rollout_table(rows: Sequence[dict], ns: Sequence[int]) -> str:
             g, o = cell(rows, "gnsnet", w, s, n), cell(rows, "oracle", w, s, n)
             if g is None or o is None:
                 continue
-            body.append([s, f"{w:g}", n, gain(o), gain(g), share(g),
+            body.append([s, f"{w:g}", n, gain(o), gain(g), share(rows, g),
                          f"{_num(g, 'diff_vs_oracle'):+.4f} [{_num(g, 'ci_low_vs_oracle'):+.4f}, "
                          f"{_num(g, 'ci_high_vs_oracle'):+.4f}]"])
     head = ["steps", "guidance", "n", "oracle gain", "gnsnet gain", "share", "gnsnet − oracle [95% CI]"]
@@ -107,9 +145,6 @@ def matched_table(rows: Sequence[dict], n: int, best_of: str = "best_of_4") -> s
 
 def model_facts(run: Path) -> dict:
     """Parameters, FLOPs per rollout (meta-device count) and the held-out explained fraction of one training run."""
-    from golden_noise.inference import GoldenNoise
-    from golden_noise.sweep.cost import rollout_flops
-
     try:
         summary = json.loads((run / "validation.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -149,7 +184,7 @@ def data_table(facts: dict[tuple[str, str], dict], sweeps: dict[str, list[dict]]
             row = [fraction, f["train_samples"], method, f"{100 * f['explained'][n]:.1f}%"]
             for s in (4, 20):
                 r = cell(rows, method, 1.0, s, n)
-                row.append(f"{gain(r)} ({share(r)})")
+                row.append(f"{gain(r)} ({share(rows, r)})")
             body.append(row)
     head = ["fraction", "training sequences", "method", f"explained at step {n}", "gain at 4 steps, w = 1 (share)",
             "gain at 20 steps, w = 1 (share)"]
@@ -168,6 +203,9 @@ def summary(results_dir: str | Path, runs_dir: str | Path, fractions: Sequence[s
              gains_table(rows, num_steps),
              "gnsnet against the oracle at each rollout length:", rollout_table(rows, sorted(
                  {int(r["num_gen_steps"]) for r in rows if r["method"] == "gnsnet"})),
+             "Learned noises against each other, paired by (caption, seed):",
+             versus_table(rows, {f: results / ("sweep" if f == full else f"data_f{f}") for f in
+                                 sorted(fractions, key=float, reverse=True)}, num_steps),
              "Each golden-noise cell against standard noise at matched compute:", matched_table(rows, num_steps),
              "The models (trained on 100% of the sequences):",
              models_table({m: facts[m, full] for m in METHOD_OF}, rows),
