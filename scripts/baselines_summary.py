@@ -15,9 +15,12 @@ from golden_noise_toy.baselines import summary
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--results_dir", default="results/baselines", help="folder of sweep/ and data_f{fraction}/")
-    p.add_argument("--runs_dir", default="output/baselines", help="folder of the {rnn_v3,direct,npnet}_f{fraction} runs")
-    p.add_argument("--fractions", nargs="+", default=["1.0", "0.3", "0.1"], help="training fractions, as in the folder names")
-    p.add_argument("--num_steps", type=int, default=2, help="n of the training sequences (baselines_toy.sh's NUM_STEPS)")
+    p.add_argument("--runs_dir", default="output/baselines",
+                   help="folder of the {rnn_v3,direct,npnet}_f{fraction} runs")
+    p.add_argument("--fractions", nargs="+", default=["1.0", "0.3", "0.1"],
+                   help="training fractions, as in the folder names")
+    p.add_argument("--num_steps", type=int, default=2,
+                   help="n of the training sequences (baselines_toy.sh's NUM_STEPS)")
     return p.parse_args(argv)
 
 

@@ -138,7 +138,8 @@ def matched_table(rows: Sequence[dict], n: int, best_of: str = "best_of_4") -> s
                          f"({float(r['matched_unet_evals_per_image']):g}; {r['matched_rule']})")
             body.append([s, f"{w:g}", method + (f" n={mn}" if mn else ""), f"{float(r['unet_evals_per_image']):.2f}",
                          f"{float(r['mean']):.4f}", where, gain(r, "_vs_matched")])
-    head = ["steps", "guidance", "method", "UNet evals / image", "mean", "standard noise at matched compute (evals; how)",
+    head = ["steps", "guidance", "method", "UNet evals / image", "mean",
+            "standard noise at matched compute (evals; how)",
             "method − matched [95% CI]"]
     return markdown_table(body, head)
 
@@ -199,7 +200,8 @@ def summary(results_dir: str | Path, runs_dir: str | Path, fractions: Sequence[s
     sweeps = {f: rows if f == full else read_sweep(results / f"data_f{f}" / "sweep.csv")
               for f in sorted(fractions, key=float)}
     facts = {(m, f): model_facts(runs / f"{m}_f{f}") for m in METHOD_OF for f in fractions}
-    parts = [f"Learned noise vs the oracle at n = {num_steps} (gain over standard [95% CI], share of the oracle's gain):",
+    parts = [f"Learned noise vs the oracle at n = {num_steps} "
+             "(gain over standard [95% CI], share of the oracle's gain):",
              gains_table(rows, num_steps),
              "gnsnet against the oracle at each rollout length:", rollout_table(rows, sorted(
                  {int(r["num_gen_steps"]) for r in rows if r["method"] == "gnsnet"})),
