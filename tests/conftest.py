@@ -56,3 +56,20 @@ def load_cli(relpath: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def dataset_samples(root: Path) -> dict[int, dict]:
+    """Every sample of a finished sharded dataset, {id: {column: tensor or value}} (small test datasets only)."""
+    import json
+
+    from golden_noise.dataset.reader import ShardFile
+
+    out = {}
+    for record in json.loads((Path(root) / "index.json").read_text())["shards"]:
+        shard = ShardFile(Path(root) / record["file"])
+        for g in range(shard.num_row_groups):
+            rows = shard.read_row_group(g, shard.file.schema_arrow.names)
+            for j, sample_id in enumerate(rows["id"].tolist()):
+                out[sample_id] = {k: torch.from_numpy(v[j].copy()) if v.ndim > 1 else getattr(v[j], "item", lambda: v[j])()
+                                  for k, v in rows.items()}
+    return out

@@ -27,7 +27,7 @@ def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, pr
     Its change head gets random weights, so unlike a fresh model it is not the identity."""
     from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 
-    from golden_noise.npd import GenerationSettings, build_run_config
+    from golden_noise.dataset.generate import GenerationSettings, build_run_config
 
     res = noise_resolution * pipe.vae_scale_factor
     settings = GenerationSettings(base_model_id=str(pipe_dir), num_steps=TRAIN_STEPS, golden=TRAIN_GOLDEN,

@@ -2,22 +2,24 @@
 golden noise helped (train_rnn_model_v3.py --min_reward_gain).
 
 For a batch of samples, the image sampled from x_T (what `standard` makes) and the one sampled from x'_n (the
-oracle's image) are made with the given sampling settings (golden_noise.diffusion.sample_images, stage 5's
-sampling) and scored by a reward (stage 6's scoring: one finite float per image). The scores are stored per
-sample (layout.SCORES_COLUMN) and listed in metadata.csv as reward_standard, reward_golden, reward_gain; no
-sample is dropped. Sampling reads no random numbers, so a scored dataset's tensors equal an unscored one's."""
+oracle's image) are made with the given sampling settings (golden_noise.diffusion.sample_images, the sampling
+stage 5 runs) and scored by a reward (golden_noise.rewards: one finite float per image). The scores are stored
+per sample (the shards' reward_standard, reward_golden, reward_gain columns); no sample is dropped. Sampling reads
+no random numbers, so a scored dataset's tensors equal an unscored one's.
+
+Pipeline order: this module uses the shared core only (diffusion, rewards), never stage 5 or 6 code."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .cli import dataclass_defaults
 from .errors import UserError
-from .inference.config import SamplingConfig
 
-_SAMPLING = dataclass_defaults(SamplingConfig)
+# stage 5's sampling defaults (inference.config.SamplingConfig; tests/test_scoring.py checks that they agree)
+SAMPLING_GUIDANCE_SCALE, SAMPLING_STEPS = 5.5, 30
 
 
 @dataclass
@@ -26,22 +28,23 @@ class ScoringConfig:
 
     score_metric: str | None = field(default=None, metadata={
         "help": "score each sample: the images sampled from x_T and from x'_n, scored by this reward (a built-in "
-                "name or FILE.py:NAME), recorded in metadata.csv as reward_standard, reward_golden, reward_gain "
-                "(no sample is dropped; train with --min_reward_gain to filter)"})
+                "name or FILE.py:NAME), recorded as reward_standard, reward_golden, reward_gain (no sample is "
+                "dropped; train with --min_reward_gain to filter)"})
     score_reward_path: str | None = field(default=None, metadata={
         "help": "model file/folder (or hub id) of --score_metric, e.g. worlds/toy_shapes for toy_attributes"})
-    score_guidance_scale: float = field(default=_SAMPLING["guidance_scale"], metadata={
+    score_guidance_scale: float = field(default=SAMPLING_GUIDANCE_SCALE, metadata={
         "help": "sampling CFG scale of the scored images (diffusers applies none for a scale <= 1)"})
-    score_num_inference_steps: int = field(default=_SAMPLING["num_inference_steps"], metadata={
+    score_num_inference_steps: int = field(default=SAMPLING_STEPS, metadata={
         "help": "sampling steps of the scored images"})
     score_batch_size: int = field(default=32, metadata={"help": "images per reward forward pass"})
 
     def check(self) -> None:
         """Flag errors before any model loads (an unknown metric or a bad FILE.py:NAME included)."""
-        from .inference.api import check_guidance_scale
         from .rewards.base import reward_factory
 
-        check_guidance_scale("--score_guidance_scale", self.score_guidance_scale)
+        w = self.score_guidance_scale
+        if not (math.isfinite(w) and w >= 0):
+            raise UserError(f"--score_guidance_scale must not be negative (a finite number >= 0), got {w}")
         for flag, value in (("--score_num_inference_steps", self.score_num_inference_steps),
                             ("--score_batch_size", self.score_batch_size)):
             if value < 1:
@@ -72,7 +75,7 @@ class SampleScorer:
     def __call__(self, prompts: Sequence[str], x_T: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
         """x_T, golden: (B, C, H, W) -> (B, 2): both sampled in one pipeline call of 2B, then scored."""
         from .diffusion import sample_images
-        from .evaluation import score_loaded_images
+        from .rewards.base import score_loaded_images
 
         prompts = list(prompts)
         latents = torch.cat([x_T.float(), golden.float()])  # (2B, C, H, W)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import layout
+from ..dataset import format as dataset_format
 from ..errors import UserError
 from ..io import atomic_write_json
 from ..model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
@@ -110,11 +110,11 @@ class Trainer:
     def _model_config(self) -> NoiseSequenceRNNConfig:
         """Shapes from run_config.json, architecture from `arch`, delta_scale from the data (or, when resuming,
         the checkpoint's config, which `arch` must match)."""
-        from ..sequence_data import golden_change_rms
+        from ..dataset.reader import golden_change_rms
 
         cfg, data = self.config, self.data
         c, h, w = data.latent_shape
-        path = Path(cfg.dataset_dir) / layout.RUN_CONFIG
+        path = Path(cfg.dataset_dir) / dataset_format.RUN_CONFIG
         if h != w:
             raise UserError(f"{path}: latent_shape {[c, h, w]} is not square; NoiseSequenceRNN_v3 needs H == W")
         if cfg.noise_resolution is not None and cfg.noise_resolution != h:
@@ -145,7 +145,7 @@ class Trainer:
         from accelerate.utils import set_seed
         from torch.utils.data import DataLoader
 
-        from ..sequence_data import collate
+        from ..dataset.reader import collate
 
         cfg, acc = self.config, self.accelerator
         set_seed(cfg.seed)
@@ -438,12 +438,12 @@ def _close_inherited_fd(fd: int | None, worker_id: int) -> None:
 def _open_data(cfg: TrainingConfig):
     """The dataset, every file of both splits verified before the first step; with --min_reward_gain, the training
     samples whose recorded reward gain reaches it."""
-    from ..sequence_data import open_dataset
+    from ..dataset.reader import open_dataset
 
     data = open_dataset(cfg.dataset_dir, cfg.validation_fraction, cfg.max_seq_len, cfg.skip_bad_samples,
                         return_errors=True)
     if cfg.min_reward_gain is not None:
-        data.train = T.keep_reward_gain(data.train, cfg.dataset_dir, cfg.min_reward_gain)
+        data.train = T.keep_reward_gain(data, cfg.min_reward_gain)
     return data
 
 
