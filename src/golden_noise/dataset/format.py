@@ -123,7 +123,7 @@ def sample_bytes(run_config: dict) -> int:
 def sharding(run_config: dict, samples_per_shard: int | None = None) -> dict:
     """run_config's `sharding`: samples_per_shard (given, or about SHARD_BYTES rounded down to a multiple of the
     batch size), rows_per_group (about ROW_GROUP_BYTES) and the Parquet options; all of them shape the bytes."""
-    batch, per_sample = int(run_config["batch_size"]), sample_bytes(run_config)
+    batch, per_sample = int(run_config.get("batch_size") or 1), sample_bytes(run_config)
     if samples_per_shard is None:
         samples_per_shard = max(batch, SHARD_BYTES // per_sample // batch * batch)
     return {"samples_per_shard": int(samples_per_shard),

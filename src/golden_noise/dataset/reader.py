@@ -273,12 +273,13 @@ class ShardedSequenceDataset(SequenceDataset):
         tensors = []
         for name, shape in zip(self.ARRAYS, (self.latent_shape, (self.num_steps, *self.latent_shape),
                                              (self.text_dim,))):
-            t = torch.from_numpy(arrays[name][row.row])
-            if tuple(t.shape) != shape:
-                raise UserError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape} from run_config.json")
-            if not _finite(t):
+            a = arrays[name][row.row]  # the storage dtype, read-only (Arrow's buffer)
+            if a.shape != shape:
+                raise UserError(f"{where}: {name} has shape {a.shape}, expected {shape} from run_config.json")
+            # a sum is NaN/inf iff an element is (float16 values cannot overflow a float32 sum of this size)
+            if not np.isfinite(a.sum(dtype=np.float32 if a.dtype == np.float16 else np.float64)):
                 raise UserError(f"{where}: {name} contains NaN or inf values: regenerate this sample")
-            tensors.append(t.float())
+            tensors.append(torch.from_numpy(a.astype(np.float32)))  # exact, as torch's .float()
         return tuple(tensors)
 
 
