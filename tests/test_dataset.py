@@ -158,3 +158,46 @@ def test_the_reader_keeps_a_bounded_cache_and_reads_what_the_shards_hold(loose, 
         assert data.train.cache.bytes <= 3 * group_bytes and len(data.train.cache.groups) <= 3
     with pytest.raises(UserError, match="must be at least 1"):
         open_dataset(new, max_seq_len=0)
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_shard_pages_read_directly_equal_what_pyarrow_decodes(storage, tmp_path):
+    """The reader's direct page read (dataset.reader._plain_values) gives pyarrow's values for every array column:
+    SDXL-size samples (a column chunk of two data pages), row groups of several samples, float32 storage; a shard
+    with other Parquet options (compressed) is read by pyarrow instead."""
+    import numpy as np
+
+    from golden_noise.dataset.reader import ShardFile
+    from golden_noise.dataset.writer import ShardSample, seal_shard
+
+    g = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, storage)
+    for name, shape, n in (("sdxl", (4, 128, 128), 2), ("small", (4, 8, 8), 7)):
+        root = tmp_path / name
+        loose = root / "loose"
+        for i in range(n):
+            F.write_loose_sample(loose, i, {"source_noise_file": torch.randn(shape, generator=g).to(dtype),
+                                            "golden_sequence_file": torch.randn(10, *shape, generator=g).to(dtype),
+                                            "text_embedding_file": torch.randn(1280, generator=g).to(dtype)})
+        config = {"latent_shape": list(shape), "num_steps": 10, "storage_dtype": storage, "batch_size": 1,
+                  "text_embedding": {"dim": 1280}}
+        for options in (F.PARQUET_OPTIONS, {**F.PARQUET_OPTIONS, "compression": "zstd"}):
+            config["sharding"] = {**F.sharding(config, 8), "rows_per_group": 3, "parquet": options}
+            samples = [ShardSample(i, f"p{i}", i) for i in range(n)]
+            seal_shard(root, 0, samples, config, source=loose, folder=F.SEQUENCES, remove_sources=False)
+            shard = ShardFile(F.shard_path(root, 0))
+            meta = shard.file.metadata
+            if name == "sdxl" and options is F.PARQUET_OPTIONS:
+                golden = meta.row_group(0).column(shard.leaves()["golden"][0])
+                assert golden.total_compressed_size > 1 << 20  # more than one default 1 MiB data page
+            for group in range(shard.num_row_groups):
+                fast = shard.read_row_group(group, ("source", "golden", "text"))
+                slow = shard._arrow_columns(group, ["source", "golden", "text"])
+                direct = shard._fast_column(meta.row_group(group), "golden")
+                assert (direct is None) == (options is not F.PARQUET_OPTIONS)
+                for column, values in fast.items():
+                    assert values.dtype == np.dtype(storage)
+                    assert np.array_equal(values.reshape(-1), slow[column].reshape(-1), equal_nan=True), column
+            rows = [int(i) for i in shard.column("id")]
+            assert rows == list(range(n))
+            F.shard_path(root, 0).unlink()
