@@ -18,8 +18,8 @@ import argparse
 import dataclasses
 import sys
 
-from golden_noise.cli import (add_dataclass_arguments, add_list_argument, add_pipeline_arguments, check_flag_minimum,
-                              dataclass_defaults, dataclass_from_args)
+from golden_noise.cli import (add_dataclass_arguments, add_list_argument, add_pipeline_arguments, dataclass_defaults,
+                              dataclass_from_args)
 from golden_noise.cli import parser as make_parser
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.golden import GoldenConfig
@@ -57,9 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("golden noise")
     add_dataclass_arguments(g, BatchJob, include=("num_gen_steps",))
     add_golden_override_arguments(g, helps=golden_flag_helps())
-    args = p.parse_args(argv)
-    check_flag_minimum(p, args, ("batch_size", "num_inference_steps", "num_gen_steps", "schedule_steps"))
-    return args
+    return p.parse_args(argv)  # the flags' ranges are their fields' (BatchJob, SamplingConfig, GoldenConfig)
 
 
 def job_from_args(args: argparse.Namespace) -> BatchJob:

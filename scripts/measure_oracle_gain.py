@@ -3,12 +3,11 @@ random noise and from the real golden step applied n times, score both with the 
 the mean gain with a bootstrap 95% CI for each sampling guidance scale and n."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from golden_noise.cli import (HelpFormatter, add_dataclass_arguments, add_list_argument, check_flag_minimum,
-                              dataclass_from_args)
+from golden_noise.cli import (SEED_RULES, add_dataclass_arguments, add_list_argument, argument, check_seeds,
+                              dataclass_from_args, parser)
 from golden_noise.golden import GoldenConfig
 from golden_noise.runtime import DEVICE_HELP, get_logger, run_cli, setup_logging
 
@@ -16,30 +15,25 @@ logger = get_logger("measure_oracle_gain")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = parser(__doc__, first_paragraph=False)
     p.add_argument("--world", required=True, help="toy world directory (built by scripts/build_toy_world.py)")
     p.add_argument("--prompt_file", default=None, help="prompts to cycle through (default: the world's prompts.txt)")
     p.add_argument("--metric", default="toy_attributes", help="reward that scores the images (loaded with path=--world)")
-    p.add_argument("--num_pairs", type=int, default=200, help="number of (prompt, seed) pairs")
-    p.add_argument("--seed_base", type=int, default=1_000_000,
-                   help="pair i uses seed seed_base + i and prompt i mod (number of prompts)")
-    add_list_argument(p, "--n", item_type=int, default=[1, 2, 3], help="golden steps applied (oracle x'_n)")
+    argument(p, "--num_pairs", type=int, default=200, help="number of (prompt, seed) pairs", min=2)
+    argument(p, "--seed_base", type=int, default=1_000_000,
+             help="pair i uses seed seed_base + i and prompt i mod (number of prompts)", **SEED_RULES)
+    add_list_argument(p, "--n", item_type=int, default=[1, 2, 3], help="golden steps applied (oracle x'_n)", min=1)
     add_list_argument(p, "--guidance_scales", item_type=float, default=[1.0, 2.0, 3.0],
-                      help="sampling guidance scales to compare at")
-    p.add_argument("--num_inference_steps", type=int, default=10, help="DDIM sampling steps")
+                      help="sampling guidance scales to compare at", min=0)
+    argument(p, "--num_inference_steps", type=int, default=10, help="DDIM sampling steps", min=1)
     add_dataclass_arguments(p, GoldenConfig)
-    p.add_argument("--batch_size", type=int, default=50, help="pairs per UNet batch")
+    argument(p, "--batch_size", type=int, default=50, help="pairs per UNet batch", min=1)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    argument(p, "--threads", type=int, default=2, help="torch CPU threads", min=1)
     p.add_argument("--output_json", default=None, help="also write the results here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    if args.num_pairs < 2:
-        p.error("--num_pairs must be at least 2")
-    if min(args.n) < 1:
-        p.error("--n values must be >= 1")
-    check_flag_minimum(p, args, ("schedule_steps",))
-    check_flag_minimum(p, args, ("denoise_guidance_scale", "inversion_guidance_scale"), minimum=0)
+    args = p.parse_args(argv)  # the golden step's ranges are GoldenConfig's
+    check_seeds("--seed_base", args.seed_base, args.num_pairs - 1, "the last pair index")
     return args
 
 

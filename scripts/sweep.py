@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from golden_noise.cli import (add_dataclass_arguments, add_list_argument, add_pipeline_arguments, check_flag_minimum,
+from golden_noise.cli import (add_dataclass_arguments, add_list_argument, add_pipeline_arguments, argument,
                               dataclass_defaults, dataclass_from_args, parser)
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.inference.config import (PipelineSpec, SamplingConfig, add_golden_override_arguments,
@@ -33,7 +33,7 @@ from golden_noise.inference.config import (PipelineSpec, SamplingConfig, add_gol
 from golden_noise.methods import METHOD_HELP, is_method
 from golden_noise.rewards.base import PLUGIN_HELP, available_rewards, is_reward_name
 from golden_noise.runtime import run_cli
-from golden_noise.sweep.job import SweepJob
+from golden_noise.sweep.job import GRID_FIELDS, SweepJob
 
 QUICK_PROMPTS, QUICK_BOOTSTRAP = 48, 2000
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="local model file/folder (or hub id) of a metric, e.g. toy_attributes=worlds/toy_shapes; "
                    "repeatable")
     add_dataclass_arguments(g, SweepJob, include=("selection_metric",))
-    g.add_argument("--reward_batch_size", type=int, default=32, help="images per reward forward pass")
+    argument(g, "--reward_batch_size", type=int, default=32, help="images per reward forward pass", min=1)
     add_dataclass_arguments(g, SweepJob, include=("bootstrap_samples", "seed", "image_rows"),
                             defaults={"bootstrap_samples": None},
                             helps={"bootstrap_samples": f"bootstrap resamples of each 95%% CI (default "
@@ -72,13 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_pipeline_arguments(g, None, f"diffusers pipeline (hub id or local dir); default: the RNN's, else "
                            f"{DEFAULT_MODEL_ID}")
     add_dataclass_arguments(p.add_argument_group("sampling (the same in every cell)"), SamplingConfig,
-                            exclude=("guidance_scale", "num_inference_steps"))
+                            exclude=GRID_FIELDS)
     g = p.add_argument_group("oracle's golden step (default: the RNN's training data, else NPNet's)")
     add_golden_override_arguments(g)
-    args = p.parse_args(argv)
-    check_flag_minimum(p, args, ("batch_size", "num_inference_steps", "num_gen_steps", "max_prompts",
-                                 "reward_batch_size", "bootstrap_samples", "schedule_steps"))
-    check_flag_minimum(p, args, ("guidance_scales", "image_rows"), minimum=0)
+    args = p.parse_args(argv)  # the flags' ranges are their fields' (SweepJob, SamplingConfig, GoldenConfig)
     if args.quick:
         args.max_prompts = args.max_prompts or QUICK_PROMPTS
         args.bootstrap_samples = args.bootstrap_samples or QUICK_BOOTSTRAP

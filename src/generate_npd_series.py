@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 
-from golden_noise.cli import (add_dataclass_arguments, add_pipeline_arguments, check_flag_minimum,
-                              dataclass_defaults, dataclass_from_args, parser)
+from golden_noise.cli import add_dataclass_arguments, add_pipeline_arguments, dataclass_defaults, dataclass_from_args, parser
 from golden_noise.dataset.generate import GenerationJob, GenerationSettings, run_generation
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.golden import GoldenConfig
@@ -29,26 +27,20 @@ GROUPS = {"data": None, "model": None, "golden step": None,
           "scores": "scores (NPNet's data recipe: train on samples whose golden image scores higher)",
           "shards and machines": "shards and machines (generation across machines with no launcher)"}
 NESTED = {"golden": ("golden step", GoldenConfig), "scoring": ("scores", ScoringConfig)}
-GUIDANCE_FLAGS = ("denoise_guidance_scale", "inversion_guidance_scale")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
     groups = {name: p.add_argument_group(title or name) for name, title in GROUPS.items()}
     add_pipeline_arguments(groups["model"], DEFAULT_MODEL_ID, "diffusers pipeline: hub id or local directory")
-    minimum: dict[int, list[str]] = {0: [], 1: []}
-    for cls in (GenerationJob, GenerationSettings):  # each field with a group is a flag (dataclass metadata)
+    for cls in (GenerationJob, GenerationSettings):  # each field with a group is a flag, its rules checked by p
         for f in dataclasses.fields(cls):
             if f.name in NESTED:
                 group, nested = NESTED[f.name]
                 add_dataclass_arguments(groups[group], nested)
             elif f.metadata.get("group"):
                 add_dataclass_arguments(groups[f.metadata["group"]], cls, include=[f.name])
-                if "minimum" in f.metadata:
-                    minimum[f.metadata["minimum"]].append(f.name)
     args = p.parse_args(argv)
-    check_flag_minimum(p, args, (*minimum[1], "schedule_steps", "score_num_inference_steps", "score_batch_size"))
-    check_flag_minimum(p, args, (*minimum[0], *GUIDANCE_FLAGS, "score_guidance_scale"), minimum=0)
     given = [f"--{k}" for k, v in dataclass_defaults(ScoringConfig).items() if getattr(args, k) != v]
     if given and not args.score_metric:
         p.error(f"{' '.join(given)} set(s) how samples are scored: add --score_metric METRIC")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from golden_noise.cli import add_dataclass_arguments, add_pipeline_arguments, check_flag_minimum, dataclass_from_args
+from golden_noise.cli import add_dataclass_arguments, add_pipeline_arguments, dataclass_from_args
 from golden_noise.cli import parser as make_parser
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.inference.config import PipelineSpec, add_sampling_arguments, sampling_from_args
@@ -28,9 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_pipeline_arguments(p.add_argument_group("pipeline"), None,
                            f"diffusers pipeline (hub id or local dir); default: the one the RNN was trained with, "
                            f"else {DEFAULT_MODEL_ID}")
-    args = p.parse_args(argv)
-    check_flag_minimum(p, args, ("num_inference_steps", "num_gen_steps"))
-    return args
+    return p.parse_args(argv)  # the flags' ranges are their fields' (SingleJob, SamplingConfig)
 
 
 def job_from_args(args: argparse.Namespace) -> SingleJob:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from golden_noise.cli import add_dataclass_arguments, check_flag_minimum, dataclass_from_args, parser
+from golden_noise.cli import add_dataclass_arguments, dataclass_from_args, parser
 from golden_noise.model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNConfig
 from golden_noise.runtime import exit_cli, gloo_launch, run_cli
 from golden_noise.training.config import ARCH_FIELDS, TrainingConfig, architecture, field_groups
@@ -33,13 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             add_dataclass_arguments(g, NoiseSequenceRNNConfig, include=ARCH_FIELDS)
             fields = [f for f in fields if f not in DATA_FIELDS]
         add_dataclass_arguments(g, TrainingConfig, include=fields)
-    args = p.parse_args(argv)
-    check_flag_minimum(p, args, TrainingConfig.POSITIVE)
-    check_flag_minimum(p, args, TrainingConfig.NON_NEGATIVE, minimum=0)
-    if not args.learning_rate > 0:
-        p.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    if not 0.0 <= args.validation_fraction < 1.0:
-        p.error(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
+    args = p.parse_args(argv)  # the flags' ranges are their fields' (TrainingConfig, NoiseSequenceRNNConfig)
     if args.resume_fallback and args.resume_from_checkpoint != "latest":
         p.error("--resume_fallback needs --resume_from_checkpoint latest")
     try:

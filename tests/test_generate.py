@@ -530,7 +530,7 @@ def test_tensor_file_checks_find_every_truncation_and_flipped_byte(tmp_path):
         assert not tensor_file_intact(tmp_path / bad) and tensor_file_problem(tmp_path / bad)
 
 
-def test_flags_are_generated_from_the_dataclasses():
+def test_flags_are_generated_from_the_dataclasses(capsys):
     """Every stage-2 flag comes from a dataclass field (or the shared pipeline flags) with its default; the
     rerun keys come from the fields' metadata."""
     cli = load_cli(SCRIPT)
@@ -541,5 +541,14 @@ def test_flags_are_generated_from_the_dataclasses():
         assert getattr(settings, name) == getattr(defaults, name), name
     assert (args.output_dir, args.max_prompts, args.num_shards, args.shard_index, args.finalize) == \
         ("./data/npd_sequence_dataset_sdxl/", None, None, None, False)
-    assert {"golden", "num_steps", "batch_size", "start_seed", "storage_dtype", "sharding"} <= set(EARLY_KEYS)
-    assert {"height", "width", "text_embedding", "latent_shape"} <= set(SIGNATURE_KEYS) - set(EARLY_KEYS)
+    assert {"golden", "num_steps", "batch_size", "start_seed", "storage_dtype", "scoring"} <= set(EARLY_KEYS)
+    assert {"height", "width", "text_embedding", "latent_shape", "sharding"} <= set(SIGNATURE_KEYS) - set(EARLY_KEYS)
+    # a field's rules are its flag's: one line naming the flag
+    for argv, message in ((["--num_steps", "0"], "--num_steps must be at least 1, got 0"),
+                          (["--denoise_guidance_scale", "nan"], "--denoise_guidance_scale"),
+                          (["--start_seed", str(2 ** 63)], "--start_seed must be in [0, 9223372036854775807]"),
+                          (["--shard_index", "-1"], "--shard_index must not be negative, got -1"),
+                          (["--samples_per_shard", "0"], "--samples_per_shard must be at least 1, got 0")):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--prompt_file", "p.txt", *argv])
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]

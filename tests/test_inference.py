@@ -288,7 +288,8 @@ def test_single_one_line_errors_before_any_model(tmp_path, capsys):
     a_file.write_text("x")
     negative = "error: --guidance_scale must not be negative"
     cases = [(["--guidance_scale", "-1", "--output_dir", tmp_path / "o"], negative),
-             (["--guidance_scale", "nan", "--output_dir", tmp_path / "o"], negative),
+             (["--guidance_scale", "nan", "--output_dir", tmp_path / "o"],
+              "error: argument --guidance_scale: must be a finite number, got nan"),
              (["--output_dir", "/proc/x"], "error: --output_dir /proc/x is not a writable folder"),
              (["--output_dir", a_file / "sub"], f"error: --output_dir {a_file / 'sub'} is not a writable folder")]
     for extra, message in cases:

@@ -282,11 +282,20 @@ def test_flags_are_generated_from_the_dataclasses():
     (["--cnn_num_blocks", "2", "0"], "cnn_num_blocks must be a non-empty list of positive ints"),
     (["--mixed_precision", "fp8"], "invalid choice: 'fp8'"),
     (["--resume_fallback"], "--resume_fallback needs --resume_from_checkpoint latest"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm: must be a finite number, got nan"),
+    (["--weight_decay", "nan"], "--weight_decay: must be a finite number, got nan"),
+    (["--adam_beta1", "1.5"], "--adam_beta1 must be in [0, 1), got 1.5"),
+    (["--adam_beta2", "nan"], "--adam_beta2: must be a finite number, got nan"),
+    (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
+    (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
+    (["--validation_fraction", "1"], "--validation_fraction must be in [0, 1), got 1.0"),
+    (["--dropout", "inf"], "--dropout: must be a finite number, got inf"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train_cli.parse_args(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
 def test_one_warmup_cosine_rule():

@@ -4,27 +4,31 @@ t0 = timesteps[0] of an N-step DDIM schedule (`GoldenStep`). Flow matching: one 
 scheduler's sigmas and one back up (`FlowGoldenStep`, a contract). Each family picks its step (diffusion.base)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
+from .cli import check_fields, setting
 from .diffusion import Conditioning, ModelCounter, predict_noise
 from .errors import UserError
 
 
 @dataclass
 class GoldenConfig:
-    """Parameters of the golden step (NPNet's SDXL defaults)."""
+    """Parameters of the golden step (NPNet's SDXL defaults), with their ranges (golden_noise.cli.setting)."""
 
-    schedule_steps: int = field(default=10, metadata={
-        "help": "N: length of the golden step's schedule (DDIM for UNet models, the pipeline's own for flow matching); "
-                "the step runs at t0 = its first timestep"})
-    denoise_guidance_scale: float = field(default=5.5, metadata={
-        "help": "w_l: CFG scale of the golden step's denoising step, eps_u + w (eps_c - eps_u) for any w >= 0 "
-                "(1: the conditional prediction alone, 0: the unconditional one)"})
-    inversion_guidance_scale: float = field(default=1.0, metadata={
-        "help": "w_w: CFG scale of the golden step's inversion step, same rule as w_l (1 and 0 need one UNet "
-                "branch, other values both)"})
+    schedule_steps: int = setting(10, "N: length of the golden step's schedule (DDIM for UNet models, the pipeline's "
+                                  "own for flow matching); the step runs at t0 = its first timestep", min=1)
+    denoise_guidance_scale: float = setting(5.5, "w_l: CFG scale of the golden step's denoising step, eps_u + w "
+                                            "(eps_c - eps_u) for any w >= 0 (1: the conditional prediction alone, 0: "
+                                            "the unconditional one)", min=0)
+    inversion_guidance_scale: float = setting(1.0, "w_w: CFG scale of the golden step's inversion step, same rule as "
+                                              "w_l (1 and 0 need one UNet branch, other values both)", min=0)
+
+    def check(self) -> "GoldenConfig":
+        """A UserError naming the flag of a value out of range (a negative or non-finite scale, N < 1)."""
+        check_fields(self)
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)

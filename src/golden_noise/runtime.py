@@ -139,8 +139,11 @@ def quiet_libraries() -> None:
 
 def run_cli(main: Callable, parse_args: Callable, argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run `main(args)`, and turn a UserError (or running out of GPU memory) into one line on
-    stderr and exit code 2."""
-    args = parse_args(argv)
+    stderr and exit code 2. A flag error is argparse's (golden_noise.cli.Parser: one line, exit code 2)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag error: the exit code, as `python script` gives it
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     try:
         main(args)
     except UserError as e:

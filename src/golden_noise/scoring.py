@@ -10,13 +10,12 @@ no random numbers, so a scored dataset's tensors equal an unscored one's.
 Pipeline order: this module uses the shared core only (diffusion, rewards), never stage 5 or 6 code."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .errors import UserError
+from .cli import check_fields, setting
 
 # stage 5's sampling defaults (inference.config.SamplingConfig; tests/test_scoring.py checks that they agree)
 SAMPLING_GUIDANCE_SCALE, SAMPLING_STEPS = 5.5, 30
@@ -24,31 +23,24 @@ SAMPLING_GUIDANCE_SCALE, SAMPLING_STEPS = 5.5, 30
 
 @dataclass
 class ScoringConfig:
-    """How stage 2 scores its samples (the --score_* flags); part of the dataset's settings."""
+    """How stage 2 scores its samples (the --score_* flags, with their ranges); part of the dataset's settings."""
 
-    score_metric: str | None = field(default=None, metadata={
-        "help": "score each sample: the images sampled from x_T and from x'_n, scored by this reward (a built-in "
-                "name or FILE.py:NAME), recorded as reward_standard, reward_golden, reward_gain (no sample is "
-                "dropped; train with --min_reward_gain to filter)"})
-    score_reward_path: str | None = field(default=None, metadata={
-        "help": "model file/folder (or hub id) of --score_metric, e.g. worlds/toy_shapes for toy_attributes"})
-    score_guidance_scale: float = field(default=SAMPLING_GUIDANCE_SCALE, metadata={
-        "help": "sampling CFG scale of the scored images (diffusers applies none for a scale <= 1)"})
-    score_num_inference_steps: int = field(default=SAMPLING_STEPS, metadata={
-        "help": "sampling steps of the scored images"})
-    score_batch_size: int = field(default=32, metadata={"help": "images per reward forward pass"})
+    score_metric: str | None = setting(None, "score each sample: the images sampled from x_T and from x'_n, scored by "
+                                       "this reward (a built-in name or FILE.py:NAME), recorded as reward_standard, "
+                                       "reward_golden, reward_gain (no sample is dropped; train with "
+                                       "--min_reward_gain to filter)")
+    score_reward_path: str | None = setting(None, "model file/folder (or hub id) of --score_metric, e.g. "
+                                            "worlds/toy_shapes for toy_attributes")
+    score_guidance_scale: float = setting(SAMPLING_GUIDANCE_SCALE, "sampling CFG scale of the scored images "
+                                          "(diffusers applies none for a scale <= 1)", min=0)
+    score_num_inference_steps: int = setting(SAMPLING_STEPS, "sampling steps of the scored images", min=1)
+    score_batch_size: int = setting(32, "images per reward forward pass", min=1)
 
     def check(self) -> None:
-        """Flag errors before any model loads (an unknown metric or a bad FILE.py:NAME included)."""
+        """Flag errors before any model loads (a value out of range, an unknown metric or a bad FILE.py:NAME)."""
         from .rewards.base import reward_factory
 
-        w = self.score_guidance_scale
-        if not (math.isfinite(w) and w >= 0):
-            raise UserError(f"--score_guidance_scale must not be negative (a finite number >= 0), got {w}")
-        for flag, value in (("--score_num_inference_steps", self.score_num_inference_steps),
-                            ("--score_batch_size", self.score_batch_size)):
-            if value < 1:
-                raise UserError(f"{flag} must be at least 1, got {value}")
+        check_fields(self)
         reward_factory(self.score_metric)
 
     def record(self) -> dict:

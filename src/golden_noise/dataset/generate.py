@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..cli import SEED_RULES, check_fields, check_seeds, rerun_keys, setting
 from ..diffusion import (DEFAULT_MODEL_ID, TEXT_EMBEDDINGS, count_long_prompts, encode_prompts, family_of,
                          guidance_branches, image_size, latent_shape, load_pipeline, optimize_unet,
                          resolve_text_embedding, text_embedding)
@@ -45,91 +46,83 @@ GUIDANCE_RULE = ("eps = eps_u + w (eps_c - eps_u) for any w >= 0, exactly as giv
                  "w > 1 extrapolates); diffusers' sampling rule 'w <= 1 means no guidance' does not apply here")
 
 
-def _f(default, help: str | None = None, group: str | None = None, rerun: str | None = None, **metadata):
-    """A field of the stage-2 dataclasses: its default, its --help group and text (fields without a group get their
-    flag elsewhere: the shared pipeline flags, or a nested config's own), and `rerun`: 'early' when run_config
-    records the value as given (a rerun with another is refused before the model loads), 'late' when it records
-    the value resolved against the model (refused after it loads)."""
-    kw = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**kw, metadata={"help": help, "group": group, "rerun": rerun, **metadata})
-
-
 @dataclass
 class GenerationSettings:
-    """What shapes a sequence dataset (besides the prompts): every field is part of run_config.json."""
+    """What shapes a sequence dataset (besides the prompts): every field is part of run_config.json. Each field's
+    metadata (golden_noise.cli.setting) says its flag (help, --help group, range) and how run_config records it:
+    `rerun` (as given: a rerun with another value is refused before the model loads) or `loaded` (resolved against
+    the model: refused once it is loaded). Fields without a group get their flags elsewhere: the shared pipeline
+    flags (cli.add_pipeline_arguments), or a nested config's own."""
 
-    base_model_id: str = _f(DEFAULT_MODEL_ID, rerun="early")  # the pipeline flags (cli.add_pipeline_arguments)
-    revision: str | None = _f(None, rerun="early")
-    variant: str | None = _f(None, rerun="early")
-    dtype: str = _f("float32", rerun="early")  # resolved from --dtype auto before anything is compared
-    start_seed: int = _f(0, "sample seed = start_seed + prompt index", "data", "early", minimum=0)
-    storage_dtype: str = _f("float16", "dtype of the stored noise tensors", "data", "early",
-                            choices=("float16", "float32"))
-    save_prompt_embeds: bool = _f(False, "also store the full prompt token embeddings (77 x D) per sample", "data",
-                                  "early")
-    text_embedding: str = _f(
+    base_model_id: str = setting(DEFAULT_MODEL_ID, rerun=True)
+    revision: str | None = setting(None, rerun=True)
+    variant: str | None = setting(None, rerun=True)
+    dtype: str = setting("float32", rerun=True)  # resolved from --dtype auto before anything is compared
+    start_seed: int = setting(0, "sample seed = start_seed + prompt index", group="data", rerun=True, **SEED_RULES)
+    storage_dtype: str = setting("float16", "dtype of the stored noise tensors", group="data", rerun=True,
+                                 choices=("float16", "float32"))
+    save_prompt_embeds: bool = setting(False, "also store the full prompt token embeddings (77 x D) per sample",
+                                       group="data", rerun=True)
+    text_embedding: str = setting(
         "auto", "the prompt representation stored for the RNN: pooled (SDXL: text_encoder_2's projection; SD3: "
-        "pooled_projections; FLUX: CLIP's pooled output), mean_token (the token embeddings averaged over the "
-        "prompt's own tokens; SD3: its CLIP tokens, FLUX: T5) or both; auto = pooled where the model family has "
-        "one, else mean_token (SD 1.5/2.1)", "data", "late", choices=TEXT_EMBEDDINGS)
-    height: int | None = _f(None, "image height in pixels (default: the model's)", "model", "late")
-    width: int | None = _f(None, "image width in pixels (default: the model's)", "model", "late")
-    num_steps: int = _f(10, "n: golden steps per sequence", "golden step", "early", minimum=1)
-    golden: GoldenConfig = _f(GoldenConfig, rerun="early")  # its own flags
-    batch_size: int = _f(8, "prompts per UNet call (2x that with CFG); part of the dataset's settings: a sample's "
-                            "sequence depends on its batch in the last float bits, so a rerun must keep it",
-                         "golden step", "early", minimum=1)
-    scoring: ScoringConfig | None = _f(None, rerun="early")  # its own flags; None: no scores
-    samples_per_shard: int | None = _f(
-        None, "samples per shard file (a multiple of --batch_size; default: about 1 GiB of samples, rounded down to "
-        "a multiple of --batch_size); part of the dataset's settings", "shards and machines", "early", minimum=1,
-        record="sharding")
+        "pooled_projections; FLUX: CLIP's pooled output), mean_token (the token embeddings averaged over the prompt's "
+        "own tokens; SD3: its CLIP tokens, FLUX: T5) or both; auto = pooled where the model family has one, else "
+        "mean_token (SD 1.5/2.1)", group="data", loaded=True, choices=TEXT_EMBEDDINGS)
+    height: int | None = setting(None, "image height in pixels (default: the model's)", group="model", loaded=True)
+    width: int | None = setting(None, "image width in pixels (default: the model's)", group="model", loaded=True)
+    num_steps: int = setting(10, "n: golden steps per sequence", group="golden step", rerun=True, min=1)
+    golden: GoldenConfig = setting(default_factory=GoldenConfig)  # recorded as one dict, `golden` (RECORDS)
+    batch_size: int = setting(8, "prompts per UNet call (2x that with CFG); part of the dataset's settings: a "
+                                 "sample's sequence depends on its batch in the last float bits, so a rerun must keep "
+                                 "it", group="golden step", rerun=True, min=1)
+    scoring: ScoringConfig | None = setting(None, rerun=True)  # its own flags; None: no scores
+    samples_per_shard: int | None = setting(
+        None, "samples per shard file (a multiple of --batch_size; default: about 1 GiB of samples, rounded down to a "
+        "multiple of --batch_size); part of the dataset's settings", group="shards and machines", min=1,
+        loaded="sharding")
 
 
 @dataclass
 class GenerationJob:
     """A stage-2 run as the CLI states it: the prompts, the dataset folder, the settings and how to run."""
 
-    prompt_file: str | None = _f(None, "prompts: .txt (one per line) or .csv/.tsv (see --prompt_column); required "
-                                       "unless --finalize", "data")
-    prompt_column: str | None = _f(None, "column of a .csv/.tsv prompt file (default: prompt or caption)", "data")
-    output_dir: str = _f("./data/npd_sequence_dataset_sdxl/", "dataset directory to write", "data")
-    max_prompts: int | None = _f(None, "use only the first N prompts of the file (a rerun with a larger N adds "
-                                       "samples)", "data", minimum=1)
-    settings: GenerationSettings = _f(GenerationSettings)  # settings.dtype may be "auto": float16 on CUDA
-    device: str = _f("auto")  # the pipeline flags
-    enable_model_cpu_offload: bool = _f(False)
-    enable_vae_slicing: bool = _f(False)  # stage 2 never decodes: accepted for the same flags as stages 4 and 5
-    enable_vae_tiling: bool = _f(False)
-    channels_last: bool = _f(False, "run the denoiser in channels_last memory format (faster UNet convolutions on "
-                                    "recent GPUs)", "model")
-    compile: bool = _f(False, "torch.compile the denoiser (UNet or transformer): minutes of compilation up front, "
-                              "then faster steps on large runs", "model")
-    num_shards: int | None = _f(None, "K: split the dataset's shards among K separate runs (machines); this run "
-                                      "makes shards i, i + K, i + 2K, ... (default: $SLURM_ARRAY_TASK_COUNT, else 1)",
-                                "shards and machines", minimum=1)
-    shard_index: int | None = _f(None, "i: which of the K runs this is, 0 <= i < K (default: $SLURM_ARRAY_TASK_ID "
-                                       "- $SLURM_ARRAY_TASK_MIN, else 0)", "shards and machines", minimum=0)
-    finalize: bool = _f(False, "only write index.json of a dataset whose shards are all sealed (the last run to "
-                               "seal one does this itself) and name the missing shards otherwise", "shards and "
-                                                                                                  "machines")
-    progress: bool = _f(True)
-
-
-def _rerun_fields(when: str) -> tuple[str, ...]:
-    """run_config keys of the GenerationSettings fields whose metadata says `rerun=when`."""
-    return tuple(f.metadata.get("record", f.name) for f in fields(GenerationSettings) if f.metadata["rerun"] == when)
+    prompt_file: str | None = setting(None, "prompts: .txt (one per line) or .csv/.tsv (see --prompt_column); "
+                                            "required unless --finalize", group="data")
+    prompt_column: str | None = setting(None, "column of a .csv/.tsv prompt file (default: prompt or caption)",
+                                        group="data")
+    output_dir: str = setting("./data/npd_sequence_dataset_sdxl/", "dataset directory to write", group="data")
+    max_prompts: int | None = setting(None, "use only the first N prompts of the file (a rerun with a larger N adds "
+                                            "samples)", group="data", min=1)
+    settings: GenerationSettings = setting(default_factory=GenerationSettings)  # dtype may be "auto" (CUDA: fp16)
+    device: str = "auto"  # the pipeline flags
+    enable_model_cpu_offload: bool = False
+    enable_vae_slicing: bool = False  # stage 2 never decodes: accepted for the same flags as stages 4 and 5
+    enable_vae_tiling: bool = False
+    channels_last: bool = setting(False, "run the denoiser in channels_last memory format (faster UNet convolutions "
+                                         "on recent GPUs)", group="model")
+    compile: bool = setting(False, "torch.compile the denoiser (UNet or transformer): minutes of compilation up "
+                                   "front, then faster steps on large runs", group="model")
+    num_shards: int | None = setting(None, "K: split the dataset's shards among K separate runs (machines); this run "
+                                           "makes shards i, i + K, i + 2K, ... (default: $SLURM_ARRAY_TASK_COUNT, "
+                                           "else 1)", group="shards and machines", min=1)
+    shard_index: int | None = setting(None, "i: which of the K runs this is, 0 <= i < K (default: "
+                                            "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
+                                      group="shards and machines", min=0)
+    finalize: bool = setting(False, "only write index.json (and the dataset card) of a dataset whose shards are all "
+                                    "sealed (the run that seals the last one does this itself); name the missing "
+                                    "shards otherwise", group="shards and machines")
+    progress: bool = True
 
 
 PROMPT_KEYS = ("num_prompts", "prompt_fingerprint")
 MODEL_KEYS = ("pipeline_class", "scheduler_config", "latent_shape")  # recorded from the loaded model
+RECORDS = ("golden",)  # nested configs recorded as one dict under their field's name
 # run_config keys that must agree for a rerun to add to an existing dataset: everything that changes the bytes
 # (batch_size included: a sample's golden sequence differs in the last float bits with its batch's composition; and
-# the device type)
-SIGNATURE_KEYS = ("format_version", *_rerun_fields("early"), *_rerun_fields("late"), *MODEL_KEYS, "device_type",
-                  *PROMPT_KEYS)
-# the subset known before the model loads: checked first, so a refused rerun costs no model load
-EARLY_KEYS = ("format_version", *_rerun_fields("early"), "device_type", *PROMPT_KEYS)
+# the device type). Known before the model loads: checked first, so a refused rerun costs no model load.
+EARLY_KEYS = ("format_version", *rerun_keys(GenerationSettings, "rerun", exclude=RECORDS), *RECORDS, "device_type",
+              *PROMPT_KEYS)
+SIGNATURE_KEYS = (*EARLY_KEYS, *rerun_keys(GenerationSettings, "loaded", exclude=RECORDS), *MODEL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -189,7 +182,7 @@ def inputs_config(prompts: Sequence[Prompt], batch_size: int, device_type: str) 
 def early_config(settings: GenerationSettings, prompts: Sequence[Prompt], device_type: str) -> dict:
     """run_config's EARLY_KEYS known before the model loads, recorded as given (a default samples_per_shard is
     resolved only then: left out)."""
-    as_given = {k: getattr(settings, k) for k in EARLY_KEYS if hasattr(settings, k) and k not in ("golden", "scoring")}
+    as_given = {k: getattr(settings, k) for k in EARLY_KEYS if hasattr(settings, k) and k not in (*RECORDS, "scoring")}
     out = {"format_version": F.FORMAT_VERSION, **as_given, "golden": settings.golden.to_dict(),
            "scoring": settings.scoring.record() if settings.scoring else None,
            **inputs_config(prompts, settings.batch_size, device_type)}
@@ -476,6 +469,7 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
     unsealed shards. The reward of a scored dataset is loaded before anything is written."""
     from tqdm.auto import tqdm
 
+    check_fields(settings)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     main = state is None or state.is_main_process
     barrier = state.wait_for_everyone if state is not None else (lambda: None)
@@ -571,8 +565,9 @@ def run_generation(job: GenerationJob, state=None) -> dict:
     settings = replace(job.settings, dtype=model_dtype(job.settings.dtype, device))
     if settings.scoring is not None:
         settings.scoring.check()  # an unknown --score_metric fails before any model loads
-    check_rerun(job.output_dir, early_config(settings, prompts, torch.device(device).type), prompts, EARLY_KEYS,
-                early=True)
+    check_seeds("--start_seed", settings.start_seed, prompts[-1].index)
+    check_rerun(job.output_dir, early_config(settings, prompts, torch.device(device).type), prompts,
+                (*EARLY_KEYS, "sharding"), early=True)
     pipe = load_pipeline(settings.base_model_id, settings.revision, settings.variant, settings.dtype, device,
                          cpu_offload=job.enable_model_cpu_offload, vae_slicing=job.enable_vae_slicing,
                          vae_tiling=job.enable_vae_tiling)

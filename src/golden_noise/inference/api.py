@@ -1,7 +1,6 @@
 """Golden noise from a trained RNN export (the `GoldenNoise` API) and from the real golden step (the oracle)."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -53,12 +52,6 @@ def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_va
     return model.eval(), meta
 
 
-def check_guidance_scale(flag: str, value: float | None) -> None:
-    """Refuse a negative (or NaN/infinite) guidance scale, naming its flag; None means "not set"."""
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise UserError(f"{flag} must not be negative (a finite number >= 0), got {value}")
-
-
 def export_latent_shape(meta: dict) -> tuple[int, int, int]:
     """(C, H, W) of the noise an export was trained on."""
     rc = meta.get("run_config") or {}
@@ -81,15 +74,7 @@ def golden_config_from(run_config: dict | None, **overrides) -> GoldenConfig:
             logger.warning("oracle: %s=%s differs from the %s the RNN's training data used; the oracle uses %s",
                            key, value, values[key], value)
         values[key] = value
-    config = GoldenConfig(**values)
-    check_golden_config(config)
-    return config
-
-
-def check_golden_config(config: GoldenConfig) -> None:
-    """Refuse negative guidance scales of the golden step, naming the flag."""
-    for name in ("denoise_guidance_scale", "inversion_guidance_scale"):
-        check_guidance_scale(f"--{name}", getattr(config, name))
+    return GoldenConfig(**values).check()  # refuses a value out of range, naming the flag
 
 
 def describe_latent_space(space: dict) -> str:
@@ -114,7 +99,7 @@ def oracle_noise(pipe, prompts: Sequence[str], x_T: torch.Tensor, num_steps: int
     """The real golden step applied `num_steps` times to x_T: (B, C, H, W) -> x'_n (B, C, H, W) float32.
 
     Uses the pipeline's own (default) scheduler config and its family's golden step, like the data generation stage."""
-    check_golden_config(config)
+    config.check()
     step = golden_step(pipe, config, height, width)
     cond = encode_prompts(pipe, list(prompts), height=height, width=width)
     return step.sequence(x_T.to(family_of(pipe).device, torch.float32), cond, num_steps)[:, -1]

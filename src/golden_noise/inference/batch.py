@@ -16,10 +16,11 @@ import io
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..cli import check_fields, rerun_keys, setting
 from ..diffusion import family_of, sample_images
 from ..diffusion.base import ModelRows
 from ..errors import UserError
@@ -37,43 +38,45 @@ logger = get_logger(__name__)
 MANIFEST_FIELDS = ("index", "prompt", "seed", "method", "file", "seconds", "noise_seconds", "sampling_seconds",
                    "unet_evals")
 SETTINGS_FILE = "batch_settings.json"
-# What a rerun into an existing folder must keep (batch_settings.json's keys; --methods may grow). The batch
-# size is one of them: a sample's pixels depend on its batch-mates in the last bits.
-EARLY_KEYS = ("prompt_fingerprint", "start_seed", "batch_size", "num_inference_steps", "guidance_scale",
-              "negative_prompt", "scheduler", "timestep_spacing", "sampling_model_id", "sampling_unet", "sampling_lora",
-              "sampling_lora_scale", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
-              "enable_vae_slicing", "enable_vae_tiling", "num_gen_steps_used", "golden", "rnn_sha256")  # pre-load
-LOADED_KEYS = ("height_used", "width_used", "latent_shape", "pipeline_class", "scheduler_class")  # once loaded
-# None when this run's methods do not use them (no gnsnet / oracle): then the earlier run's values are kept
-KEPT_WHEN_UNUSED = ("num_gen_steps_used", "golden", "rnn_weights_file", "rnn_sha256", "rnn_model_config",
-                    "rnn_run_config")
 _PNG_HEAD, _PNG_TAIL = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 @dataclass
 class BatchJob:
-    """Every prompt of a file, with each method: what stage 5 makes and where (the CLI fills it from its flags)."""
+    """Every prompt of a file, with each method: what stage 5 makes and where (the CLI fills it from its flags).
 
-    prompt_file: str
-    output_base_dir: str = field(default="./inference_output",
-                                 metadata={"help": "folder of the {method}_output/ folders"})
-    methods: list[str] = field(default_factory=lambda: ["standard", "gnsnet"])
-    prompt_column: str | None = field(default=None, metadata={
-        "help": "column of a .csv/.tsv prompt file (default: prompt or caption)"})
-    start_seed: int = field(default=0, metadata={
-        "help": "seed of prompt index i = start_seed + i (default: %(default)s)"})
-    batch_size: int = field(default=4, metadata={"help": "prompts per pipeline call"})
-    save_noise: bool = field(default=False, metadata={
-        "help": "also save each method's initial latents as noise/{method}/{index}.pt (C, H, W)"})
-    rnn_weights_path: str | None = field(default=None, metadata={
-        "help": "trained RNN export (needed for gnsnet): .safetensors, .json, their stem, the run dir, or the "
-                "seed's rnn_v3_model_final.pth (= that export)"})
-    predict_variance: bool = field(default=False, metadata={"help": PREDICT_VARIANCE_HELP})
-    num_gen_steps: int | None = field(default=None, metadata={
-        "help": "n: RNN rollout / oracle steps (default: num_steps of the RNN's training data, else 10)"})
-    golden_overrides: dict = field(default_factory=dict)  # GoldenConfig fields given for the oracle (else the RNN's)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
+    A field's `rerun` keys are batch_settings.json's record of it that a rerun into the same folder must keep
+    (`loaded`: known once the models are loaded; `when_unused`: None when this run's methods do not use it, then
+    the earlier run's values are kept). The batch size is one of them: a sample's pixels depend on its batch-mates
+    in the last bits."""
+
+    prompt_file: str = setting(rerun="prompt_fingerprint")
+    output_base_dir: str = setting("./inference_output", "folder of the {method}_output/ folders")
+    methods: list[str] = setting(default_factory=lambda: ["standard", "gnsnet"])  # --methods may grow on a rerun
+    prompt_column: str | None = setting(None, "column of a .csv/.tsv prompt file (default: prompt or caption)")
+    start_seed: int = setting(0, "seed of prompt index i = start_seed + i (default: %(default)s)", rerun=True)
+    batch_size: int = setting(4, "prompts per pipeline call", min=1, rerun=True)
+    save_noise: bool = setting(False, "also save each method's initial latents as noise/{method}/{index}.pt (C, H, "
+                               "W)")
+    rnn_weights_path: str | None = setting(None, "trained RNN export (needed for gnsnet): .safetensors, .json, their "
+                                           "stem, the run dir, or the seed's rnn_v3_model_final.pth (= that export)",
+                                           rerun="rnn_sha256", when_unused=("rnn_weights_file", "rnn_sha256",
+                                                                            "rnn_model_config", "rnn_run_config"))
+    predict_variance: bool = setting(False, PREDICT_VARIANCE_HELP)
+    num_gen_steps: int | None = setting(None, "n: RNN rollout / oracle steps (default: num_steps of the RNN's "
+                                        "training data, else 10)", min=1, rerun="num_gen_steps_used",
+                                        when_unused="num_gen_steps_used")
+    golden_overrides: dict = setting(default_factory=dict, rerun="golden", when_unused="golden")  # GoldenConfig
+    # fields given for the oracle (else the RNN's)
+    sampling: SamplingConfig = setting(default_factory=SamplingConfig)
+    pipeline: PipelineSpec = setting(default_factory=PipelineSpec)
+
+
+# What a rerun into an existing folder must keep (batch_settings.json's keys; --methods may grow), derived from the
+# fields' metadata: known before loading, known once loaded, and None when unused (then the earlier run's kept)
+EARLY_KEYS = rerun_keys(BatchJob)
+LOADED_KEYS = rerun_keys(BatchJob, "loaded")
+KEPT_WHEN_UNUSED = rerun_keys(BatchJob, "when_unused")
 
 
 @dataclass
@@ -99,11 +102,9 @@ def check_batch(job: BatchJob) -> None:
     if "gnsnet" in job.methods and not job.rnn_weights_path:
         raise UserError("--methods gnsnet needs --rnn_weights_path (a trained RNN export); "
                         "or choose --methods standard oracle")
-    for flag, value in (("--batch_size", job.batch_size), ("--num_gen_steps", job.num_gen_steps)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    check_fields(job)
     job.sampling.check()
-    golden_config_from(None, **job.golden_overrides)  # refuses negative guidance scales, naming the flag
+    golden_config_from(None, **job.golden_overrides)  # refuses golden-step values out of range, naming the flag
 
 
 def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNoise | None = None) -> dict | None:

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from ..cli import add_dataclass_arguments, check_fields, dataclass_from_args, setting
 from ..diffusion import SCHEDULERS, TIMESTEP_SPACINGS
 from ..errors import UserError
 from ..runtime import get_logger, model_dtype
-from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, check_guidance_scale, export_paths
+from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, export_paths
 
 logger = get_logger(__name__)
 
@@ -23,16 +24,18 @@ PREDICT_VARIANCE_HELP = ("the seed's flag: check that the export was trained wit
 
 @dataclass
 class PipelineSpec:
-    """Which diffusers pipeline to load, and how (the fields are named like golden_noise.cli's pipeline flags)."""
+    """Which diffusers pipeline to load, and how (the fields are named like golden_noise.cli's pipeline flags; their
+    `rerun` keys are what a run's settings record of them, resolved)."""
 
-    base_model_id: str | None = None  # None: the one the RNN was trained with, else diffusion.DEFAULT_MODEL_ID
-    revision: str | None = None
-    variant: str | None = None
-    dtype: str = "auto"               # auto: float16 on CUDA, float32 elsewhere (runtime.model_dtype)
-    device: str = "auto"
+    base_model_id: str | None = setting(None, rerun="base_model_id_used", loaded="pipeline_class")  # None: the
+    # one the RNN was trained with, else diffusion.DEFAULT_MODEL_ID
+    revision: str | None = setting(None, rerun=True)
+    variant: str | None = setting(None, rerun=True)
+    dtype: str = setting("auto", rerun="dtype_used")  # auto: float16 on CUDA, float32 elsewhere (runtime.model_dtype)
+    device: str = setting("auto", rerun="device_type")
     enable_model_cpu_offload: bool = False
-    enable_vae_slicing: bool = False
-    enable_vae_tiling: bool = False
+    enable_vae_slicing: bool = setting(False, rerun=True)
+    enable_vae_tiling: bool = setting(False, rerun=True)
 
 
 @dataclass
@@ -41,37 +44,35 @@ class SamplingConfig:
     sweep; add them with `add_sampling_arguments`). The golden noise is always made by the base pipeline (the RNN's
     text embedding, the oracle); `sampling_model_id` / `sampling_unet` / `sampling_lora` make a separate sampler."""
 
-    num_inference_steps: int = field(default=30, metadata={"help": "sampling steps of the sampler"})
-    guidance_scale: float = field(default=5.5, metadata={
-        "help": "classifier-free guidance of the sampling; diffusers applies none for a scale <= 1 (as 1.0); "
-                "FLUX.1 [dev]: the value of its guidance embedding"})
-    negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt of the sampling"})
-    scheduler: str = field(default="default", metadata={
-        "choices": SCHEDULERS,
-        "help": "sampling scheduler: the sampler's own ('default'), or for UNet models DDIM, DPM-Solver++, Euler, "
-                "Euler ancestral, LCM (LCM-LoRA) or TCD (Hyper-SD), built from the sampler's scheduler config"})
-    timestep_spacing: str | None = field(default=None, metadata={
-        "choices": TIMESTEP_SPACINGS,
-        "help": "override the sampling scheduler's timestep spacing (trailing for SDXL-Lightning/Turbo few-step "
-                "sampling; default: the scheduler config's)"})
-    height: int | None = field(default=None, metadata={
-        "help": "image height in px (default: the RNN's training resolution, else the model's default size)"})
-    width: int | None = field(default=None, metadata={
-        "help": "image width in px (default: the RNN's training resolution, else the model's default size)"})
-    sampling_model_id: str | None = field(default=None, metadata={
-        "help": "separate sampler: another diffusers pipeline (hub id or local dir) of the base model's latent "
-                "space that samples the images, e.g. stabilityai/sdxl-turbo for an SDXL-trained RNN (default: the "
-                "base pipeline)"})
-    sampling_unet: str | None = field(default=None, metadata={
-        "help": "separate sampler: a UNet swapped into the sampler, as a diffusers UNet folder or hub repo, or a "
-                "single .safetensors state dict (a local file, or hub 'org/repo/file.safetensors', e.g. "
-                "ByteDance/SDXL-Lightning/sdxl_lightning_4step_unet.safetensors)"})
-    sampling_lora: str | None = field(default=None, metadata={
-        "help": "separate sampler: LoRA weights fused into a copy of the sampler's denoiser (a .safetensors file, "
-                "a folder or hub repo holding pytorch_lora_weights.safetensors, or 'org/repo/file.safetensors'), "
-                "e.g. latent-consistency/lcm-lora-sdxl; needs peft"})
-    sampling_lora_scale: float | None = field(default=None, metadata={
-        "help": "weight of --sampling_lora when fused (default 1.0)"})
+    num_inference_steps: int = setting(30, "sampling steps of the sampler", min=1, rerun=True)
+    guidance_scale: float = setting(5.5, "classifier-free guidance of the sampling; diffusers applies none for a "
+                                    "scale <= 1 (as 1.0); FLUX.1 [dev]: the value of its guidance embedding", min=0,
+                                    rerun=True)
+    negative_prompt: str | None = setting(None, "negative prompt of the sampling", rerun=True)
+    scheduler: str = setting("default", "sampling scheduler: the sampler's own ('default'), or for UNet models DDIM, "
+                             "DPM-Solver++, Euler, Euler ancestral, LCM (LCM-LoRA) or TCD (Hyper-SD), built from the "
+                             "sampler's scheduler config", choices=SCHEDULERS, rerun=True, loaded="scheduler_class")
+    timestep_spacing: str | None = setting(None, "override the sampling scheduler's timestep spacing (trailing for "
+                                           "SDXL-Lightning/Turbo few-step sampling; default: the scheduler config's)",
+                                           choices=TIMESTEP_SPACINGS, rerun=True)
+    height: int | None = setting(None, "image height in px (default: the RNN's training resolution, else the model's "
+                                 "default size)", loaded=("height_used", "latent_shape"))
+    width: int | None = setting(None, "image width in px (default: the RNN's training resolution, else the model's "
+                                "default size)", loaded="width_used")
+    sampling_model_id: str | None = setting(None, "separate sampler: another diffusers pipeline (hub id or local dir) "
+                                            "of the base model's latent space that samples the images, e.g. "
+                                            "stabilityai/sdxl-turbo for an SDXL-trained RNN (default: the base "
+                                            "pipeline)", rerun=True)
+    sampling_unet: str | None = setting(None, "separate sampler: a UNet swapped into the sampler, as a diffusers UNet "
+                                        "folder or hub repo, or a single .safetensors state dict (a local file, or "
+                                        "hub 'org/repo/file.safetensors', e.g. "
+                                        "ByteDance/SDXL-Lightning/sdxl_lightning_4step_unet.safetensors)", rerun=True)
+    sampling_lora: str | None = setting(None, "separate sampler: LoRA weights fused into a copy of the sampler's "
+                                        "denoiser (a .safetensors file, a folder or hub repo holding "
+                                        "pytorch_lora_weights.safetensors, or 'org/repo/file.safetensors'), e.g. "
+                                        "latent-consistency/lcm-lora-sdxl; needs peft", rerun=True)
+    sampling_lora_scale: float | None = setting(None, "weight of --sampling_lora when fused (default 1.0)",
+                                                rerun=True)
 
     @property
     def separate(self) -> bool:
@@ -80,9 +81,7 @@ class SamplingConfig:
 
     def check(self) -> None:
         """UserError naming the flag of a value no run can use."""
-        if self.num_inference_steps < 1:
-            raise UserError(f"--num_inference_steps must be at least 1, got {self.num_inference_steps}")
-        check_guidance_scale("--guidance_scale", self.guidance_scale)
+        check_fields(self)
         if self.sampling_lora_scale is not None and not self.sampling_lora:
             raise UserError("--sampling_lora_scale is the weight of --sampling_lora: pass --sampling_lora too")
 
@@ -98,22 +97,17 @@ class SamplingConfig:
 def add_sampling_arguments(group) -> list[str]:
     """The sampler's flags (every SamplingConfig field: steps, guidance, scheduler, size, separate sampler), for
     stages 4 and 5 and the sweep; read them back with `sampling_from_args`."""
-    from ..cli import add_dataclass_arguments
-
     return add_dataclass_arguments(group, SamplingConfig)
 
 
 def sampling_from_args(args) -> SamplingConfig:
     """The SamplingConfig the flags of `add_sampling_arguments` describe."""
-    from ..cli import dataclass_from_args
-
     return dataclass_from_args(SamplingConfig, args)
 
 
 def add_golden_override_arguments(group, helps: dict[str, str] | None = None) -> list[str]:
     """The oracle's GoldenConfig flags (stage 5, the sweep), each defaulting to None: the RNN's training data
     decides, else GoldenConfig's own default; read the given ones back with `golden_overrides_from_args`."""
-    from ..cli import add_dataclass_arguments
     from ..golden import GoldenConfig
 
     none = {f.name: None for f in dataclasses.fields(GoldenConfig)}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import check_fields
 from ..diffusion import family_of, sample_images
 from ..errors import UserError
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json
@@ -30,7 +31,7 @@ class SingleJob:
         "help": "file-name stem of the outputs (default: a slug of the prompt plus the seed)"})
     seed: int = field(default=42, metadata={"help": "seed of the initial noise x_T"})
     num_gen_steps: int | None = field(default=None, metadata={
-        "help": "RNN rollout length n (default: num_steps of the training data; another value warns)"})
+        "help": "RNN rollout length n (default: num_steps of the training data; another value warns)", "min": 1})
     generate_standard: bool = field(default=False, metadata={
         "help": "also sample the standard image from x_T itself, same seed and settings"})
     generate_oracle: bool = field(default=False, metadata={
@@ -60,9 +61,8 @@ def check_single(job: SingleJob) -> str:
     text = normalize_prompt(job.prompt)
     if not text:
         raise UserError("--prompt is empty: pass a text prompt")
+    check_fields(job)
     job.sampling.check()
-    if job.num_gen_steps is not None and job.num_gen_steps < 1:
-        raise UserError(f"--num_gen_steps must be at least 1, got {job.num_gen_steps}")
     return text
 
 

@@ -3,9 +3,10 @@ any model loads, and the settings a rerun into the same --output_dir must keep."
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..cli import check_fields, rerun_fields, rerun_keys, setting
 from ..errors import UserError
 from ..evaluation import Metric
 from ..inference.batch import BatchJob
@@ -15,49 +16,44 @@ from .grid import GOLDEN, SEED_STRIDE, Unit
 
 SETTINGS_FILE = "sweep_settings.json"
 PROMPTS_FILE = "prompts.txt"  # the prompts the sweep uses (after --max_prompts), one per line, by index
-# what a rerun must keep: everything that shapes a cell's pixels (the grid, the methods and the metrics may grow)
-SAMPLER_KEYS = ("scheduler", "timestep_spacing", "sampling_model_id", "sampling_unet", "sampling_lora",
-                "sampling_lora_scale")  # the separate sampler: the same in every cell
-EARLY_KEYS = ("prompt_fingerprint", "start_seed", "seed_stride", "batch_size", "negative_prompt", *SAMPLER_KEYS,
-              "height", "width", "base_model_id_used", "revision", "variant", "dtype_used", "device_type",
-              "enable_vae_slicing", "enable_vae_tiling", "golden", "rnn_sha256")
-KEPT_WHEN_UNUSED = ("golden", "rnn_sha256")  # None when this run has no oracle / gnsnet cells
-
-
-def _f(default=dataclasses.MISSING, text: str = "", **kw):
-    if "default_factory" in kw:
-        return field(default_factory=kw.pop("default_factory"), metadata={"help": text, **kw})
-    return field(default=default, metadata={"help": text, **kw})
+GRID_FIELDS = ("guidance_scale", "num_inference_steps")  # SamplingConfig fields each cell sets from the grid
 
 
 @dataclass
 class SweepJob:
-    """A grid of guidance scales x sampling steps x rollout lengths x methods, scored by reward metrics."""
+    """A grid of guidance scales x sampling steps x rollout lengths x methods, scored by reward metrics.
 
-    prompt_file: str
-    output_dir: str = _f("./results/sweep", "folder of the cells, sweep.csv, plots and report.html")
-    guidance_scales: list[float] = _f(text="sampling CFG scales (diffusers applies none for a scale <= 1)",
-                                      default_factory=lambda: [1.0, 5.5])
-    num_inference_steps: list[int] = _f(text="sampling step counts", default_factory=lambda: [30])
-    num_gen_steps: list[int] | None = _f(None, "rollout lengths n of gnsnet and oracle (default: the n of the RNN's "
-                                         "training sequences, else 10)")
-    methods: list[str] = _f(text=f"methods: {METHOD_HELP}; standard is always made (every comparison's baseline)",
-                            default_factory=lambda: ["standard", "gnsnet", "oracle", "best_of_4"])
-    metrics: list[Metric] = field(default_factory=list)  # the CLI builds them from --metrics / --reward_path
-    selection_metric: str | None = _f(None, "the metric best_of_K selects by (default: the first of --metrics)")
-    prompt_column: str | None = _f(None, "column of a .csv/.tsv prompt file (default: prompt or caption)")
-    max_prompts: int | None = _f(None, "use only the first N prompts of the file")
-    start_seed: int = _f(0, "seed of prompt index i = start_seed + i; best_of_K's candidate k: + k * "
-                         f"{SEED_STRIDE:,}")
-    batch_size: int = _f(8, "prompts per pipeline call (part of the settings: pixels depend on batch-mates)")
-    rnn_weights_path: str | None = _f(None, "trained RNN export (needed for gnsnet; its training data also sets "
-                                      "the oracle's golden step, n and the image size)")
-    golden_overrides: dict = field(default_factory=dict)  # GoldenConfig fields for the oracle (else the RNN's)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # per cell: guidance and steps replaced
-    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
-    bootstrap_samples: int = _f(10000, "bootstrap resamples of each 95%% CI")
-    seed: int = _f(0, "seed of the bootstrap")
-    image_rows: int = _f(4, "prompts shown as image rows per (guidance, steps) in report.html")
+    A field's `rerun` keys are what sweep_settings.json records of it that a rerun into the same --output_dir must
+    keep: everything that shapes a cell's pixels (the grid, the methods and the metrics may grow); the sampling
+    settings but the grid's are the same in every cell."""
+
+    prompt_file: str = setting(rerun="prompt_fingerprint")
+    output_dir: str = setting("./results/sweep", "folder of the cells, sweep.csv, plots and report.html")
+    guidance_scales: list[float] = setting(help="sampling CFG scales (diffusers applies none for a scale <= 1)",
+                                           default_factory=lambda: [1.0, 5.5], min=0)
+    num_inference_steps: list[int] = setting(help="sampling step counts", default_factory=lambda: [30], min=1)
+    num_gen_steps: list[int] | None = setting(None, "rollout lengths n of gnsnet and oracle (default: the n of the "
+                                              "RNN's training sequences, else 10)", min=1)
+    methods: list[str] = setting(help=f"methods: {METHOD_HELP}; standard is always made (every comparison's "
+                                 "baseline)", default_factory=lambda: ["standard", "gnsnet", "oracle", "best_of_4"])
+    metrics: list[Metric] = setting(default_factory=list)  # the CLI builds them from --metrics / --reward_path
+    selection_metric: str | None = setting(None, "the metric best_of_K selects by (default: the first of --metrics)")
+    prompt_column: str | None = setting(None, "column of a .csv/.tsv prompt file (default: prompt or caption)")
+    max_prompts: int | None = setting(None, "use only the first N prompts of the file", min=1)
+    start_seed: int = setting(0, "seed of prompt index i = start_seed + i; best_of_K's candidate k: + k * "
+                              f"{SEED_STRIDE:,}", rerun=("start_seed", "seed_stride"))
+    batch_size: int = setting(8, "prompts per pipeline call (part of the settings: pixels depend on batch-mates)",
+                              min=1, rerun=True)
+    rnn_weights_path: str | None = setting(None, "trained RNN export (needed for gnsnet; its training data also "
+                                           "sets the oracle's golden step, n and the image size)",
+                                           rerun="rnn_sha256", when_unused="rnn_sha256")
+    golden_overrides: dict = setting(default_factory=dict, rerun="golden", when_unused="golden")  # GoldenConfig
+    # fields for the oracle (else the RNN's)
+    sampling: SamplingConfig = setting(default_factory=SamplingConfig)  # per cell: the GRID_FIELDS replaced
+    pipeline: PipelineSpec = setting(default_factory=PipelineSpec)
+    bootstrap_samples: int = setting(10000, "bootstrap resamples of each 95%% CI", min=1)
+    seed: int = setting(0, "seed of the bootstrap")
+    image_rows: int = setting(4, "prompts shown as image rows per (guidance, steps) in report.html", min=0)
     progress: bool = True
 
     @property
@@ -66,9 +62,17 @@ class SweepJob:
         return self.selection_metric or self.metrics[0].name
 
 
+# What a rerun must keep (sweep_settings.json's keys), derived from the fields' metadata: known before any model
+# loads, known once loaded, and None when this run has no oracle / gnsnet cells (then the earlier run's kept)
+EARLY_KEYS = rerun_keys(SweepJob, exclude=GRID_FIELDS)
+LOADED_KEYS = rerun_keys(SweepJob, "loaded", exclude=GRID_FIELDS)
+KEPT_WHEN_UNUSED = rerun_keys(SweepJob, "when_unused")
+SAMPLER_FIELDS = rerun_fields(SamplingConfig, exclude=GRID_FIELDS)  # recorded as given: the same in every cell
+
+
 def check_job(job: SweepJob) -> None:
     """Flag errors that need no file or model, each a UserError naming the flag."""
-    from ..inference.api import check_guidance_scale, golden_config_from
+    from ..inference.api import golden_config_from
     from ..rewards.base import reward_factory
 
     bad = [m for m in job.methods if not is_method(m)]
@@ -84,15 +88,9 @@ def check_job(job: SweepJob) -> None:
     if job.selection_metric is not None and job.selection_metric not in names:
         raise UserError(f"--selection_metric {job.selection_metric} is not one of --metrics ({', '.join(names)}): "
                         "best_of_K selects by one of the metrics it is evaluated with")
-    for flag, values in (("--num_inference_steps", job.num_inference_steps), ("--num_gen_steps", job.num_gen_steps),
-                         ("--batch_size", [job.batch_size]), ("--max_prompts", [job.max_prompts])):
-        low = [v for v in values or [] if v is not None and v < 1]
-        if low:
-            raise UserError(f"{flag} must be at least 1, got {low[0]}")
-    for w in job.guidance_scales:
-        check_guidance_scale("--guidance_scales", w)
+    check_fields(job)
     job.sampling.check()
-    golden_config_from(None, **job.golden_overrides)  # refuses negative golden-step scales, naming the flag
+    golden_config_from(None, **job.golden_overrides)  # refuses golden-step values out of range, naming the flag
     for metric in job.metrics:  # an unknown name or a bad FILE.py:NAME fails now, before any model loads
         reward_factory(metric.reward)
 

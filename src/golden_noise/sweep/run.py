@@ -13,14 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import UserError
-from ..inference.batch import LOADED_KEYS  # resolved once the pipeline is loaded: the same for the sweep
 from ..io import atomic_write_json, atomic_write_text
 from ..methods import folder
 from ..prompts import Prompt
 from ..runtime import get_logger, on_main
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
-from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, PROMPTS_FILE, SAMPLER_KEYS, SETTINGS_FILE, SweepJob, check_job,
-                  metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
+from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_FIELDS, SETTINGS_FILE, SweepJob,
+                  check_job, metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
 
 logger = get_logger(__name__)
 
@@ -69,8 +68,8 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     sampling = job.sampling
     settings = {"prompt_file": str(job.prompt_file), "prompt_fingerprint": prompt_fingerprint(prompts),
                 "num_prompts": len(prompts), "start_seed": job.start_seed, "seed_stride": SEED_STRIDE,
-                "batch_size": job.batch_size, "negative_prompt": sampling.negative_prompt,
-                **{k: getattr(sampling, k) for k in SAMPLER_KEYS}, "height": sampling.height, "width": sampling.width,
+                "batch_size": job.batch_size, **{k: getattr(sampling, k) for k in SAMPLER_FIELDS},
+                "height": sampling.height, "width": sampling.width,
                 **pipeline_record(job.pipeline, gn, device), "revision": job.pipeline.revision,
                 "variant": job.pipeline.variant, "enable_vae_slicing": job.pipeline.enable_vae_slicing,
                 "enable_vae_tiling": job.pipeline.enable_vae_tiling, "golden": golden.to_dict() if golden else None,

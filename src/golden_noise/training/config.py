@@ -3,18 +3,22 @@
 from both, so every default is written once."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+
+from ..cli import check_fields, setting
 
 from ..model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNConfig
 
 # the architecture: every model config field that does not describe the data
 ARCH_FIELDS = tuple(f.name for f in fields(NoiseSequenceRNNConfig) if f.name not in DATA_FIELDS)
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+# accelerate's set_seed seeds numpy, whose seeds are 32-bit, with seed + process index: leave room for the processes
+TRAINING_SEED_RULES = {"min": 0, "max": 2 ** 31 - 1}
 
 
-def _f(default, group: str, text: str, **metadata):
-    """A TrainingConfig field: its default, its --help group and text (and e.g. choices)."""
-    return field(default=default, metadata={"group": group, "help": text, **metadata})
+def _f(default, group: str, text: str, **rules):
+    """A TrainingConfig field: its default, its --help group and text, and its rules (golden_noise.cli.setting)."""
+    return setting(default, text, group=group, **rules)
 
 
 @dataclass
@@ -26,54 +30,56 @@ class TrainingConfig:
     output_dir: str = _f("./output/rnn_v3_seq_model_output/", "data",
                          "checkpoints, tensorboard logs, validation.json and the final export")
     validation_fraction: float = _f(0.1, "data", "fraction of sample ids held out for validation (deterministic "
-                                    "split by id)")
-    max_seq_len: int | None = _f(None, "data", "train on the first N golden steps only")
+                                    "split by id)", min=0, below=1)
+    max_seq_len: int | None = _f(None, "data", "train on the first N golden steps only", min=1)
     skip_bad_samples: bool = _f(False, "data", "skip (and count) samples with missing, damaged or corrupt files "
                                 "instead of stopping")
     min_reward_gain: float | None = _f(None, "data", "train only on samples whose recorded reward_gain (reward of "
                                        "the image from x'_n minus that from x_T: generate_npd_series.py "
                                        "--score_metric) is >= X, NPNet's filter; the validation split is unchanged")
-    dataloader_num_workers: int = _f(2, "data", "data-loading worker processes per GPU")
+    dataloader_num_workers: int = _f(2, "data", "data-loading worker processes per GPU", min=0)
     noise_resolution: int | None = _f(None, "model", "H = W of the noise; default and check: the dataset's "
-                                      "latent_shape")
+                                      "latent_shape", min=1)
     text_embed_dim: int | None = _f(None, "model", "text-embedding size; default and check: the dataset's "
-                                    "text_embedding.dim")
+                                    "text_embedding.dim", min=1)
     base_model_id: str | None = _f(None, "model", "accepted for compatibility: the base model is the one recorded "
                                    "in run_config.json")
     npnet_model_id: str | None = _f(None, "model", "accepted for compatibility; not used by this model")
-    kl_weight: float = _f(0.0, "optimisation", "weight of KL(predicted Gaussian || N(0, I)) (default: 0, off)")
-    num_epochs: int = _f(50, "optimisation", "epochs (ignored when --max_train_steps is set)")
-    max_train_steps: int | None = _f(None, "optimisation", "optimizer steps in total; overrides --num_epochs")
-    batch_size: int = _f(8, "optimisation", "samples per device per micro-batch")
-    gradient_accumulation_steps: int = _f(1, "optimisation", "micro-batches per optimizer step")
-    learning_rate: float = _f(1e-4, "optimisation", "peak AdamW learning rate")
-    weight_decay: float = _f(1e-2, "optimisation", "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "optimisation", "AdamW beta1")
-    adam_beta2: float = _f(0.999, "optimisation", "AdamW beta2")
+    kl_weight: float = _f(0.0, "optimisation", "weight of KL(predicted Gaussian || N(0, I)) (default: 0, off)",
+                          min=0)
+    num_epochs: int = _f(50, "optimisation", "epochs (ignored when --max_train_steps is set)", min=1)
+    max_train_steps: int | None = _f(None, "optimisation", "optimizer steps in total; overrides --num_epochs", min=1)
+    batch_size: int = _f(8, "optimisation", "samples per device per micro-batch", min=1)
+    gradient_accumulation_steps: int = _f(1, "optimisation", "micro-batches per optimizer step", min=1)
+    learning_rate: float = _f(1e-4, "optimisation", "peak AdamW learning rate", above=0)
+    weight_decay: float = _f(1e-2, "optimisation", "AdamW weight decay", min=0)
+    adam_beta1: float = _f(0.9, "optimisation", "AdamW beta1", min=0, below=1)
+    adam_beta2: float = _f(0.999, "optimisation", "AdamW beta2", min=0, below=1)
     lr_warmup_steps: int | None = _f(None, "optimisation", "linear warmup steps before the cosine decay "
-                                     "(default: 5%% of the steps, at most 500)")
-    max_grad_norm: float = _f(1.0, "optimisation", "gradient clipping norm (0: no clipping)")
+                                     "(default: 5%% of the steps, at most 500)", min=0)
+    max_grad_norm: float = _f(1.0, "optimisation", "gradient clipping norm (0: no clipping)", min=0)
     mixed_precision: str | None = _f(None, "optimisation", "autocast precision (default: accelerate launch "
                                      "--mixed_precision or the accelerate config, else no; fp16 needs a GPU, on "
                                      "CPU it trains in float32)", choices=MIXED_PRECISION_CHOICES)
-    seed: int = _f(42, "optimisation", "seed of the model init, the data order and dropout")
-    save_steps: int = _f(1000, "checkpoints and logging", "save a resumable checkpoint-{step} every N steps")
-    max_checkpoints: int = _f(3, "checkpoints and logging", "keep only the newest N checkpoints (0: keep all)")
+    seed: int = _f(42, "optimisation", "seed of the model init, the data order and dropout", **TRAINING_SEED_RULES)
+    save_steps: int = _f(1000, "checkpoints and logging", "save a resumable checkpoint-{step} every N steps", min=1)
+    max_checkpoints: int = _f(3, "checkpoints and logging", "keep only the newest N checkpoints (0: keep all)",
+                              min=0)
     resume_from_checkpoint: str | None = _f(None, "checkpoints and logging", "'latest' or a checkpoint-{step} "
                                             "folder; a damaged checkpoint is an error naming its file")
     resume_fallback: bool = _f(False, "checkpoints and logging", "with --resume_from_checkpoint latest: when the "
                                "newest checkpoint is damaged, resume from the newest intact one (and set the "
                                "damaged ones aside as damaged-checkpoint-{step})")
-    validation_steps: int = _f(500, "checkpoints and logging", "validate every N steps (and always at the end)")
-    logging_steps: int = _f(10, "checkpoints and logging", "log the training losses every N steps")
+    validation_steps: int = _f(500, "checkpoints and logging", "validate every N steps (and always at the end)",
+                               min=0)
+    logging_steps: int = _f(10, "checkpoints and logging", "log the training losses every N steps", min=1)
     report_to: str = _f("tensorboard", "checkpoints and logging", "experiment tracker",
                         choices=("tensorboard", "none"))
 
-    # flag checks (golden_noise.cli.check_flag_minimum): at least 1, and not negative
-    POSITIVE = ("batch_size", "gradient_accumulation_steps", "num_epochs", "save_steps", "logging_steps",
-                "max_train_steps", "max_seq_len", "noise_resolution", "text_embed_dim")
-    NON_NEGATIVE = ("dataloader_num_workers", "max_checkpoints", "validation_steps", "kl_weight", "max_grad_norm",
-                    "weight_decay", "lr_warmup_steps")
+    def check(self) -> "TrainingConfig":
+        """A UserError naming the flag of a value out of range (the CLI checks the same rules when parsing)."""
+        check_fields(self)
+        return self
 
     def record(self, arch: NoiseSequenceRNNConfig) -> dict:
         """Every setting of the run, flat and in flag order: what checkpoints and the export record as `args`."""

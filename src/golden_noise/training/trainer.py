@@ -40,7 +40,7 @@ class Trainer:
     loaders), `resume`, `run` (the loop, `validate`, `save` checkpoints, `export`), `close`."""
 
     def __init__(self, config: TrainingConfig, arch: NoiseSequenceRNNConfig | None = None):
-        self.config = config
+        self.config = config.check()  # the same rules as the flags, for a config built in code
         self.arch = arch if arch is not None else architecture()
         self.output_dir = Path(config.output_dir)
         self.accelerator = self.lock = self.data = self.model_config = None
