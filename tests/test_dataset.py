@@ -168,7 +168,7 @@ def test_shard_pages_read_directly_equal_what_pyarrow_decodes(storage, tmp_path)
     import numpy as np
 
     from golden_noise.dataset.reader import ShardFile
-    from golden_noise.dataset.writer import ShardSample, seal_shard
+    from golden_noise.dataset.writer import SampleSpec, ShardSample, loose_chunks, seal_shard
 
     g = torch.Generator().manual_seed(0)
     dtype = getattr(torch, storage)
@@ -184,7 +184,7 @@ def test_shard_pages_read_directly_equal_what_pyarrow_decodes(storage, tmp_path)
         for options in (F.PARQUET_OPTIONS, {**F.PARQUET_OPTIONS, "compression": "zstd"}):
             config["sharding"] = {**F.sharding(config, 8), "rows_per_group": 3, "parquet": options}
             samples = [ShardSample(i, f"p{i}", i) for i in range(n)]
-            seal_shard(root, 0, samples, config, source=loose, folder=F.SEQUENCES, remove_sources=False)
+            seal_shard(root, 0, samples, config, loose_chunks(loose, samples, SampleSpec.of(config)))
             shard = ShardFile(F.shard_path(root, 0))
             meta = shard.file.metadata
             if name == "sdxl" and options is F.PARQUET_OPTIONS:

@@ -20,6 +20,7 @@ import torch
 
 from golden_noise.dataset import format as F
 from golden_noise.dataset.generate import EARLY_KEYS, SIGNATURE_KEYS, GenerationSettings, Task
+from golden_noise.dataset.writer import SampleSpec, read_batch
 from golden_noise.errors import UserError
 from golden_noise.io import tensor_bytes, tensor_file_intact, tensor_file_problem
 from golden_noise.prompts import prompt_fingerprint, read_prompts
@@ -173,7 +174,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, tiny_pipeline_dir, capsys
     deadline = time.time() + 120
     # killed with some shards sealed and the next one's samples half-written in staging
     while not (len(list(resumed.glob("data/shard-*.parquet"))) >= 2 and
-               len(list(resumed.glob("staging/*_golden_sequence.pt"))) >= 2) and time.time() < deadline:
+               len(list(resumed.glob("staging/batch-*.safetensors"))) >= 2) and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -334,44 +335,42 @@ def foreign_pickle_zip() -> bytes:
 
 def test_damaged_staging_files_are_regenerated_and_nothing_else_changes(tmp_path, tiny_pipeline_dir, capsys,
                                                                         monkeypatch):
-    """A run killed before sealing leaves staging files; a flipped payload byte (which the zip structure check
-    cannot see), a torch zip holding a foreign pickle, a truncated file and a missing one are found on resume
-    (checksums), regenerated alone, and the dataset equals a fresh run's."""
-    pf = prompts_file(tmp_path, 6)
+    """A run killed before sealing leaves its staging files (one per global batch, safetensors with the sha256 of
+    their tensors); a flipped byte, a truncated file, a foreign file (a pickle) and a missing one are found on
+    resume (the checksum: every byte read), regenerated alone, and the dataset equals a fresh run's."""
+    import pickle
+
+    pf = prompts_file(tmp_path, 10)
     flags = ["--batch_size", 2, "--storage_dtype", "float32"]
     fresh, out = tmp_path / "fresh", tmp_path / "ds"
     assert generate(capsys, tiny_pipeline_dir, pf, fresh, *flags)[0] == 0
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # as if the run died after writing every sample, before sealing
+        raise KeyboardInterrupt  # as if the run died after writing every batch, before sealing
 
     monkeypatch.setattr("golden_noise.dataset.generate.seal_shard", killed)
     assert generate(capsys, tiny_pipeline_dir, pf, out, *flags)[0] == 130
     monkeypatch.undo()
-    staging = out / F.STAGING
-    assert len(list(staging.glob("*.pt"))) == 18 and not (out / "data").exists()
-    flipped, foreign, cut, gone = (staging / "3_golden_sequence.pt", staging / "1_text.pt", staging / "4_source.pt",
-                                   staging / "5_text.pt")
-    assert tensor_file_intact(flipped) and tensor_file_problem(flipped) is None
-    flip_byte(flipped, payload_offset(flipped) + 5)
-    assert tensor_file_intact(flipped) and "checksum" in tensor_file_problem(flipped)  # only the CRC sees it
-    foreign.write_bytes(foreign_pickle_zip())
-    assert tensor_file_intact(foreign) and "names 'posix getcwd'" in tensor_file_problem(foreign)
-    cut.write_bytes(cut.read_bytes()[:300])
-    gone.unlink()
-    untouched = {p.name: p.stat().st_mtime_ns for p in staging.glob("*.pt") if p not in (flipped, foreign, cut)}
+    batches = [F.batch_path(out, b) for b in range(5)]
+    assert all(p.is_file() for p in batches) and not (out / "data").exists()
+    spec = SampleSpec.of(json.loads((out / F.RUN_CONFIG).read_text()))
+    flip_byte(batches[1], batches[1].stat().st_size - 100)  # a tensor byte
+    assert "fails its sha256 check" in read_batch(batches[1], [2, 3], spec)[1]
+    batches[2].write_bytes(batches[2].read_bytes()[:500])
+    batches[3].write_bytes(pickle.dumps(torch.zeros(3)))
+    batches[4].unlink()
+    kept = batches[0].stat().st_mtime_ns
     written = []
     import golden_noise.dataset.writer as writer_module
-    real_save = writer_module.atomic_torch_save
-    monkeypatch.setattr(writer_module, "atomic_torch_save", lambda t, p: (written.append(Path(p).name),
-                                                                           real_save(t, p)))
+    real_write = writer_module.atomic_write_bytes
+    monkeypatch.setattr(writer_module, "atomic_write_bytes", lambda p, data: (written.append(Path(p).name),
+                                                                              real_write(p, data)))
     code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, out, *flags)
     assert code == 0, stderr
-    assert "3 sample files are damaged" in stderr and "3 damaged files regenerated" in stdout
-    assert "4 generated" in stdout and "2 already complete" in stdout
-    assert sorted(written) == sorted(p.name for p in (flipped, foreign, cut, gone))  # nothing else rewritten
-    assert same_tree(fresh, out)
-    assert untouched  # (the remaining staging files were sealed, then removed with the staging folder)
+    assert "3 staging files are damaged" in stderr and "3 damaged files regenerated" in stdout
+    assert "8 generated" in stdout and "2 already complete" in stdout
+    assert sorted(written) == [p.name for p in batches[1:]]  # nothing else rewritten
+    assert same_tree(fresh, out) and kept  # (batch 0's file was read when sealing, then removed with the rest)
 
 
 def test_a_damaged_shard_is_found_and_remade(finished, tiny_pipeline_dir, capsys):
@@ -407,7 +406,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, tiny_pipeline_di
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not list(out.glob("staging/*_golden_sequence.pt")) and proc.poll() is None:
+        while not list(out.glob("staging/batch-*.safetensors")) and proc.poll() is None:
             assert time.time() < deadline
             time.sleep(0.02)
         assert proc.poll() is None
@@ -488,8 +487,12 @@ def test_full_disk_is_a_clear_error_and_leaves_complete_samples(tmp_path, tiny_p
         assert code == 2
         assert "no space left on device while writing" in error_line(stderr)
         assert not list(out.rglob(".*.tmp"))
-        for seq in (out / F.STAGING).glob("*_golden_sequence.pt"):  # every visible file loads
-            assert torch.load(seq, weights_only=True).shape == (3, 4, 16, 16)
+        spec = SampleSpec.of(json.loads((out / F.RUN_CONFIG).read_text()))
+        files = sorted((out / F.STAGING).glob("batch-*.safetensors"))
+        assert files
+        for path in files:  # every visible staging file is whole
+            b = int(path.stem.split("-")[1])
+            assert read_batch(path, [2 * b, 2 * b + 1], spec)[1] is None
     finally:
         subprocess.run(["umount", str(mount)])
 

@@ -13,7 +13,7 @@ from ..runtime import get_logger
 from . import format as F
 from .generate import SIGNATURE_KEYS
 from .reader import load_run_config, read_metadata
-from .writer import ShardSample, finalize, seal_shard, sealed_records
+from .writer import SampleSpec, ShardSample, finalize, loose_chunks, seal_shard, sealed_records
 
 logger = get_logger(__name__)
 
@@ -61,8 +61,8 @@ def convert_dataset(old: str | Path, new: str | Path, samples_per_shard: int | N
         done = sealed_records(new, range(total))
         for k in range(total):
             if k not in done:
-                record = seal_shard(new, k, samples[k * per_shard:(k + 1) * per_shard], target, source=old,
-                                    folder=F.SEQUENCES, remove_sources=False)
+                part = samples[k * per_shard:(k + 1) * per_shard]
+                record = seal_shard(new, k, part, target, loose_chunks(old, part, SampleSpec.of(target)))
                 logger.info("sealed %s: %d samples, ids %d-%d", record["file"], record["rows"], record["first_id"],
                             record["last_id"])
         missing = finalize(new, target, SIGNATURE_KEYS)

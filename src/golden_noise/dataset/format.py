@@ -6,8 +6,9 @@ Format 2 (what stage 2 writes; `datasets.load_dataset(<root or hub id>, streamin
     <root>/data/shard-{k:05d}.parquet    the samples at prompt-list positions [k*S, (k+1)*S), sorted by id
     <root>/index.json                    shard files, id ranges, rows, bytes, sha256, the run's fingerprint;
                                          written when every shard is sealed (the dataset is complete)
-    <root>/staging/                      stage 2's work area (format 1's sample files, `sample_files`), sealed
-                                         into shards range by range and removed when the index is written
+    <root>/staging/batch-{b:08d}.safetensors   stage 2's work area: global batch b's arrays and ids, with the
+                                         sha256 of its tensors in its header; a shard is sealed from its batches,
+                                         which then go; the folder goes when the index is written
 
 A shard's columns (`features`): id int64, prompt string, seed int64, source [C,H,W], golden [n,C,H,W], text [P]
 in the storage dtype, optionally prompt_embeds [T,D] and reward_standard / reward_golden / reward_gain float64.
@@ -62,11 +63,16 @@ SHARD_COLUMN = {"source_noise_file": "source", "golden_sequence_file": "golden",
                 "prompt_embeds_file": "prompt_embeds"}
 
 
-# ---- sample files (format 1's sequences/, format 2's staging/) ------------------------------------------------
+def batch_path(root: str | Path, b: int) -> Path:
+    """Stage 2's staging file of global batch b."""
+    return Path(root) / STAGING / f"batch-{b:08d}.safetensors"
+
+
+# ---- format 1's sample files -------------------------------------------------------------------------------------
 
 def sample_files(sample_id: int, save_prompt_embeds: bool = False, scored: bool = False,
                  folder: str = SEQUENCES) -> dict[str, str]:
-    """{column: path relative to the dataset root} of one sample's files, in writing order."""
+    """{column: path relative to the dataset root} of one format-1 sample's files, in writing order."""
     columns = FILE_COLUMNS + (OPTIONAL_FILE_COLUMNS if save_prompt_embeds else ()) + ((SCORES_COLUMN,) if scored
                                                                                        else ())
     ordered = sorted(columns, key=lambda c: c == "golden_sequence_file")

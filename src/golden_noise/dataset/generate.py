@@ -36,7 +36,7 @@ from ..runtime import (get_logger, global_batches, model_dtype, on_main, package
                        resolve_dtype)
 from ..scoring import SampleScorer, ScoringConfig
 from . import format as F
-from .writer import (SampleSpec, ShardSample, StagingWriter, damaged_columns, finalize, remove_index, seal_shard,
+from .writer import (SampleSpec, ShardSample, StagingWriter, finalize, read_batch, remove_index, seal_shard,
                      sealed_records, unseal_shard, verify_shards)
 
 logger = get_logger(__name__)
@@ -274,71 +274,70 @@ def check_rerun(root: str | Path, new: dict, prompts: Sequence[Prompt], keys: Se
 
 def extend_dataset(root: Path, plan: RerunPlan, run_config: dict, lock: RunLock | None) -> None:
     """Make an existing dataset the start of a longer prompt list: the index goes, the old partial last shard goes
-    back into staging files (dataset.writer.unseal_shard) without the old last partial batch's samples (they are
+    back into staging files (dataset.writer.unseal_shard) without the old last partial batch (its samples are
     recomputed in their new batch), then run_config records the new list. Each step is idempotent and a kill
     between steps leaves a dataset that the same rerun finishes."""
-    spec, per_shard = SampleSpec.of(run_config), int(run_config["sharding"]["samples_per_shard"])
-    stale = {p.index for p in plan.stale}
+    per_shard, batch = int(run_config["sharding"]["samples_per_shard"]), int(run_config["batch_size"])
     n_old = len(plan.old_prompts)
     remove_index(root)
     if n_old % per_shard:
         last = (n_old - 1) // per_shard
         if lock is not None:
             lock.add([last])  # it may be another task's shard
-        keep = {p.index for p in plan.old_prompts[last * per_shard:]} - stale
-        unseal_shard(root, last, keep, run_config)
-    for sample_id in stale:
-        for rel in spec.files(sample_id).values():
-            (root / rel).unlink(missing_ok=True)
+        unseal_shard(root, last, range(last * per_shard, n_old - n_old % batch), batch, run_config)
+    if n_old % batch:
+        F.batch_path(root, n_old // batch).unlink(missing_ok=True)  # the old partial batch (an unfinished run's)
     F.write_run_config(root, run_config)
     logger.info("the prompt list extends the dataset's %d prompts to %d; %d samples of the old last batch are "
-                "recomputed in their new batch", n_old, run_config["num_prompts"], len(stale))
+                "recomputed in their new batch", n_old, run_config["num_prompts"], len(plan.stale))
 
 
 @dataclass
 class WorkPlan:
-    """One process's share of the work: its global batches with the files each sample still needs."""
+    """One process's share of the work: the global batches (index, prompts) whose staging file it writes."""
 
-    batches: list[tuple[list[Prompt], dict[int, list[str]]]]  # (whole batch, {sample id: columns to write})
+    batches: list[tuple[int, list[Prompt]]]
     ids: set[int] = field(default_factory=set)  # the samples of this process's share: complete once it ran
-    to_write: int = 0       # samples with at least one file to write
-    damaged: list[str] = field(default_factory=list)  # files present but damaged (removed before the work)
+    to_write: int = 0       # samples of the batches to compute
+    damaged: list[str] = field(default_factory=list)  # staging files present but damaged (removed before the work)
 
 
 def plan_work(root: Path, prompts: Sequence[Prompt], batch_size: int, shards: Sequence[int], per_shard: int,
               spec: SampleSpec, rank: int, world: int) -> WorkPlan:
     """Check the staging files of this process's round-robin share of the global batches of `shards` (every byte:
-    writer.load_checked); damaged files are removed (a shard is sealed once all its files exist)."""
+    writer.read_batch); damaged ones are removed (a shard is sealed once all its batches' files exist)."""
     plan = WorkPlan(batches=[])
     wanted = set(shards)
-    batches = [b for i, b in enumerate(global_batches(prompts, batch_size)) if i * batch_size // per_shard in wanted]
-    for batch in batches[rank::world]:
-        todo = {}
-        for p in batch:
-            bad = damaged_columns(root, p.index, spec)
-            if bad:
-                todo[p.index] = list(bad)
-                files = spec.files(p.index)
-                for column, why in bad.items():
-                    if why != "missing":
-                        plan.damaged.append(files[column])
-                        (root / files[column]).unlink(missing_ok=True)
+    batches = [(b, batch) for b, batch in enumerate(global_batches(prompts, batch_size))
+               if b * batch_size // per_shard in wanted]
+    for b, batch in batches[rank::world]:
+        path = F.batch_path(root, b)
+        _, why = read_batch(path, [p.index for p in batch], spec)
+        if why:
+            if why != "missing":
+                plan.damaged.append(f"{F.STAGING}/{path.name} ({why})")
+                path.unlink(missing_ok=True)
+            plan.batches.append((b, batch))
+            plan.to_write += len(batch)
         plan.ids.update(p.index for p in batch)
-        plan.to_write += len(todo)
-        if todo:
-            plan.batches.append((batch, todo))
     return plan
 
 
 class Sealer:
-    """Seals this process's share of the shards (`mine`) as soon as every file of a shard's samples exists (a
-    cheap check after each batch, remembering what it found), and the rest at the end."""
+    """Seals this process's share of the shards (`mine`) as soon as the staging files of all a shard's batches
+    exist (a cheap check after each batch, remembering what it found), and the rest at the end."""
 
     def __init__(self, root: Path, prompts: Sequence[Prompt], run_config: dict, mine: Sequence[int]):
         self.root, self.prompts, self.run_config = root, prompts, run_config
         self.spec, self.per_shard = SampleSpec.of(run_config), int(run_config["sharding"]["samples_per_shard"])
-        self.pending = {k: list(self.samples(k)) for k in mine}
+        self.batch = int(run_config["batch_size"])
+        self.pending = {k: list(self.batches(k)) for k in mine}
         self.sealed: list[int] = []
+
+    def batches(self, k: int) -> range:
+        """The global batches of shard k."""
+        first = k * self.per_shard // self.batch
+        return range(first, first + -(-len(self.prompts[k * self.per_shard:(k + 1) * self.per_shard]) // self.batch))
 
     def samples(self, k: int) -> list[ShardSample]:
         start = self.run_config["start_seed"]
@@ -351,20 +350,32 @@ class Sealer:
             return
         k = min(self.pending)
         waiting = self.pending[k]
-        while waiting and all((self.root / rel).exists() for rel in self.spec.files(waiting[-1].id).values()):
+        while waiting and F.batch_path(self.root, waiting[-1]).exists():
             waiting.pop()
         if not waiting:
             self.seal(k)
 
+    def chunks(self, k: int):
+        """Shard k's staging batches, each checked (writer.read_batch)."""
+        for b in self.batches(k):
+            ids = [p.index for p in self.prompts[b * self.batch:(b + 1) * self.batch]]
+            path = F.batch_path(self.root, b)
+            arrays, why = read_batch(path, ids, self.spec)
+            if why:
+                raise UserError(f"{path} {why}: rerun generate_npd_series.py with the same flags to regenerate it")
+            yield ids, arrays
+
     def seal(self, k: int) -> None:
-        record = seal_shard(self.root, k, self.samples(k), self.run_config)
+        record = seal_shard(self.root, k, self.samples(k), self.run_config, self.chunks(k))
+        for b in self.batches(k):
+            F.batch_path(self.root, b).unlink(missing_ok=True)
         del self.pending[k]
         self.sealed.append(k)
         logger.info("sealed %s: %d samples, ids %d-%d, %.3g MB", record["file"], record["rows"], record["first_id"],
                     record["last_id"], record["bytes"] / 1e6)
 
     def finish(self) -> None:
-        """Seal every pending shard (all samples are written)."""
+        """Seal every pending shard (all its batches are written)."""
         for k in sorted(self.pending):
             self.seal(k)
 
@@ -384,8 +395,8 @@ def prepare_output(root: Path, run_config: dict, prompts: Sequence[Prompt], sett
             F.write_run_config(root, run_config)
         per_shard = run_config["sharding"]["samples_per_shard"]
         mine = set(task.shards(F.num_shards(len(prompts), per_shard)))
-        ids = {p.index for k in mine for p in prompts[k * per_shard:(k + 1) * per_shard]}
-        owned = lambda name: name.split("_")[0].isdigit() and int(name.split("_")[0]) in ids  # noqa: E731
+        batch = settings.batch_size
+        owned = lambda name: name.startswith("batch-") and int(name[6:14]) * batch // per_shard in mine  # noqa
         stale = remove_stale_temps([root / F.STAGING], owned)  # a killed run's temporary files (never read)
         stale += remove_stale_temps([root / F.DATA], lambda name: any(name == F.shard_name(k) for k in mine))
         if stale:
@@ -414,8 +425,8 @@ def check_sealed(root: Path, shards: Sequence[int], rank: int, world: int) -> li
 @torch.no_grad()
 def compute_batches(pipe, golden: GoldenStep, plan: WorkPlan, settings: GenerationSettings, writer: StagingWriter,
                     bar, scorer=None, after_batch=lambda: None) -> None:
-    """Run the golden step on each planned batch (and the `scorer`, if any) and queue the files its samples still
-    need; a batch holding a non-finite value is an error (nothing of it is written)."""
+    """Run the golden step on each planned batch (and the `scorer`, if any) and queue its staging file; a batch
+    holding a non-finite value is an error (nothing of it is written)."""
     family = family_of(pipe)
     shape = latent_shape(pipe, settings.height, settings.width)
     height, width = image_size(pipe, settings.height, settings.width)
@@ -423,25 +434,21 @@ def compute_batches(pipe, golden: GoldenStep, plan: WorkPlan, settings: Generati
     need_uncond = any(guidance_branches(w) != ["cond"] for w in (settings.golden.denoise_guidance_scale,
                                                                  settings.golden.inversion_guidance_scale))
     device = family.device
-    for batch, todo in plan.batches:
-        # the whole fixed batch is recomputed so each sample sees the same batch composition
+    for b, batch in plan.batches:
         texts = [p.text for p in batch]
         cond = encode_prompts(pipe, texts, height=height, width=width, with_uncond=need_uncond)
         x_t = family.initial_noise([settings.start_seed + p.index for p in batch], shape, device=device)
         seq = golden.sequence(x_t, cond, settings.num_steps)  # (B, n, C, H, W)
         # one device->host copy per batch and tensor, not a synchronising copy per sample
-        host = {"source_noise_file": x_t.to("cpu", storage), "golden_sequence_file": seq.to("cpu", storage),
-                "text_embedding_file": text_embedding(pipe, texts, cond, settings.text_embedding).to("cpu", storage)}
+        host = {"source": x_t.to("cpu", storage), "golden": seq.to("cpu", storage),  # (B, C, H, W), (B, n, C, H, W)
+                "text": text_embedding(pipe, texts, cond, settings.text_embedding).to("cpu", storage)}  # (B, P)
         if settings.save_prompt_embeds:
-            host["prompt_embeds_file"] = cond.cond_embeds.to("cpu", storage)  # (B, 77, D)
+            host["prompt_embeds"] = cond.cond_embeds.to("cpu", storage)  # (B, 77, D)
         check_finite(batch, host, settings)
-        # (B, 2) float64; only where a sample still needs its scores file (a resumed or repaired batch may not)
-        if scorer is not None and any(F.SCORES_COLUMN in columns for columns in todo.values()):
-            host[F.SCORES_COLUMN] = scorer(texts, x_t, seq[:, -1])
-        for i, p in enumerate(batch):
-            if p.index in todo:
-                writer.submit(p.index, {c: t[i] for c, t in host.items()}, only=todo[p.index])
-        bar.update(len(todo))
+        if scorer is not None:
+            host["scores"] = scorer(texts, x_t, seq[:, -1])  # (B, 2) float64
+        writer.submit(b, [p.index for p in batch], host)
+        bar.update(len(batch))
         after_batch()
 
 
@@ -453,7 +460,8 @@ def check_finite(batch: Sequence[Prompt], host: dict, settings: GenerationSettin
             first = batch[int(bad.nonzero()[0])]
             g = settings.golden
             raise UserError(f"sample {first.index} ({int(bad.sum())} of its batch of {len(batch)}): its "
-                            f"{column.removesuffix('_file').replace('_', ' ')} holds NaN or inf values in "
+                            f"{'golden sequence' if column == 'golden' else column.replace('_', ' ')} holds NaN or "
+                            f"inf values in "
                             f"{settings.storage_dtype}, nothing of the batch was written: use finite, moderate "
                             f"guidance scales (--denoise_guidance_scale {g.denoise_guidance_scale:g}, "
                             f"--inversion_guidance_scale {g.inversion_guidance_scale:g}) or --storage_dtype float32 "
@@ -498,10 +506,10 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
         spec = SampleSpec.of(run_config)
         plan = plan_work(root, prompts, settings.batch_size, unsealed, per_shard, spec, rank, world)
         if plan.damaged:
-            logger.warning("%d sample files are damaged (%s%s) and are regenerated", len(plan.damaged),
+            logger.warning("%d staging files are damaged (%s%s) and are regenerated", len(plan.damaged),
                            ", ".join(plan.damaged[:3]), ", ..." if len(plan.damaged) > 3 else "")
         barrier()  # every damaged file is removed before any shard can look complete
-        writer = StagingWriter(root, spec)
+        writer = StagingWriter(root)
         sealer = Sealer(root, prompts, run_config, unsealed[rank::world])
         start = time.perf_counter()
         bar = tqdm(total=plan.to_write, desc=f"golden sequences [{rank}/{world}]", unit="sample",
@@ -520,7 +528,7 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
     finally:
         if lock is not None:
             lock.release()
-    computed = sum(len(b) for b, _ in plan.batches) * settings.num_steps  # golden steps, whole batches
+    computed = plan.to_write * settings.num_steps  # golden steps, whole batches
     evaluations = golden.counter.evaluations
     sealed_before = len(set(mine) - set(unsealed))
     return {"generated": plan.to_write, "already_complete": len(plan.ids) - plan.to_write + (

@@ -1,39 +1,45 @@
-"""Writing the sharded dataset (golden_noise.dataset.format): stage 2's per-sample staging files, sealing a range of
-them into an immutable Parquet shard, unsealing one (a longer prompt list), and the index.
+"""Writing the sharded dataset (golden_noise.dataset.format): stage 2's staging files (one per global batch),
+sealing a shard from them (or from a format-1 dataset's loose files), unsealing one (a longer prompt list), and the
+index.
 
-Integrity: every staging file is a torch.save zip, which records a CRC-32 of each entry when it is written;
-`load_checked` reads every byte and checks it (one flipped byte fails), checks that the pickle inside is a plain
-tensor's (a foreign pickle fails before anything loads it), then loads it (weights only) and checks its shape, dtype
-and values. It runs on resume and when a range is sealed. A sealed shard's sha256 is recorded (its seal record, then
-index.json) and checked on resume and before training.
+Integrity: a staging file is a safetensors file (no pickle) whose header records the sha256 of its tensor bytes,
+computed when it is written; `read_batch` checks it (one flipped byte fails), and the ids, shapes, dtypes and
+values, on resume and when a shard is sealed. A format-1 file is checked by `load_checked` (each zip entry's CRC-32,
+which torch.save records, and the pickle inside, before it is loaded weights-only). A sealed shard's sha256 is
+recorded (its seal record, then index.json) and checked on resume and before training.
 
-Crash safety: a staging file appears atomically; a shard is written beside its final name, its record written, then
-renamed into place, and only then are its staging files removed. A kill -9 anywhere leaves a state that the same
-command finishes, with the same bytes.
+Crash safety: a staging file appears atomically; a shard is written beside its final name, its record written,
+then renamed into place, and only then are its staging files removed. A kill -9 anywhere leaves a state that the
+same command finishes, with the same bytes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterable, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io import (BackgroundWriter, atomic_path, atomic_torch_save, atomic_write_json, file_sha256, load_tensor,
+from ..io import (BackgroundWriter, atomic_path, atomic_write_bytes, atomic_write_json, file_sha256, load_tensor,
                   tensor_file_problem)
 from ..runtime import get_logger, resolve_dtype
 from . import format as F
 
 logger = get_logger(__name__)
+STAGING_FORMAT = "golden-noise staging batch"
 
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What each tensor file of a sample must hold: {column: shape (None: any 2-D)} and the storage dtype."""
+    """What a sample's arrays must be: {shard column: per-sample shape (None: any 2-D)} and the storage dtype
+    (`scores`, [reward_standard, reward_golden], is float64)."""
 
     shapes: dict
     dtype: torch.dtype
@@ -45,19 +51,105 @@ class SampleSpec:
         c, h, w = (int(s) for s in run_config["latent_shape"])
         n, dim = int(run_config["num_steps"]), int(run_config["text_embedding"]["dim"])
         embeds, scored = bool(run_config.get("save_prompt_embeds")), run_config.get("scoring") is not None
-        shapes = {"source_noise_file": (c, h, w), "golden_sequence_file": (n, c, h, w), "text_embedding_file": (dim,)}
+        shapes = {"source": (c, h, w), "golden": (n, c, h, w), "text": (dim,)}
         if embeds:
-            shapes["prompt_embeds_file"] = None
+            shapes["prompt_embeds"] = None
         if scored:
-            shapes[F.SCORES_COLUMN] = (2,)
+            shapes["scores"] = (2,)
         return cls(shapes, resolve_dtype(run_config.get("storage_dtype") or "float16"), embeds, scored)
 
-    def files(self, sample_id: int, folder: str = F.STAGING) -> dict[str, str]:
-        return F.sample_files(sample_id, self.save_prompt_embeds, self.scored, folder)
+    def dtype_of(self, column: str) -> torch.dtype:
+        return torch.float64 if column == "scores" else self.dtype
+
+    def problem(self, column: str, t: torch.Tensor, rows: int | None = None) -> str | None:
+        """Why tensor `t` is not column `column` (of `rows` samples, or of one), or None."""
+        shape = self.shapes[column]
+        lead = () if rows is None else (rows,)
+        if t.dtype != self.dtype_of(column) or (tuple(t.shape) != (*lead, *shape) if shape is not None
+                                                  else t.dim() != 2 + len(lead)):
+            return (f"holds {column} as a {t.dtype} tensor of shape {tuple(t.shape)}, expected "
+                    f"{self.dtype_of(column)} {(*lead, *shape) if shape is not None else '2-D'}")
+        if not torch.isfinite(t).all():
+            return f"holds NaN or inf values in {column}"
+        return None
+
+
+# ---- stage 2's staging files: one per global batch -----------------------------------------------------------
+
+def _header(blob: bytes) -> tuple[dict, int]:
+    """A safetensors file's JSON header and where its tensor bytes start."""
+    (size,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8:8 + size]), 8 + size
+
+
+def batch_bytes(ids: Sequence[int], arrays: dict) -> bytes:
+    """A staging file: the batch's ids and arrays ({shard column: (B, ...) tensor}) as safetensors, the sha256 of
+    the tensor bytes in its header."""
+    from safetensors.torch import save
+
+    tensors = {"ids": torch.tensor(list(ids), dtype=torch.int64),
+               **{k: v.detach().cpu().contiguous() for k, v in arrays.items()}}
+    plain = save(tensors)
+    digest = hashlib.sha256(memoryview(plain)[_header(plain)[1]:]).hexdigest()
+    return save(tensors, metadata={"format": STAGING_FORMAT, "sha256": digest})  # the same tensor bytes
+
+
+def read_batch(path: Path, ids: Sequence[int], spec: SampleSpec) -> tuple[dict | None, str | None]:
+    """({shard column: (B, ...) array}, None) for an intact staging file holding the samples `ids`, else
+    (None, why): its sha256, ids, shapes, dtypes and values are checked (every byte read)."""
+    from safetensors.torch import load
+
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    try:
+        header, start = _header(blob)
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != STAGING_FORMAT:
+            return None, "is not a staging file of stage 2"
+        if hashlib.sha256(memoryview(blob)[start:]).hexdigest() != meta.get("sha256"):
+            return None, "fails its sha256 check (a damaged byte)"
+        tensors = load(blob)
+    except Exception as e:  # truncated, not safetensors, a bad header
+        return None, f"is not a complete staging file ({type(e).__name__}): truncated or foreign"
+    if tensors.get("ids") is None or tensors["ids"].tolist() != list(ids):
+        return None, "holds other samples"
+    if set(tensors) != {"ids", *spec.shapes}:
+        return None, f"holds the arrays {sorted(set(tensors) - {'ids'})}, expected {sorted(spec.shapes)}"
+    for column in spec.shapes:
+        why = spec.problem(column, tensors[column], len(ids))
+        if why:
+            return None, why
+    return {k: v.numpy() for k, v in tensors.items() if k != "ids"}, None
+
+
+class StagingWriter:
+    """Writes staging files on a background thread so file I/O overlaps the next batch's UNet work."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.writer = BackgroundWriter(max_pending=4, drain_to=2)
+
+    def submit(self, b: int, ids: Sequence[int], arrays: dict[str, torch.Tensor]) -> None:
+        """Queue global batch b's file: its ids and arrays ({shard column: (B, ...) tensor on the CPU})."""
+        self.writer.submit(lambda: atomic_write_bytes(F.batch_path(self.root, b), batch_bytes(ids, arrays)))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ---- format 1's loose files ----------------------------------------------------------------------------------
+
+LOOSE_COLUMN = {"source_noise_file": "source", "golden_sequence_file": "golden", "text_embedding_file": "text",
+                "prompt_embeds_file": "prompt_embeds", F.SCORES_COLUMN: "scores"}
 
 
 def load_checked(path: Path, column: str, spec: SampleSpec) -> tuple[torch.Tensor | None, str | None]:
-    """(tensor, None) for an intact sample file, else (None, why): checksums, pickle, shape, dtype, finite values."""
+    """(tensor, None) for an intact format-1 sample file of shard column `column`, else (None, why): its
+    checksums and pickle (io.tensor_file_problem), then its shape, dtype and values once loaded weights-only."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -71,48 +163,22 @@ def load_checked(path: Path, column: str, spec: SampleSpec) -> tuple[torch.Tenso
         t = load_tensor(path, data)
     except UserError as e:
         return None, str(e).splitlines()[0]
-    dtype = torch.float64 if column == F.SCORES_COLUMN else spec.dtype
-    shape = spec.shapes[column]
     if not isinstance(t, torch.Tensor):
         return None, f"holds a {type(t).__name__}, not a tensor"
-    if t.dtype != dtype or (tuple(t.shape) != shape if shape is not None else t.dim() != 2):
-        return None, f"holds a {t.dtype} tensor of shape {tuple(t.shape)}, expected {dtype} {shape or '2-D'}"
-    if not torch.isfinite(t).all():
-        return None, "contains NaN or inf values"
-    return t, None
+    return (None, why) if (why := spec.problem(column, t)) else (t, None)
 
 
-def damaged_columns(root: Path, sample_id: int, spec: SampleSpec, folder: str = F.STAGING) -> dict[str, str]:
-    """{column: why} for each file of a sample that is missing or not intact (`load_checked`: reads every byte)."""
-    out = {}
-    for column, rel in spec.files(sample_id, folder).items():
-        _, why = load_checked(root / rel, column, spec)
-        if why:
-            out[column] = why
-    return out
-
-
-class StagingWriter:
-    """Writes samples' staging files on a background thread so file I/O overlaps the next batch's UNet work."""
-
-    def __init__(self, root: Path, spec: SampleSpec):
-        self.root, self.spec = root, spec
-        self.writer = BackgroundWriter(max_pending=4, drain_to=2)
-
-    def submit(self, sample_id: int, tensors: dict[str, torch.Tensor], only: Collection[str] | None = None) -> None:
-        """Queue one sample's tensors ({column: tensor}); `only` names the columns to write (default: all)."""
-        # .clone(): a saved view would carry its whole batch's storage
-        todo = {c: tensors[c].detach().to("cpu", torch.float64 if c == F.SCORES_COLUMN else self.spec.dtype).clone()
-                for c in self.spec.files(sample_id) if only is None or c in only}
-        self.writer.submit(self._write, sample_id, todo)
-
-    def _write(self, sample_id: int, tensors: dict) -> None:
-        for column, rel in self.spec.files(sample_id).items():  # the golden sequence last
-            if column in tensors:
-                atomic_torch_save(tensors[column], self.root / rel)
-
-    def close(self) -> None:
-        self.writer.close()
+def loose_chunks(source: Path, samples: Sequence["ShardSample"], spec: SampleSpec) -> Iterator[tuple[list, dict]]:
+    """A format-1 dataset's samples as (ids, {shard column: (1, ...) array}) chunks, each file checked."""
+    for s in samples:
+        arrays = {}
+        for column, rel in F.sample_files(s.id, spec.save_prompt_embeds, spec.scored).items():
+            t, why = load_checked(source / rel, LOOSE_COLUMN[column], spec)
+            if why:
+                raise UserError(f"{source / rel} {why}: regenerate that sample with the stage 2 that wrote it, or "
+                                "remove it from the dataset")
+            arrays[LOOSE_COLUMN[column]] = t.numpy()[None]
+        yield [s.id], arrays
 
 
 # ---- shards -------------------------------------------------------------------------------------------------
@@ -153,41 +219,52 @@ class ShardSample:
     seed: int
 
 
-def seal_shard(root: Path, k: int, samples: Sequence[ShardSample], run_config: dict, source: Path | None = None,
-               folder: str = F.STAGING, remove_sources: bool = True) -> dict:
-    """Write shard k of `root` from the samples' loose files (`source`/`folder`, default root/staging), each one
-    checked (`load_checked`); returns its seal record {file, shard, first_id, last_id, rows, bytes, sha256}."""
+def seal_shard(root: Path, k: int, samples: Sequence[ShardSample], run_config: dict,
+               chunks: Iterable[tuple[list, dict]]) -> dict:
+    """Write shard k of `root` from its samples' arrays, given in order as (ids, {shard column: (n, ...) array})
+    chunks (stage 2's staging batches, or format 1's loose files); returns its seal record {file, shard, first_id,
+    last_id, rows, bytes, sha256}, written before the shard takes its name."""
     import pyarrow.parquet as pq
 
-    source = Path(source) if source is not None else root
     spec = SampleSpec.of(run_config)
     rows_per_group = int(run_config["sharding"]["rows_per_group"])
-    path = F.shard_path(root, k)
-    writer = None
+    path, writer, pending, done = F.shard_path(root, k), None, [], 0
+    expected = iter(samples)
+
+    def flush(rows: list) -> None:
+        nonlocal writer, schema
+        group = [s for s, _ in rows]
+        columns = {"id": [s.id for s in group], "prompt": [s.prompt for s in group], "seed": [s.seed for s in group]}
+        for column in spec.shapes:
+            stacked = np.stack([arrays[column] for _, arrays in rows])
+            if column == "scores":  # (R, 2) float64: standard, golden
+                columns.update(zip(F.SCORE_FIELDS, (stacked[:, 0], stacked[:, 1], stacked[:, 1] - stacked[:, 0])))
+            else:
+                columns[column] = stacked
+        if writer is None:
+            embeds = columns["prompt_embeds"].shape[1:] if spec.save_prompt_embeds else None
+            schema = F.features(run_config, embeds, spec.scored).arrow_schema
+            writer = pq.ParquetWriter(tmp, schema, **run_config["sharding"]["parquet"])
+        writer.write_table(_table(schema, columns), row_group_size=rows_per_group)
+
+    schema = None
     with atomic_path(path) as tmp:
         try:
-            for start in range(0, len(samples), rows_per_group):
-                group = samples[start:start + rows_per_group]
-                tensors: dict[str, list] = {}
-                for s in group:
-                    for column, rel in spec.files(s.id, folder).items():
-                        t, why = load_checked(source / rel, column, spec)
-                        if why:
-                            raise UserError(f"{source / rel} {why}: rerun generate_npd_series.py with the same "
-                                            "flags to regenerate it" if folder == F.STAGING else
-                                            f"{source / rel} {why}: regenerate that sample")
-                        tensors.setdefault(column, []).append(t.numpy())
-                columns = {"id": [s.id for s in group], "prompt": [s.prompt for s in group],
-                           "seed": [s.seed for s in group]}
-                columns.update({F.SHARD_COLUMN[c]: np.stack(v) for c, v in tensors.items() if c != F.SCORES_COLUMN})
-                if spec.scored:
-                    scores = np.stack(tensors[F.SCORES_COLUMN])  # (R, 2) float64: standard, golden
-                    columns.update(zip(F.SCORE_FIELDS, (scores[:, 0], scores[:, 1], scores[:, 1] - scores[:, 0])))
-                if writer is None:
-                    embeds = columns["prompt_embeds"].shape[1:] if spec.save_prompt_embeds else None
-                    schema = F.features(run_config, embeds, spec.scored).arrow_schema
-                    writer = pq.ParquetWriter(tmp, schema, **run_config["sharding"]["parquet"])
-                writer.write_table(_table(schema, columns), row_group_size=rows_per_group)
+            for ids, arrays in chunks:
+                for j, sample_id in enumerate(ids):
+                    sample = next(expected, None)
+                    if sample is None or sample.id != sample_id:
+                        raise UserError(f"shard {k} of {root}: sample {sample_id} comes where "
+                                        f"{sample.id if sample else 'no sample'} belongs")
+                    pending.append((sample, {c: a[j] for c, a in arrays.items()}))
+                    done += 1
+                    if len(pending) == rows_per_group:
+                        flush(pending)
+                        pending = []
+            if pending:
+                flush(pending)
+            if done != len(samples):
+                raise UserError(f"shard {k} of {root}: {done} of its {len(samples)} samples were given")
         finally:
             if writer is not None:
                 writer.close()
@@ -195,36 +272,37 @@ def seal_shard(root: Path, k: int, samples: Sequence[ShardSample], run_config: d
                   "last_id": samples[-1].id, "rows": len(samples), "bytes": tmp.stat().st_size,
                   "sha256": file_sha256(tmp)}
         atomic_write_json(F.seal_record_path(root, k), record)  # before the rename: a sealed shard has a record
-    if remove_sources:
-        for s in samples:
-            for rel in spec.files(s.id, folder).values():
-                (source / rel).unlink(missing_ok=True)
     return record
 
 
-def unseal_shard(root: Path, k: int, keep: Collection[int], run_config: dict) -> int:
-    """Put the samples `keep` of shard k back into staging files (the same bytes stage 2 wrote), then remove the
-    index, the shard and its record; returns how many samples went back. Each step is idempotent: a kill between
-    them leaves a state that the same call finishes."""
+def unseal_shard(root: Path, k: int, positions: range, batch_size: int, run_config: dict) -> int:
+    """Put shard k's samples at prompt-list `positions` (whole global batches) back into staging files, then
+    remove the index, the shard and its record; returns how many samples went back. Each step is idempotent: a
+    kill between them leaves a state that the same call finishes."""
     from .reader import ShardFile
 
-    spec = SampleSpec.of(run_config)
     path, restored = F.shard_path(root, k), 0
+    per_shard = int(run_config["sharding"]["samples_per_shard"])
     if path.exists():
-        shard = ShardFile(path)
+        shard, spec = ShardFile(path), SampleSpec.of(run_config)
+        columns = [c for c in spec.shapes if c != "scores"] + (list(F.SCORE_FIELDS[:2]) if spec.scored else [])
+        ids, arrays = [], {c: [] for c in spec.shapes}
+        position = k * per_shard
         for g in range(shard.num_row_groups):
-            rows = shard.read_row_group(g, ("id", *F.SHARD_COLUMN.values(), *F.SCORE_FIELDS))
+            rows = shard.read_row_group(g, ("id", *columns))
             for j, sample_id in enumerate(rows["id"].tolist()):
-                if sample_id not in keep:
-                    continue
-                files = spec.files(sample_id)
-                for column, rel in files.items():
-                    if column == F.SCORES_COLUMN:
-                        t = torch.tensor([rows["reward_standard"][j], rows["reward_golden"][j]], dtype=torch.float64)
-                    else:
-                        t = torch.from_numpy(rows[F.SHARD_COLUMN[column]][j].copy())
-                    atomic_torch_save(t, root / rel)
-                restored += 1
+                if position in positions:
+                    ids.append(sample_id)
+                    for c in spec.shapes:
+                        arrays[c].append(np.stack([rows["reward_standard"][j], rows["reward_golden"][j]])
+                                         if c == "scores" else rows[c][j])
+                    if len(ids) == batch_size:
+                        b = position // batch_size
+                        atomic_write_bytes(F.batch_path(root, b), batch_bytes(
+                            ids, {c: torch.from_numpy(np.stack(v)) for c, v in arrays.items()}))
+                        restored += len(ids)
+                        ids, arrays = [], {c: [] for c in spec.shapes}
+                position += 1
     remove_index(root)
     path.unlink(missing_ok=True)
     F.seal_record_path(root, k).unlink(missing_ok=True)
