@@ -556,3 +556,19 @@ def test_flags_are_generated_from_the_dataclasses(capsys):
         with pytest.raises(SystemExit):
             cli.parse_args(["--prompt_file", "p.txt", *argv])
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_stage_2_imports_nothing_of_stages_5_and_6():
+    """Pipeline order: stage 2 (its CLI, the generator, scoring with its reward plumbing) and the dataset package
+    import no module of stage 5 (inference) or 6 (evaluation, report, sweep)."""
+    code = ("import sys, runpy; sys.argv = ['x', '--help']\n"
+            "import golden_noise.dataset.generate, golden_noise.dataset.convert, golden_noise.dataset.hub\n"
+            "import golden_noise.scoring, golden_noise.rewards.base, golden_noise.training.trainer\n"
+            "try:\n    runpy.run_path('src/generate_npd_series.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('golden_noise'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = proc.stdout.strip().splitlines()[-1].split()
+    assert "golden_noise.dataset.generate" in loaded and "golden_noise.scoring" in loaded
+    later = [m for m in loaded if m.split(".")[1:2] in (["inference"], ["evaluation"], ["report"], ["sweep"])]
+    assert later == [], later

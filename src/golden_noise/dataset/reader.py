@@ -85,8 +85,10 @@ def split_ids(ids: list[int], validation_fraction: float) -> tuple[list[int], li
 # ---- samples ------------------------------------------------------------------------------------------------
 
 class SequenceDataset(Dataset):
-    """Samples {id, source (C, H, W), golden (n, C, H, W), text (P,), valid, error} as float32 tensors; `rows` has
-    one entry per sample (with its `id`), which a format's subclass turns into tensors (`_arrays`).
+    """Samples {id, source (C, H, W), golden (n, C, H, W), text (P,), valid, error} as `dtype` tensors (float32,
+    or with `keep_dtype` the storage dtype: a loader then moves half the bytes, and the trainer converts on its
+    device, `as_float`, to the same values); `rows` has one entry per sample (with its `id`), which a format's
+    subclass turns into tensors (`_arrays`).
 
     A sample that cannot be read or has the wrong shape raises a UserError naming its file; with `return_errors`
     it comes back zero-filled with valid=False and the error string instead (from a loader worker too), so the
@@ -95,12 +97,12 @@ class SequenceDataset(Dataset):
     """
 
     def __init__(self, rows: list, latent_shape, text_dim: int, num_steps: int, max_seq_len: int | None = None,
-                 return_errors: bool = False):
+                 return_errors: bool = False, dtype: torch.dtype = torch.float32):
         self.rows = list(rows)
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.text_dim, self.num_steps = int(text_dim), int(num_steps)
         self.seq_len = min(self.num_steps, max_seq_len) if max_seq_len else self.num_steps
-        self.return_errors = return_errors
+        self.return_errors, self.dtype = return_errors, dtype
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -121,7 +123,7 @@ class SequenceDataset(Dataset):
     def load_sample(self, i: int) -> dict:
         """Load and check sample i (raises UserError on a bad file)."""
         row = self.rows[i]
-        source, golden, text = self._arrays(row)  # (C, H, W), (n, C, H, W), (P,)
+        source, golden, text = (t.to(self.dtype) for t in self._arrays(row))  # (C, H, W), (n, C, H, W), (P,)
         return {"id": row.id, "source": source, "golden": golden[: self.seq_len], "text": text, "valid": True,
                 "error": ""}
 
@@ -132,9 +134,9 @@ class SequenceDataset(Dataset):
             if not self.return_errors:
                 raise
             c, h, w = self.latent_shape
-            return {"id": self.rows[i].id, "source": torch.zeros(c, h, w),
-                    "golden": torch.zeros(self.seq_len, c, h, w), "text": torch.zeros(self.text_dim),
-                    "valid": False, "error": str(e)}
+            zeros = lambda *shape: torch.zeros(shape, dtype=self.dtype)  # noqa: E731
+            return {"id": self.rows[i].id, "source": zeros(c, h, w), "golden": zeros(self.seq_len, c, h, w),
+                    "text": zeros(self.text_dim), "valid": False, "error": str(e)}
 
 
 def replace_rows(dataset: SequenceDataset, rows: list) -> SequenceDataset:
@@ -149,6 +151,12 @@ def _finite(t: torch.Tensor) -> bool:
     # A sum is NaN/inf iff an element is (finite values cannot overflow these accumulators): 40x cheaper than an
     # elementwise isfinite, which would dominate the loading time.
     return bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype == torch.float16 else torch.float64)))
+
+
+def as_float(batch: dict) -> dict:
+    """A collated batch with its tensors in float32 (the trainer's device converts a storage-dtype batch: the exact
+    values a float32 loader would have given)."""
+    return {**batch, **{k: batch[k].float() for k in ("source", "golden", "text")}}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -410,12 +418,12 @@ class ShardedSequenceDataset(SequenceDataset):
                 raise UserError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape} from run_config.json")
             if not _finite(t):
                 raise UserError(f"{where}: {name} contains NaN or inf values: regenerate this sample")
-            tensors.append(t.float())
+            tensors.append(t)
         return tuple(tensors)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor viewing a read-only numpy array (Arrow's buffer; nothing writes to it: `.float()` copies)."""
+    """A tensor viewing a read-only numpy array (Arrow's buffer; nothing writes to it: collate copies)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's note on non-writable arrays
         return torch.from_numpy(array)
@@ -474,7 +482,7 @@ class LooseSequenceDataset(SequenceDataset):
             raise UserError(f"{path} has dtype {t.dtype}, expected a floating-point tensor")
         if not _finite(t):
             raise UserError(f"{path} contains NaN or inf values: regenerate this sample")
-        return t.float()
+        return t
 
     def _arrays(self, row: SampleRow):
         c, h, w = self.latent_shape
@@ -660,10 +668,11 @@ class SequenceData:
 
 def open_dataset(dataset_dir: str | Path, validation_fraction: float = 0.1, max_seq_len: int | None = None,
                  skip_bad_samples: bool = False, return_errors: bool = False,
-                 cache_bytes: int = CACHE_BYTES) -> SequenceData:
+                 cache_bytes: int = CACHE_BYTES, keep_dtype: bool = False) -> SequenceData:
     """Read run_config (and format 2's index, or format 1's metadata), verify every file of both splits
     (`skip_bad_samples`: drop and count the samples with a bad one), and split train/validation by id.
-    `dataset_dir` may be a hub dataset id (dataset.hub.resolve_dataset). `return_errors`: see SequenceDataset."""
+    `dataset_dir` may be a hub dataset id (dataset.hub.resolve_dataset). `return_errors`, `keep_dtype`: see
+    SequenceDataset."""
     from .hub import resolve_dataset
 
     root = resolve_dataset(dataset_dir)
@@ -672,15 +681,17 @@ def open_dataset(dataset_dir: str | Path, validation_fraction: float = 0.1, max_
     if max_seq_len is not None and max_seq_len < 1:
         raise UserError(f"--max_seq_len must be at least 1, got {max_seq_len}")
     shape, dim = cfg["latent_shape"], cfg["text_embedding"]["dim"]
+    dtype = DTYPES.get(str(cfg.get("storage_dtype")), torch.float16) if keep_dtype else torch.float32
     if cfg.get("format_version", 1) == F.LOOSE_FORMAT_VERSION:
         check = verify_files(root, read_metadata(root, n), cfg, skip_bad_samples)
-        make_split = lambda rows: LooseSequenceDataset(rows, shape, dim, n, max_seq_len, return_errors)  # noqa: E731
+        make_split = lambda rows: LooseSequenceDataset(rows, shape, dim, n, max_seq_len, return_errors,  # noqa: E731
+                                                       dtype)
     else:
         check = verify_shard_files(root, read_shard_index(root, cfg), skip_bad_samples)
         shards = [ShardFile(root / r["file"]) for r in check.good]
         check.good = shard_rows(shards, check.good)
         make_split = lambda rows: ShardedSequenceDataset(  # noqa: E731
-            shards, rows, shape, dim, n, max_seq_len, return_errors, cache_bytes=cache_bytes)
+            shards, rows, shape, dim, n, max_seq_len, return_errors, dtype, cache_bytes=cache_bytes)
     if not check.good:
         raise UserError(f"no sample of {dataset_dir} is intact")
     by_id = {r.id: r for r in check.good}
@@ -701,6 +712,7 @@ def golden_change_rms(dataset: SequenceDataset, max_samples: int = 256, skip_bad
             if not skip_bad_samples:
                 raise UserError(s["error"])
             continue
+        s = as_float(s)
         prev = torch.cat([s["source"][None], s["golden"][:-1]])  # (n, C, H, W)
         total += (s["golden"] - prev).double().pow(2).sum().item()
         count += s["golden"].numel()

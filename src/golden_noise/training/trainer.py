@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..dataset import format as dataset_format
+from ..dataset.reader import as_float
 from ..errors import UserError
 from ..io import atomic_write_json
 from ..model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
@@ -287,6 +288,7 @@ class Trainer:
         """Forward, loss and backward of one micro-batch (an optimizer step when gradients sync); returns every
         process's loss terms (P, 4): loss, recon, mse, kl."""
         acc, cfg, model = self.accelerator, self.config, self.model
+        batch = as_float(batch)  # the loader moves the storage dtype (half the bytes); the same values in float32
         if batch["errors"] and cfg.skip_bad_samples:
             if not set(batch["bad_ids"]) <= self.bad_ids:
                 logger.warning("skipping bad sample: %s", batch["errors"][0])
@@ -344,7 +346,7 @@ class Trainer:
         acc = self.accelerator
         net = acc.unwrap_model(self.model)
         parts: dict[str, list] = {}
-        for batch in self.val_loader:
+        for batch in map(as_float, self.val_loader):
             if batch["errors"] and not self.config.skip_bad_samples:
                 raise UserError(batch["errors"][0])
             with acc.autocast():
@@ -441,7 +443,7 @@ def _open_data(cfg: TrainingConfig):
     from ..dataset.reader import open_dataset
 
     data = open_dataset(cfg.dataset_dir, cfg.validation_fraction, cfg.max_seq_len, cfg.skip_bad_samples,
-                        return_errors=True)
+                        return_errors=True, keep_dtype=True)
     if cfg.min_reward_gain is not None:
         data.train = T.keep_reward_gain(data, cfg.min_reward_gain)
     return data
