@@ -130,7 +130,8 @@ def main(argv=None) -> int:
 
         loaders, cpu = [], []
         for fmt, root, kw in (("shards", sharded, {"cache_bytes": 0}), ("loose", loose, {})):
-            data = open_dataset(root, validation_fraction=0.0, **kw).train  # cache 0: every sample decodes
+            # as the trainer reads: the storage dtype (converted on its device); cache 0: every sample decodes
+            data = open_dataset(root, validation_fraction=0.0, keep_dtype=True, **kw).train
             ms = cpu_ms_per_sample(data, args.batch_size, args.epochs * n)
             cpu.append({"format": fmt, "cpu_ms_per_sample": ms, "samples_per_cpu_s": 1000 / ms,
                         "two_cores_vs_h200_bf16": 2000 / ms / targets["h200_bf16"]})

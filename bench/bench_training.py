@@ -99,7 +99,7 @@ def sdxl_flops(n: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.setup(args)
-    from golden_noise.dataset.reader import collate, open_dataset
+    from golden_noise.dataset.reader import as_float, collate, open_dataset
     from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
 
     results: dict = {"args": vars(args)}
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
             sizes.append(("sdxl", (4, 128, 128), args.sdxl_num_steps, 1280))
         for name, shape, n, dim in sizes:
             root = common.write_sharded_dataset(Path(tmp) / name, args.num_samples, n, shape, dim, args.batch_size)
-            data = open_dataset(root, validation_fraction=0.0).train
-            batch = collate([data[i] for i in range(args.batch_size)])
+            data = open_dataset(root, validation_fraction=0.0, keep_dtype=True).train  # as the trainer reads
+            batch = as_float(collate([data[i] for i in range(args.batch_size)]))
             mb = sum(p.stat().st_size for p in (root / "data").iterdir()) / args.num_samples / 2**20
             if name == "tiny":
                 model_sps = train_rate(tiny_config(predict_variance=True), batch, args.steps)

@@ -201,3 +201,23 @@ def test_shard_pages_read_directly_equal_what_pyarrow_decodes(storage, tmp_path)
             rows = [int(i) for i in shard.column("id")]
             assert rows == list(range(n))
             F.shard_path(root, 0).unlink()
+
+
+def test_dataset_bench_reports_files_bytes_and_loader_headroom(tmp_path):
+    """bench/bench_dataset.py --quick: files and bytes per sample of both formats, the integrity checks' speed and
+    the loader's rates against the GPU's measured training rate, each ratio from the rows it printed."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench/bench_dataset.py", "--quick", "--num_workers", 0, "--json", out,
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    sizes = {r["format"]: r for r in res["footprint"]}
+    assert sizes["loose (format 1)"]["files_per_sample"] == 3 and sizes["shards (format 2)"]["data_files"] == 1
+    assert sizes["shards (format 2)"]["files_at_100k"] < 1000 < sizes["loose (format 1)"]["files_at_100k"]
+    rates = res["train_rates"]
+    assert rates["h200_bf16"] == pytest.approx(96.2, abs=0.1) and rates["h200_fp32"] == pytest.approx(77.4, abs=0.1)
+    for row in res["loader"]:
+        assert row["headroom_vs_h200_bf16"] == pytest.approx(row["loader_samples_s"] / rates["h200_bf16"])
+    assert res["integrity"]["shard_sha256_GB_s"] > 0 and "[ok] 100k samples fit" in proc.stdout

@@ -26,7 +26,8 @@ class TrainingConfig:
     """Data, optimisation, checkpoint and logging settings of a training run (each is the flag of that name)."""
 
     dataset_dir: str = _f("./data/npd_sequence_dataset_sdxl/", "data",
-                          "dataset written by generate_npd_series.py (metadata.csv, run_config.json, sequences/)")
+                          "dataset written by generate_npd_series.py (run_config.json, index.json, data/*.parquet; "
+                          "an older one of loose files too), or a hub dataset id owner/name (scripts/push_dataset.py)")
     output_dir: str = _f("./output/rnn_v3_seq_model_output/", "data",
                          "checkpoints, tensorboard logs, validation.json and the final export")
     validation_fraction: float = _f(0.1, "data", "fraction of sample ids held out for validation (deterministic "
