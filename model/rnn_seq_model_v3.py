@@ -7,17 +7,17 @@ The change head starts at zero, so an untrained model is exactly the identity ba
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FINAL_STEM = "rnn_v3_model_final"
+from golden_noise.export import FINAL_STEM, ExportableModel
+
+__all__ = ["DATA_FIELDS", "FINAL_STEM", "NoiseSequenceRNNConfig", "NoiseSequenceRNN_v3"]
+
 LOGVAR_MIN, LOGVAR_MAX = -20.0, 5.0
 # config fields that describe the data, not the architecture: training sets them from the dataset
 DATA_FIELDS = ("latent_channels", "noise_resolution", "text_embed_dim", "delta_scale")
@@ -178,8 +178,13 @@ class Decoder(nn.Module):
         return F.silu(self.out_norm(h))
 
 
-class NoiseSequenceRNN_v3(nn.Module):
-    """CNN encoder -> GRU over steps (with the prompt) -> FiLM U-Net decoder predicting the next noise."""
+class NoiseSequenceRNN_v3(ExportableModel, nn.Module):
+    """CNN encoder -> GRU over steps (with the prompt) -> FiLM U-Net decoder predicting the next noise.
+
+    `save_pretrained(stem, extra)` / `from_pretrained(path)`: the sealed export of golden_noise.export."""
+
+    model_type = "NoiseSequenceRNN_v3"
+    config_class = NoiseSequenceRNNConfig
 
     def __init__(self, config: NoiseSequenceRNNConfig):
         super().__init__()
@@ -260,78 +265,3 @@ class NoiseSequenceRNN_v3(nn.Module):
             return torch.stack(outs, dim=1)  # (B, n, C, H, W)
         finally:
             self.train(was_training)
-
-    # ---- export -----------------------------------------------------------------------------------------
-    def save_pretrained(self, stem_path: str | os.PathLike, extra: dict | None = None) -> tuple[Path, Path]:
-        """Write `{stem}.safetensors` (weights, float32 on CPU) and `{stem}.json` ({"model_config", **extra})."""
-        from golden_noise.io import atomic_path, atomic_write_json
-
-        stem = Path(stem_path)
-        if stem.suffix in (".safetensors", ".json"):
-            stem = stem.with_suffix("")
-        weights, meta = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        blob = save_safetensors_bytes(state, {"format": "pt", "model": "NoiseSequenceRNN_v3",
-                                              "model_config": json.dumps(self.config.to_dict())})
-        with atomic_path(weights) as tmp:
-            tmp.write_bytes(blob)  # mode 0666 & ~umask: an export is meant to be shared
-        atomic_write_json(meta, {"model_config": self.config.to_dict(), **(extra or {})})
-        return weights, meta
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> tuple["NoiseSequenceRNN_v3", dict]:
-        """Load an export: the `.safetensors`, the `.json`, their stem, or a directory holding
-        `rnn_v3_model_final.*`. Returns (model in eval mode, the JSON metadata)."""
-        from safetensors.torch import load_file
-
-        from golden_noise.errors import UserError
-
-        weights, meta_path = resolve_export_paths(path)
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            config = NoiseSequenceRNNConfig.from_dict(meta["model_config"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"invalid model config {meta_path}: {type(e).__name__}: {e}") from None
-        model = cls(config)
-        try:
-            state = load_file(str(weights))
-            model.load_state_dict(state, strict=True)
-        except Exception as e:  # corrupt file or weights of another architecture
-            raise UserError(f"cannot load model weights {weights}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]}") from None
-        model.to(device=device, dtype=dtype)
-        return model.eval(), meta
-
-
-def save_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """A safetensors file's bytes, equal for equal tensors and metadata.
-
-    safetensors writes its metadata in the order of a hash map seeded per process, so two identical exports
-    differed; the header is rewritten here with the metadata keys sorted and the tensors in data order."""
-    from safetensors.torch import save
-
-    blob = save(tensors, metadata=metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
-    meta = header.pop("__metadata__", {})
-    ordered = dict(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
-    head = json.dumps({"__metadata__": dict(sorted(meta.items())), **ordered}, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format pads the header to a multiple of 8 bytes with spaces
-    return len(head).to_bytes(8, "little") + head + blob[8 + n:]
-
-
-def resolve_export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights .safetensors, config .json) of an export given either file, the stem, or its directory."""
-    from golden_noise.errors import UserError
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / FINAL_STEM
-    elif p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    weights, meta = p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
-    for f in (weights, meta):
-        if not f.is_file():
-            raise UserError(f"model file {f} does not exist: pass the training --output_dir or its "
-                            f"{FINAL_STEM}.safetensors export")
-    return weights, meta

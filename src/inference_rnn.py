@@ -21,7 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = make_parser(__doc__)
     p.add_argument("--rnn_weights_path", required=True,
                    help="the trained RNN export: its .safetensors, its .json, their stem, the training run directory "
-                        "holding rnn_v3_model_final.*, or the seed's rnn_v3_model_final.pth (= that export)")
+                        "holding rnn_v3_model_final.*, the seed's rnn_v3_model_final.pth (= that export), or a hub "
+                        "repo id owner/name (or a folder) holding model.safetensors + config.json")
     p.add_argument("--prompt", required=True, help="the text prompt")
     add_dataclass_arguments(p, SingleJob, exclude=("rnn_weights_path", "prompt", "sampling", "pipeline"))
     add_sampling_arguments(p.add_argument_group("sampling"))

@@ -6,7 +6,8 @@
 
 The latent shape and text-embedding size come from the dataset's run_config.json. Rerun with
 `--resume_from_checkpoint latest` to continue exactly where a run stopped. The final export is
-`<output_dir>/rnn_v3_model_final.safetensors` + `.json` (model config, dataset run_config, validation).
+`<output_dir>/rnn_v3_model_final.safetensors` + `.json` (model config, dataset run_config, validation);
+`--push_to_hub owner/name` uploads it with a model card (GoldenNoise.from_pretrained("owner/name") loads it).
 The loop lives in golden_noise.training.trainer; its flags come from TrainingConfig and NoiseSequenceRNNConfig.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from golden_noise.runtime import exit_cli, gloo_launch, run_cli
 from golden_noise.training.config import ARCH_FIELDS, TrainingConfig, architecture, field_groups
 
 GROUP_TITLES = {"data": "data", "model": "model (shape flags must agree with the dataset's run_config.json)",
-                "optimisation": "optimisation", "checkpoints and logging": "checkpoints and logging"}
+                "optimisation": "optimisation", "checkpoints and logging": "checkpoints and logging",
+                "hub": "Hugging Face Hub"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

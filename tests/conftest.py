@@ -58,6 +58,15 @@ def load_cli(relpath: str):
     return module
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache that huggingface_hub (and subprocesses) read offline; fill it with
+    golden_noise.testing.hub.cache_repo(hub_cache, "owner/name", files, repo_type="model" or "dataset")."""
+    from golden_noise.testing.hub import use_offline_cache
+
+    return use_offline_cache(monkeypatch, tmp_path / "hf-cache")
+
+
 def dataset_samples(root: Path) -> dict[int, dict]:
     """Every sample of a finished sharded dataset, {id: {column: tensor or value}} (small test datasets only)."""
     import json
@@ -70,6 +79,6 @@ def dataset_samples(root: Path) -> dict[int, dict]:
         for g in range(shard.num_row_groups):
             rows = shard.read_row_group(g, shard.file.schema_arrow.names)
             for j, sample_id in enumerate(rows["id"].tolist()):
-                out[sample_id] = {k: torch.from_numpy(v[j].copy()) if v.ndim > 1 else getattr(v[j], "item", lambda: v[j])()
-                                  for k, v in rows.items()}
+                out[sample_id] = {k: torch.from_numpy(v[j].copy()) if v.ndim > 1 else v[j].item()
+                                  if hasattr(v[j], "item") else v[j] for k, v in rows.items()}
     return out

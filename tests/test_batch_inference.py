@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,6 +200,41 @@ def test_rerun_with_other_settings_is_refused(reference, setup):
     with pytest.raises(UserError, match=r"other inputs or settings \(guidance_scale: 5.5 -> 7.0\)"):
         cli.main(cli.parse_args([*args, "--device", "cpu"]))
     assert outputs(reference) == before
+
+
+def test_a_changed_or_edited_export_is_refused(setup, tmp_path, capsys):
+    """Issue 20 item 4: the export's identity (weights sha256 + config sha256) is part of batch_settings.json. A
+    rerun after the seed's tamper (delta_scale edited in the export's json) fails to load the export, naming the
+    file; an export of the format before the seal whose config was edited loads, but the rerun is refused naming
+    rnn_config_sha256; no image changes."""
+    from golden_noise.export import config_sha256
+    from golden_noise.testing.hub import unseal_export
+    from tests.test_inference import run_in_process
+
+    cli = load_cli("scripts/batch_inference.py")
+    for sealed in (True, False):
+        run, out = tmp_path / f"run{sealed}", tmp_path / f"out{sealed}"
+        shutil.copytree(setup["export"], run)
+        if not sealed:
+            unseal_export(run / "rnn_v3_model_final.safetensors")
+        config = run / "rnn_v3_model_final.json"
+        args = ["--prompt_file", setup["prompt_file"], "--output_base_dir", out, "--rnn_weights_path", run,
+                "--methods", "gnsnet", "--batch_size", 2, "--num_inference_steps", 2, "--device", "cpu"]
+        cli.main(cli.parse_args([str(a) for a in args]))
+        doc = json.loads(config.read_text())
+        assert json.loads((out / "batch_settings.json").read_text())["rnn_config_sha256"] == config_sha256(doc)
+        before = snapshot(out)
+        if sealed:  # the seed's tamper: a smaller change per step, silently
+            config.write_text(json.dumps({**doc, "model_config": {**doc["model_config"], "delta_scale": 0.01}}))
+            message = f"error: {config} does not belong to rnn_v3_model_final.safetensors: edited after export"
+        else:  # an edit the older format cannot detect by itself (the config hash is not in its weights)
+            doc["run_config"]["prompt_file"] = "elsewhere.txt"
+            config.write_text(json.dumps(doc))
+            message = "error: " + str(out) + r" holds images made with other inputs or settings \(rnn_config_sha256: "
+        code, err = run_in_process(cli, args, capsys)
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and re.match(re.escape(message) if sealed else message, line), err
+        assert "Traceback" not in err and snapshot(out) == before
 
 
 def test_bad_inputs(setup, tiny_pipeline, tiny_pipeline_dir, tmp_path, capsys):

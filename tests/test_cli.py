@@ -22,7 +22,7 @@ from tests.conftest import ROOT
 CLIS = ["scripts/extract_prompts.py", "scripts/generate_test_prompts.py", "src/generate_npd_series.py",
         "src/train_rnn_model_v3.py", "src/inference_rnn.py", "scripts/batch_inference.py", "scripts/evaluate_hps.py",
         "scripts/sweep.py", "scripts/build_toy_world.py", "scripts/measure_oracle_gain.py",
-        "scripts/probe_text_embeddings.py", "scripts/quickstart_summary.py"]
+        "scripts/probe_text_embeddings.py", "scripts/quickstart_summary.py", "scripts/push_model.py"]
 
 
 def _parse(argv):

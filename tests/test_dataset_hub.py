@@ -4,15 +4,9 @@ against a local stand-in for the Hub's write API (HfApi.create_repo / upload_fol
 card sent."""
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
-
 import pytest
-import torch
 
-from golden_noise.dataset import format as F
+from golden_noise.testing.hub import UploadRecorder, cache_repo
 from tests.test_dataset import convert, loose  # noqa: F401  (the fixture)
 from tests.test_generate import flip_byte, run_main
 from tests.test_training import (ARCH, assert_same_tensors, export_tensors, fresh_process_state, train,  # noqa: F401
@@ -22,38 +16,14 @@ PUSH = "scripts/push_dataset.py"
 REPO = "golden-user/npd-toy"
 
 
-def cache_repo(cache: Path, repo_id: str, folder: Path, repo_type: str = "dataset") -> Path:
-    """Put `folder`'s files into a Hugging Face cache as huggingface_hub lays a downloaded repo out
-    (`datasets--owner--name/blobs/<sha256>`, `snapshots/<commit>/<path>` links, `refs/main`); returns the snapshot."""
-    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != ".lock"}
-    commit = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items()))
-                          .encode()).hexdigest()
-    storage = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    for name, data in files.items():
-        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = storage / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (storage / "refs").mkdir(parents=True, exist_ok=True)
-    (storage / "refs" / "main").write_text(commit)
-    return storage / "snapshots" / commit
-
-
-@pytest.fixture()
-def offline_cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face hub cache that huggingface_hub reads with no network (HF_HUB_OFFLINE=1)."""
+@pytest.fixture
+def online(monkeypatch):
+    """huggingface_hub allowed to 'reach' the hub with a token (every write goes to an UploadRecorder)."""
     from huggingface_hub import constants
 
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return UploadRecorder.install(monkeypatch)
 
 
 @pytest.fixture()
@@ -63,8 +33,8 @@ def sharded(loose, tmp_path, capsys):  # noqa: F811
     return new
 
 
-def test_training_from_a_hub_dataset_id_equals_training_from_its_folder(sharded, offline_cache, tmp_path, capsys):
-    snapshot = cache_repo(offline_cache, REPO, sharded)
+def test_training_from_a_hub_dataset_id_equals_training_from_its_folder(sharded, hub_cache, tmp_path, capsys):
+    snapshot = cache_repo(hub_cache, REPO, sharded, repo_type="dataset")
     args = ["--max_train_steps", 4, "--batch_size", 4, "--validation_fraction", 0.25, "--report_to", "none",
             "--dataloader_num_workers", 0]
     local = train("--dataset_dir", sharded, "--output_dir", tmp_path / "local", *args, arch=ARCH)
@@ -87,59 +57,32 @@ def test_training_from_a_hub_dataset_id_equals_training_from_its_folder(sharded,
     assert [int(r["id"]) for r in rows] == list(range(24)) and rows[5]["golden"].shape == (3, 4, 8, 8)
 
 
-def test_a_hub_dataset_that_is_not_there_is_one_line(offline_cache, tmp_path, capsys):
+def test_a_hub_dataset_that_is_not_there_is_one_line(hub_cache, tmp_path, capsys):
     line = train_error(capsys, "--dataset_dir", "golden-user/missing", "--output_dir", tmp_path / "out",
                        "--max_train_steps", 1, "--report_to", "none")
-    assert "--dataset_dir golden-user/missing is neither a local folder nor in the Hugging Face cache" in line
+    assert "--dataset_dir golden-user/missing is neither a local path nor in the Hugging Face cache" in line
     assert "HF_HUB_OFFLINE=1" in line
     # a repo that is in the cache but is no golden-noise dataset
     other = tmp_path / "other"
     (other / "data").mkdir(parents=True)
     (other / "data" / "train.csv").write_text("a,b\n1,2\n")
-    cache_repo(offline_cache, "golden-user/other", other)
+    cache_repo(hub_cache, "golden-user/other", other, repo_type="dataset")
     line = train_error(capsys, "--dataset_dir", "golden-user/other", "--output_dir", tmp_path / "out",
                        "--max_train_steps", 1, "--report_to", "none")
     assert "has no run_config.json: it is not a golden-noise sequence dataset" in line
 
 
-class HubStandIn:
-    """Records what HfApi.create_repo and HfApi.upload_folder would have sent (each file's bytes)."""
-
-    def __init__(self, monkeypatch):
-        from huggingface_hub import HfApi, constants
-
-        self.created, self.uploads = [], []
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-
-        def create_repo(api, repo_id, *, repo_type=None, private=None, exist_ok=False, **kw):
-            self.created.append({"repo_id": repo_id, "repo_type": repo_type, "private": private, "exist_ok": exist_ok})
-            return f"https://huggingface.co/datasets/{repo_id}"
-
-        def upload_folder(api, *, repo_id, folder_path, repo_type=None, commit_message=None, delete_patterns=None,
-                          **kw):
-            root = Path(folder_path)
-            self.uploads.append({"repo_id": repo_id, "repo_type": repo_type, "message": commit_message,
-                                 "delete": delete_patterns, "files": {p.relative_to(root).as_posix(): p.read_bytes()
-                                                                      for p in sorted(root.rglob("*"))
-                                                                      if p.is_file()}})
-            return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/datasets/{repo_id}/commit/1"})()
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-
-
-def test_push_dataset_sends_the_shards_and_a_card(sharded, tmp_path, capsys, monkeypatch):
-    hub = HubStandIn(monkeypatch)
+def test_push_dataset_sends_the_shards_and_a_card(sharded, online, tmp_path, capsys, monkeypatch):
     before = {p: p.read_bytes() for p in sharded.rglob("*") if p.is_file()}
     code, stdout, stderr = run_main(capsys, PUSH, sharded, REPO, "--private", "--prompt_source",
                                     "24 synthetic prompts")
     assert code == 0, stderr
     assert f"done: 24 samples" in stdout and f"https://huggingface.co/datasets/{REPO}" in stdout
-    assert hub.created == [{"repo_id": REPO, "repo_type": "dataset", "private": True, "exist_ok": True}]
-    (upload,) = hub.uploads
-    assert upload["repo_id"] == REPO and upload["repo_type"] == "dataset" and upload["delete"] == ["data/*.parquet"]
-    sent = upload["files"]
+    assert [(c["repo_id"], c["repo_type"], c["private"]) for c in online.created] == [(REPO, "dataset", True)]
+    (upload,) = online.uploads
+    assert upload.repo_id == REPO and upload.repo_type == "dataset" and upload.delete_patterns == ["data/*.parquet"]
+    assert upload.commit_message == "golden-noise dataset: 24 samples in 3 shards" and upload.private
+    sent = upload.files
     assert sorted(sent) == ["README.md", "data/shard-00000.parquet", "data/shard-00001.parquet",
                             "data/shard-00002.parquet", "index.json", "run_config.json"]
     for name in sent:
@@ -154,25 +97,17 @@ def test_push_dataset_sends_the_shards_and_a_card(sharded, tmp_path, capsys, mon
         assert text in card, text
     assert {p: p.read_bytes() for p in sharded.rglob("*") if p.is_file()} == before  # the dataset is unchanged
     # what was sent, found in a cache as a download would leave it, trains like the folder
-    from huggingface_hub import constants
+    from golden_noise.testing.hub import use_offline_cache
 
-    cache = tmp_path / "cache"
-    sent_dir = tmp_path / "sent"
-    for name, data in sent.items():
-        (sent_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (sent_dir / name).write_bytes(data)
-    cache_repo(cache, REPO, sent_dir)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache_repo(use_offline_cache(monkeypatch, tmp_path / "cache"), REPO, sent, repo_type="dataset")
     summary = train("--dataset_dir", REPO, "--output_dir", tmp_path / "run", "--max_train_steps", 1, "--batch_size",
                     4, "--report_to", "none", "--dataloader_num_workers", 0, arch=ARCH)
     assert summary["train_samples"] + summary["validation_samples"] == 24
 
 
-def test_push_dataset_refuses_before_sending_anything(sharded, loose, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_push_dataset_refuses_before_sending_anything(sharded, loose, online, capsys, monkeypatch):  # noqa: F811
     from huggingface_hub import constants
 
-    hub = HubStandIn(monkeypatch)
     line = lambda err: err.strip().splitlines()[-1]  # noqa: E731
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert "HF_HUB_OFFLINE=1 forbids uploads" in line(run_main(capsys, PUSH, sharded, REPO)[2])
@@ -186,4 +121,4 @@ def test_push_dataset_refuses_before_sending_anything(sharded, loose, tmp_path, 
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     assert "needs a Hugging Face token" in line(run_main(capsys, PUSH, sharded, REPO)[2])
-    assert hub.created == [] and hub.uploads == []
+    assert online.created == [] and online.uploads == []

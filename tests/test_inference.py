@@ -156,6 +156,12 @@ def test_single_cli_end_to_end(export, tiny_pipeline, tiny_pipeline_dir, tmp_pat
     assert settings["num_inference_steps"] == steps and settings["scheduler_class"] == "DDIMScheduler"
     assert settings["oracle_golden"] == TRAIN_GOLDEN.to_dict()
     assert settings["rnn_run_config"]["num_steps"] == TRAIN_STEPS
+    # the export's identity (issue 20 item 4): the weights' sha256 and the sha256 of its config's canonical JSON
+    from golden_noise.export import config_sha256, file_sha256
+
+    weights = export / "rnn_v3_model_final.safetensors"
+    assert settings["rnn_sha256"] == file_sha256(weights) and settings["rnn_weights_file"] == str(weights.resolve())
+    assert settings["rnn_config_sha256"] == config_sha256(json.loads(weights.with_suffix(".json").read_text()))
     assert settings["timings"]["rollout_seconds"] > 0 and settings["timings"]["gnsnet_sampling_seconds"] > 0
     assert set(settings["files"]) == {"gnsnet", "standard", "oracle", "source_noise", "golden_noise", "oracle_noise"}
 

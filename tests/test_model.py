@@ -3,6 +3,7 @@ exports, the config's field help, cost at SDXL size."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -110,6 +111,10 @@ def test_export_bytes_depend_only_on_weights_and_config(tmp_path):
         meta = f.metadata()
         assert meta == header["__metadata__"] and meta["model"] == "NoiseSequenceRNN_v3"
         assert json.loads(meta["model_config"]) == model.config.to_dict()
+        # the seal: the sha256 of the config document's canonical JSON
+        doc = json.loads(files[0][1].read_text())
+        canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        assert meta["config_sha256"] == hashlib.sha256(canonical).hexdigest()
         for name, value in model.state_dict().items():
             assert torch.equal(f.get_tensor(name), value)
     assert files[0][0].stat().st_mode & 0o777 == 0o666 & ~_umask()
@@ -130,6 +135,8 @@ def test_config_fields_carry_their_help():
 
 
 def test_bad_exports_are_user_errors(tmp_path):
+    from golden_noise.export import config_document, sealed_weights
+
     with pytest.raises(UserError, match="does not exist"):
         NoiseSequenceRNN_v3.from_pretrained(tmp_path / "nothing")
     model = NoiseSequenceRNN_v3(tiny_config())
@@ -137,16 +144,68 @@ def test_bad_exports_are_user_errors(tmp_path):
     weights.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="m.safetensors"):
         NoiseSequenceRNN_v3.from_pretrained(weights)
+    # weights of another architecture under a config sealed to them: the strict state-dict load refuses them
+    other = NoiseSequenceRNN_v3(tiny_config(gru_hidden_size=48))
+    doc = config_document(model)
+    weights.write_bytes(sealed_weights({k: v.contiguous() for k, v in other.state_dict().items()},
+                                       model.model_type, doc))
+    with pytest.raises(UserError, match="cannot load model weights .*size mismatch"):
+        NoiseSequenceRNN_v3.from_pretrained(meta)
     model.save_pretrained(tmp_path / "m")
     cfg = json.loads(meta.read_text())
-    cfg["model_config"]["gru_hidden_size"] = 48  # weights of another architecture
-    meta.write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="cannot load model weights"):
-        NoiseSequenceRNN_v3.from_pretrained(meta)
     cfg["model_config"]["no_such_field"] = 1
     meta.write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="invalid model config .*no_such_field"):
+    with pytest.raises(UserError, match="invalid model config .*unknown key.*no_such_field"):
         NoiseSequenceRNN_v3.from_pretrained(meta)
+    del cfg["model_config"]["no_such_field"], cfg["model_config"]["dropout"]
+    meta.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"invalid model config .*lacks \['dropout'\]"):
+        NoiseSequenceRNN_v3.from_pretrained(meta)
+
+
+@pytest.mark.parametrize("edit", ["delta_scale", "num_steps", "training", "reformatted"])
+def test_an_edited_export_config_fails_to_load(tmp_path, edit):
+    """Issue 20 item 4: the config is sealed by its sha256 in the weights' metadata, so an edited delta_scale or
+    run_config.num_steps (which would silently change every rollout) is one line naming the file; re-indenting or
+    reordering the JSON is not an edit."""
+    model = perturbed(NoiseSequenceRNN_v3(tiny_config()))
+    weights, meta = model.save_pretrained(tmp_path / FINAL_STEM, {"run_config": {"num_steps": 3},
+                                                                   "training": {"global_step": 5}})
+    cfg = json.loads(meta.read_text())
+    if edit == "delta_scale":
+        cfg["model_config"]["delta_scale"] = 0.5
+    elif edit == "num_steps":
+        cfg["run_config"]["num_steps"] = 10
+    elif edit == "training":
+        cfg["training"]["global_step"] = 50_000
+    meta.write_text(json.dumps(dict(reversed(cfg.items())), indent=4 if edit == "reformatted" else None))
+    if edit == "reformatted":
+        assert NoiseSequenceRNN_v3.from_pretrained(tmp_path)[1] == cfg
+        return
+    with pytest.raises(UserError, match=f"{FINAL_STEM}.json does not belong to {FINAL_STEM}.safetensors: edited "
+                                        "after export") as e:
+        NoiseSequenceRNN_v3.from_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_exports_made_before_the_seal_still_load(tmp_path, caplog):
+    """An export written by the previous format (no config_sha256 in the weights) loads, with a warning; an edit of
+    its model_config is still caught by the copy its weights' metadata always held."""
+    from golden_noise.export import safetensors_bytes
+
+    model = perturbed(NoiseSequenceRNN_v3(tiny_config()))
+    weights, meta = model.save_pretrained(tmp_path / FINAL_STEM, {"run_config": {"num_steps": 3}})
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    weights.write_bytes(safetensors_bytes(state, {"format": "pt", "model": "NoiseSequenceRNN_v3",
+                                                  "model_config": json.dumps(model.config.to_dict())}))
+    loaded, _ = NoiseSequenceRNN_v3.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert "exported before configs were sealed" in caplog.text
+    cfg = json.loads(meta.read_text())
+    cfg["model_config"]["delta_scale"] = 0.5
+    meta.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="edited after export.*its model_config differs"):
+        NoiseSequenceRNN_v3.from_pretrained(tmp_path)
 
 
 def test_config_checks_and_dict_round_trip():

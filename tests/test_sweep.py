@@ -338,6 +338,64 @@ def test_growing_a_sweep_reuses_its_cells_and_other_settings_are_refused(referen
     assert tree(out) == before
 
 
+def test_cells_of_another_or_an_edited_export_are_refused(setup, tmp_path, capsys):
+    """Issue 20 item 4: the sweep's settings hold the export's identity (weights and config sha256). An edited
+    export (delta_scale in its json) fails to load, naming the file; an export of the format before the seal whose
+    run_config was edited loads, but the rerun is refused naming rnn_config_sha256, so no cell made with it joins
+    (or reuses the scores of) the cells of the original; nothing in the folder changes."""
+    import shutil
+
+    from golden_noise.export import config_sha256, file_sha256
+    from golden_noise.testing.hub import unseal_export
+
+    for sealed in (True, False):
+        run, out = tmp_path / f"run{sealed}", tmp_path / f"sweep{sealed}"
+        shutil.copytree(setup["export"], run)
+        if not sealed:
+            unseal_export(run / "rnn_v3_model_final.safetensors")
+        config = run / "rnn_v3_model_final.json"
+        args = [*sweep_args({**setup, "export": run}, out, scales=(1.0,), methods=("standard", "gnsnet"),
+                            metrics=[f"{setup['rewards']}:Brightness"]), "--max_prompts", 2]
+        code, _, err = sweep(capsys, *args)
+        assert code == 0, err
+        doc = json.loads(config.read_text())
+        settings = json.loads((out / "sweep_settings.json").read_text())
+        assert settings["rnn_sha256"] == file_sha256(run / "rnn_v3_model_final.safetensors")
+        assert settings["rnn_config_sha256"] == config_sha256(doc)
+        before = tree(out)
+        if sealed:
+            doc["model_config"]["delta_scale"] = 0.01
+            expected = f"error: {config} does not belong to rnn_v3_model_final.safetensors: edited after export"
+        else:
+            doc["run_config"]["num_steps"] = 10
+            expected = f"error: {out} holds a sweep made with other inputs or settings (rnn_config_sha256: "
+        config.write_text(json.dumps(doc))
+        code, _, err = sweep(capsys, *args)
+        assert code == 2 and err.strip().splitlines()[-1].startswith(expected), err
+        assert tree(out) == before
+
+
+def test_the_model_card_summarises_a_sweep(reference, setup):
+    """push_to_hub's card with evaluation=<sweep folder>: every row of sweep.csv in its table, the compared cells
+    (diff, CI, win rate) in its metadata."""
+    import yaml
+
+    from golden_noise.export import load_export
+    from golden_noise.model_card import model_card
+
+    export = load_export(setup["export"])
+    card = model_card(export.meta, export.identity, "owner/name", reference["out"])
+    head, body = card[4:].split("\n---\n", 1)
+    cells = yaml.safe_load(head)["golden_noise"]["evaluation"]["cells"]
+    rows = reference["csv"]
+    compared = [r for r in rows if r["diff"]]
+    assert len(cells) == len(compared) and len(body.split("## Evaluation")[1].splitlines()) >= len(rows)
+    for cell, r in zip(cells, compared):
+        assert (cell["method"], cell["metric"], cell["diff"], cell["ci95"]) == (
+            r["method"], r["metric"], float(r["diff"]), [float(r["ci_low"]), float(r["ci_high"])])
+        assert f"{float(r['diff']):+.4f} [{float(r['ci_low']):+.4f}, {float(r['ci_high']):+.4f}]" in body
+
+
 def test_two_processes_make_the_same_sweep(reference, setup, tmp_path):
     """accelerate launch with 2 processes (each takes its share of every unit's batches; the main process scores
     and writes): the same images and the same sweep.csv (seconds aside) as one process."""

@@ -703,6 +703,24 @@ def open_dataset(dataset_dir: str | Path, validation_fraction: float = 0.1, max_
     return data
 
 
+def dataset_fingerprint(dataset_dir: str | Path) -> str:
+    """sha256 naming a dataset: its run_config.json (canonical JSON) and what it holds: format 2's index.json (every
+    shard's sha256; canonical JSON) or format 1's metadata.csv (every sample's id, prompt, seed and files); the same
+    for any process count or resume. A training export records it as the data it was trained on, and the model
+    card shows it."""
+    from ..export import canonical_json
+
+    root = Path(dataset_dir)
+    run_config = F.read_run_config_json(root)
+    digest = hashlib.sha256(canonical_json(run_config).encode("utf-8"))
+    digest.update(b"\n")
+    if run_config.get("format_version", F.LOOSE_FORMAT_VERSION) == F.LOOSE_FORMAT_VERSION:
+        digest.update((root / F.METADATA).read_bytes())
+    else:
+        digest.update(canonical_json(F.read_index(root)).encode("utf-8"))
+    return digest.hexdigest()
+
+
 def golden_change_rms(dataset: SequenceDataset, max_samples: int = 256, skip_bad_samples: bool = False) -> float:
     """RMS of the per-step golden change x'_k - x'_{k-1} over (up to) the first `max_samples` good samples."""
     total, count = 0.0, 0

@@ -18,38 +18,23 @@ logger = get_logger(__name__)
 DEFAULT_NUM_GEN_STEPS = 10  # used only when no RNN export says how many steps its data had
 
 
-def export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights .safetensors, config .json) of an export: the .safetensors, the .json, their stem, the training run
-    directory, or the seed's spelling `.../rnn_v3_model_final.pth`, which means the safetensors export beside it."""
-    from ..model.rnn_seq_model_v3 import resolve_export_paths
+def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_variance: bool = False,
+                    revision: str | None = None, token: str | bool | None = None):
+    """Load a trained noise-model export (any spelling golden_noise.export.resolve_export takes: a local export, a
+    run directory, the seed's `.pth` name, a hub repo id) -> golden_noise.export.Export (model in eval mode);
+    UserError when missing, invalid or edited. `predict_variance=True` (the seed's flag) requires an export trained
+    with the variance head."""
+    from ..export import load_export
 
-    path = Path(path)
-    if path.suffix == ".pth":
-        stem = path.with_suffix("")
-        if path.is_file() and not stem.with_name(stem.name + ".safetensors").is_file():
-            raise UserError(f"--rnn_weights_path {path} is a pickle, which is never loaded (it could run code), and "
-                            f"there is no {stem.name}.safetensors beside it: pass the training run's safetensors "
-                            "export (train_rnn_model_v3.py writes it)")
-        path = stem
-    return resolve_export_paths(path)
-
-
-def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_variance: bool = False):
-    """Load a trained `NoiseSequenceRNN_v3` export (any path `export_paths` takes) -> (model in eval mode, meta);
-    UserError when missing/invalid. `predict_variance=True` (the seed's flag) requires an export trained with
-    the variance head."""
-    from ..model.rnn_seq_model_v3 import NoiseSequenceRNN_v3
-
-    weights, meta_path = export_paths(path)
     if Path(path).suffix == ".pth":
-        logger.info("--rnn_weights_path %s: .pth means the safetensors export %s (+ .json); a pickled .pth is never "
-                    "loaded", path, weights)
-    model, meta = NoiseSequenceRNN_v3.from_pretrained(str(weights), device=device, dtype=dtype)
-    if predict_variance and not (meta.get("model_config") or {}).get("predict_variance", False):
-        raise UserError(f"--predict_variance was given, but the RNN export {meta_path} was trained without it "
-                        "(model_config.predict_variance is false): drop --predict_variance or pass an export "
+        logger.info("--rnn_weights_path %s: .pth means the safetensors export beside it (+ .json); a pickled .pth "
+                    "is never loaded", path)
+    export = load_export(path, device=device, dtype=dtype, revision=revision, token=token)
+    if predict_variance and not (export.meta.get("model_config") or {}).get("predict_variance", False):
+        raise UserError(f"--predict_variance was given, but the RNN export {export.files.config} was trained without "
+                        "it (model_config.predict_variance is false): drop --predict_variance or pass an export "
                         "trained with it")
-    return model.eval(), meta
+    return export
 
 
 def export_latent_shape(meta: dict) -> tuple[int, int, int]:
@@ -109,34 +94,57 @@ class GoldenNoise:
     """Turn a prompt and a seed into golden initial latents for your own diffusers pipeline (the family the RNN was
     trained for: SDXL, SD 1.5/2.1, SD3, FLUX), or for a separate sampler of the same latent space.
 
-        gn = GoldenNoise.from_pretrained("output/run/rnn_v3_model_final", pipe=pipe)
+        gn = GoldenNoise.from_pretrained("output/run/rnn_v3_model_final", pipe=pipe)  # or a hub id "owner/name"
         image = pipe(prompt, latents=gn(prompt, seed=0)).images[0]
         image = turbo(prompt, latents=gn(prompt, seed=0, sampler=turbo), num_inference_steps=1).images[0]
     """
 
-    def __init__(self, model, meta: dict, pipe=None, device=None):
+    def __init__(self, model, meta: dict, pipe=None, device=None, export=None):
         self.model = model
         self.meta = meta
         self.pipe = pipe
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.export = export  # the golden_noise.export.Export it was loaded from (files, identity), if any
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, pipe=None, device=None, dtype=None,
-                        predict_variance: bool = False) -> "GoldenNoise":
-        """Load an export (the .safetensors, the .json, their stem, a run directory or the seed's `.pth` name);
-        the RNN runs on `device` (default: the pipeline's device, else CPU) in `dtype` (default float32).
-        `predict_variance=True` refuses an export trained without the variance head."""
+                        predict_variance: bool = False, revision: str | None = None,
+                        token: str | bool | None = None) -> "GoldenNoise":
+        """Load an export: a hub repo id ("owner/name", at `revision`; from the cache when offline), a folder holding
+        model.safetensors + config.json, or a training export (the .safetensors, the .json, their stem, the run
+        directory or the seed's `.pth` name). The RNN runs on `device` (default: the pipeline's device, else CPU)
+        in `dtype` (default float32). `predict_variance=True` refuses an export trained without the variance head;
+        an edited, foreign or incomplete export is a one-line UserError."""
         if device is None:
             device = family_of(pipe).device if pipe is not None else torch.device("cpu")
-        model, meta = load_rnn_export(path, device=device, dtype=dtype or torch.float32,
-                                      predict_variance=predict_variance)
-        gn = cls(model, meta, pipe=pipe, device=device)
+        export = load_rnn_export(path, device=device, dtype=dtype or torch.float32,
+                                 predict_variance=predict_variance, revision=revision, token=token)
+        gn = cls(export.model, export.meta, pipe=pipe, device=device, export=export)
         if pipe is not None:
             gn.check_pipeline(pipe)
             if gn.height and tuple(latent_shape(pipe)) != gn.latent_shape:
                 logger.warning("the RNN was trained at %sx%s px, not the pipeline's default size: call "
                                "pipe(..., height=gn.height, width=gn.width)", gn.height, gn.width)
         return gn
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None,
+                    evaluation: str | os.PathLike | None = None, commit_message: str | None = None,
+                    revision: str | None = None) -> str:
+        """Upload this export to the hub repo `repo_id` ("owner/name"; created, `private` if asked, when new):
+        model.safetensors, config.json and a generated model card README.md. `evaluation`: a stage-6 results folder
+        (or its summary.json) or a sweep folder (or its sweep.csv) to summarise in the card. Returns the commit URL."""
+        from ..export import push_export
+
+        if self.export is None:
+            raise UserError("push_to_hub needs a GoldenNoise loaded with from_pretrained (it pushes that export)")
+        return push_export(self.export, repo_id, token=token, private=private, evaluation=evaluation,
+                           commit_message=commit_message, revision=revision, what="push_to_hub")
+
+    @property
+    def identity(self) -> dict | None:
+        """The export's weights sha256 and config sha256 (what every run's settings record); None if not loaded
+        from an export."""
+        return self.export.identity if self.export is not None else None
 
     @property
     def run_config(self) -> dict:

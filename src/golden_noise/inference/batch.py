@@ -59,9 +59,11 @@ class BatchJob:
     save_noise: bool = setting(False, "also save each method's initial latents as noise/{method}/{index}.pt (C, H, "
                                "W)")
     rnn_weights_path: str | None = setting(None, "trained RNN export (needed for gnsnet): .safetensors, .json, their "
-                                           "stem, the run dir, or the seed's rnn_v3_model_final.pth (= that export)",
-                                           rerun="rnn_sha256", when_unused=("rnn_weights_file", "rnn_sha256",
-                                                                            "rnn_model_config", "rnn_run_config"))
+                                           "stem, the run dir, the seed's rnn_v3_model_final.pth (= that export), or "
+                                           "a hub repo id owner/name",
+                                           rerun=("rnn_sha256", "rnn_config_sha256"),  # the export's identity
+                                           when_unused=("rnn_weights_file", "rnn_sha256", "rnn_config_sha256",
+                                                        "rnn_model_config", "rnn_run_config"))
     predict_variance: bool = setting(False, PREDICT_VARIANCE_HELP)
     num_gen_steps: int | None = setting(None, "n: RNN rollout / oracle steps (default: num_steps of the RNN's "
                                         "training data, else 10)", min=1, rerun="num_gen_steps_used",
@@ -156,7 +158,7 @@ def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None) -> BatchR
                 "num_processes": state.num_processes, **pipeline_record(job.pipeline, gn, device),
                 "num_gen_steps_used": resolve_num_gen_steps(job.num_gen_steps, gn) if noisy else None,
                 "golden": golden.to_dict() if golden else None,
-                **rnn_record(gn if "gnsnet" in job.methods else None, job.rnn_weights_path)}
+                **rnn_record(gn if "gnsnet" in job.methods else None)}
     refuse_mixed_rerun(out / SETTINGS_FILE, settings, EARLY_KEYS, "--output_base_dir", "images",
                        lenient=KEPT_WHEN_UNUSED)  # every process checks, so all fail alike
     return BatchRun(job, state, out, prompts, gn, settings, golden)

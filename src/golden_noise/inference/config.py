@@ -5,7 +5,6 @@ size, rollout length, latent space) into the values recorded in their settings J
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,7 @@ from ..cli import add_dataclass_arguments, check_fields, dataclass_from_args, se
 from ..diffusion import SCHEDULERS, TIMESTEP_SPACINGS
 from ..errors import UserError
 from ..runtime import get_logger, model_dtype
-from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise, export_paths
+from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise
 
 logger = get_logger(__name__)
 
@@ -143,26 +142,18 @@ def load_golden_noise(path: str | None, device, predict_variance: bool = False) 
     return GoldenNoise.from_pretrained(path, device=device, predict_variance=predict_variance)
 
 
-def rnn_record(gn: GoldenNoise | None, path: str | None) -> dict:
-    """What identifies the RNN in a settings JSON: its weights file, their sha256, its configs."""
+RNN_RECORD_KEYS = ("rnn_weights_file", "rnn_sha256", "rnn_config_sha256", "rnn_model_config", "rnn_run_config")
+
+
+def rnn_record(gn: GoldenNoise | None) -> dict:
+    """What identifies the RNN export in a settings JSON: its weights file, the weights' sha256 and the config's
+    (the export's identity: a rerun with another or an edited export differs in one of them), and its configs."""
     if gn is None:
-        return {"rnn_weights_file": None, "rnn_sha256": None, "rnn_model_config": None, "rnn_run_config": None}
-    weights = export_paths(path)[0].resolve()
-    stat = weights.stat()
-    return {"rnn_weights_file": str(weights), "rnn_sha256": _sha256(str(weights), stat.st_size, stat.st_mtime_ns),
-            "rnn_model_config": gn.model_config, "rnn_run_config": gn.run_config}
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, hashed once per (path, size, mtime): a sweep records the same RNN for each of its units."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return dict.fromkeys(RNN_RECORD_KEYS)
+    identity = gn.identity
+    return {"rnn_weights_file": str(gn.export.files.weights), "rnn_sha256": identity["weights_sha256"],
+            "rnn_config_sha256": identity["config_sha256"], "rnn_model_config": gn.model_config,
+            "rnn_run_config": gn.run_config}
 
 
 def resolve_model_id(spec: PipelineSpec, gn: GoldenNoise | None) -> str:

@@ -90,7 +90,7 @@ def run_single(job: SingleJob) -> dict:
     from ..runtime import package_versions
 
     settings = {**flat_record(job), **resolved, "oracle_golden": golden.to_dict() if golden else None,
-                "files": files, "timings": timings, **rnn_record(gn, job.rnn_weights_path),
+                "files": files, "timings": timings, **rnn_record(gn),
                 "versions": package_versions()}
     atomic_write_json(out / f"{stem}_settings.json", settings)
     logger.info("rollout %.3fs (%d steps) = %.1f%% of sampling %.3fs; settings in %s", timings["rollout_seconds"],

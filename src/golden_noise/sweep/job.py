@@ -44,9 +44,10 @@ class SweepJob:
                               f"{SEED_STRIDE:,}", rerun=("start_seed", "seed_stride"))
     batch_size: int = setting(8, "prompts per pipeline call (part of the settings: pixels depend on batch-mates)",
                               min=1, rerun=True)
-    rnn_weights_path: str | None = setting(None, "trained RNN export (needed for gnsnet; its training data also "
-                                           "sets the oracle's golden step, n and the image size)",
-                                           rerun="rnn_sha256", when_unused="rnn_sha256")
+    rnn_weights_path: str | None = setting(None, "trained RNN export or hub repo id owner/name (needed for gnsnet; "
+                                           "its training data also sets the oracle's golden step, n and the image "
+                                           "size)", rerun=("rnn_sha256", "rnn_config_sha256"),  # its identity
+                                           when_unused=("rnn_sha256", "rnn_config_sha256"))
     golden_overrides: dict = setting(default_factory=dict, rerun="golden", when_unused="golden")  # GoldenConfig
     # fields for the oracle (else the RNN's)
     sampling: SamplingConfig = setting(default_factory=SamplingConfig)  # per cell: the GRID_FIELDS replaced

@@ -66,6 +66,7 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     golden = golden_config_from(gn.run_config if gn else None, **job.golden_overrides) \
         if "oracle" in job.methods else None
     sampling = job.sampling
+    identity = rnn_record(gn if "gnsnet" in job.methods else None)  # the export's weights and config sha256
     settings = {"prompt_file": str(job.prompt_file), "prompt_fingerprint": prompt_fingerprint(prompts),
                 "num_prompts": len(prompts), "start_seed": job.start_seed, "seed_stride": SEED_STRIDE,
                 "batch_size": job.batch_size, **{k: getattr(sampling, k) for k in SAMPLER_FIELDS},
@@ -73,7 +74,7 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
                 **pipeline_record(job.pipeline, gn, device), "revision": job.pipeline.revision,
                 "variant": job.pipeline.variant, "enable_vae_slicing": job.pipeline.enable_vae_slicing,
                 "enable_vae_tiling": job.pipeline.enable_vae_tiling, "golden": golden.to_dict() if golden else None,
-                "rnn_sha256": rnn_record(gn, job.rnn_weights_path)["rnn_sha256"] if "gnsnet" in job.methods else None,
+                **{k: identity[k] for k in ("rnn_sha256", "rnn_config_sha256")},
                 "guidance_scales": job.guidance_scales, "num_inference_steps": job.num_inference_steps,
                 "num_gen_steps": ns, "methods": job.methods, "metrics": metric_record(job.metrics),
                 "selection_metric": job.selection}

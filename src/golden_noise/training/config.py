@@ -76,15 +76,27 @@ class TrainingConfig:
     logging_steps: int = _f(10, "checkpoints and logging", "log the training losses every N steps", min=1)
     report_to: str = _f("tensorboard", "checkpoints and logging", "experiment tracker",
                         choices=("tensorboard", "none"))
+    push_to_hub: str | None = _f(None, "hub", "after training, upload the final export to this Hugging Face model "
+                                 "repo (owner/name; created if needed) as model.safetensors + config.json + a "
+                                 "generated model card README.md")
+    hub_token: str | None = _f(None, "hub", "Hugging Face token with write access for --push_to_hub (default: the "
+                               "one `hf auth login` saved, or HF_TOKEN); never recorded")
+    hub_private_repo: bool = _f(False, "hub", "with --push_to_hub: create the repo private (an existing repo keeps "
+                                "its visibility)")
 
     def check(self) -> "TrainingConfig":
         """A UserError naming the flag of a value out of range (the CLI checks the same rules when parsing)."""
         check_fields(self)
         return self
 
+    # where the export goes, not what it is: not recorded (the token is a secret), so pushing leaves the bytes alone
+    NOT_RECORDED = ("push_to_hub", "hub_token", "hub_private_repo")
+
     def record(self, arch: NoiseSequenceRNNConfig) -> dict:
-        """Every setting of the run, flat and in flag order: what checkpoints and the export record as `args`."""
-        return {**asdict(self), **{k: getattr(arch, k) for k in ARCH_FIELDS}}
+        """Every setting of the run that shapes its export, flat and in flag order: what checkpoints and the export
+        record as `args`."""
+        return {**{k: v for k, v in asdict(self).items() if k not in self.NOT_RECORDED},
+                **{k: getattr(arch, k) for k in ARCH_FIELDS}}
 
 
 def field_groups(cls=TrainingConfig) -> dict[str, list[str]]:

@@ -38,7 +38,7 @@ logger = get_logger("train_rnn_model_v3")
 
 class Trainer:
     """Train NoiseSequenceRNN_v3: `build` (accelerator, output-dir lock, verified data and checkpoint, model,
-    loaders), `resume`, `run` (the loop, `validate`, `save` checkpoints, `export`), `close`."""
+    loaders), `resume`, `run` (the loop, `validate`, `save` checkpoints, `export`, `push` to the hub), `close`."""
 
     def __init__(self, config: TrainingConfig, arch: NoiseSequenceRNNConfig | None = None):
         self.config = config.check()  # the same rules as the flags, for a config built in code
@@ -59,6 +59,10 @@ class Trainer:
     # ---- build ---------------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
         """Everything before the first step; every check that can fail runs before any heavy work."""
+        if self.config.push_to_hub:  # a push that cannot happen fails now, not after the training
+            from ..hub import check_can_push
+
+            check_can_push(self.config.push_to_hub, "--push_to_hub", self.config.hub_token)
         self._start_accelerator()
         on_main(self.accelerator, self._claim_output_dir)
         resume_dir = on_main(self.accelerator, self._find_resume)
@@ -211,6 +215,8 @@ class Trainer:
             acc.wait_for_everyone()
             self.bad_ids = set().union(*gather_object([self.bad_ids]))
             summary = self.export(self.validate())
+            if self.config.push_to_hub:
+                on_main(acc, self.push)
             # leave together, after releasing the prepared objects (close() stops the loaders' worker processes)
             acc.wait_for_everyone()
             return summary
@@ -407,14 +413,31 @@ class Trainer:
                    "golden_change_rms": self.model_config.delta_scale, "parameters": self.n_params,
                    "mixed_precision": acc.mixed_precision, "validation": report}
         if self.is_main:
+            from ..dataset.reader import dataset_fingerprint
+
             net = acc.unwrap_model(self.model)
             training = {"args": self.config.record(self.arch),
-                        **{k: v for k, v in summary.items() if k != "validation_ids"}}
+                        **{k: v for k, v in summary.items() if k != "validation_ids"},
+                        "data_fingerprint": dataset_fingerprint(data.root)}
             self.export_paths = net.save_pretrained(self.output_dir / FINAL_STEM,
                                                     {"run_config": data.run_config, "training": training})
             atomic_write_json(self.output_dir / "validation.json", summary)
             logger.info("saved %s and %s", *self.export_paths)
         return summary
+
+    def push(self) -> str:
+        """(Main process) upload the final export to --push_to_hub with its model card; returns the commit URL."""
+        from ..export import push_export
+
+        cfg = self.config
+        try:
+            url = push_export(self.export_paths[0], cfg.push_to_hub, token=cfg.hub_token,
+                              private=cfg.hub_private_repo or None)
+        except UserError as e:
+            raise UserError(f"{e} (the export {self.export_paths[0]} is saved: push it later with python "
+                            f"scripts/push_model.py {self.output_dir} {cfg.push_to_hub})") from None
+        logger.info("pushed %s to the Hugging Face Hub: %s", self.export_paths[0].name, url)
+        return url
 
     def close(self) -> None:
         """Release the prepared objects (stopping the loaders' worker processes), the trackers and the lock."""
