@@ -89,8 +89,12 @@ def test_push_dataset_sends_the_shards_and_a_card(sharded, online, tmp_path, cap
         if name != "README.md":
             assert sent[name] == (sharded / name).read_bytes(), name
     card = sent["README.md"].decode()
-    assert card.startswith("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: "
-                           "data/shard-*.parquet\n")
+    import yaml
+
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train",
+                                                                          "path": "data/shard-*.parquet"}]}]
+    assert meta["task_categories"] == ["text-to-image"] and "golden-noise" in meta["tags"]
     for text in ("# Golden-noise sequences for synthetic", "| prompts | 24 synthetic prompts: 24 prompts",
                  f'load_dataset("{REPO}", split="train", streaming=True)', f"--dataset_dir {REPO}",
                  "| files | 3 Parquet shard(s) of at most 8 samples", "n = 3"):

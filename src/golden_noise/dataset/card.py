@@ -39,53 +39,55 @@ def score_summary(root: Path, index: dict) -> dict | None:
 
 def dataset_card(root: Path, run_config: dict, index: dict, repo_id: str | None = None,
                  prompt_source: str | None = None) -> str:
-    """The card's text (deterministic: the same run gives the same bytes on every machine)."""
+    """The card's text (deterministic: the same run gives the same bytes on every machine), written with
+    golden_noise.hub's card and table helpers."""
+    from ..hub import card_text, markdown_table
+
     n, golden = index["num_samples"], run_config.get("golden", {})
     scoring = run_config.get("scoring")
     scores = score_summary(root, index) if scoring else None
     name = repo_id or "PATH_OR_REPO_ID"
     source = prompt_source or run_config.get("prompt_file") or "unknown"
     c, h, w = run_config["latent_shape"]
-    tags = ["golden-noise", "noise-prompt", "diffusion", run_config.get("family", {}).get("name", "")]
-    lines = ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
-             f"    path: {F.DATA}/shard-*.parquet", "tags:", *[f"- {t}" for t in tags if t], "task_categories:",
-             "- text-to-image", "size_categories:", f"- {size_category(n)}", "---", "",
-             f"# Golden-noise sequences for {run_config['base_model_id']}", "",
-             f"{n} samples, each an initial noise x_T and the sequence x'_1 ... x'_n it becomes under n = "
-             f"{run_config['num_steps']} golden steps (NPNet's golden step: denoise one DDIM step with guidance w_l, "
-             "invert it with guidance w_w), made by stage 2 of golden-noise-rnn (`src/generate_npd_series.py`).", "",
-             "| what | value |", "|---|---|",
-             f"| model | `{run_config['base_model_id']}`"
-             f"{' (revision ' + str(run_config['revision']) + ')' if run_config.get('revision') else ''}, "
-             f"{run_config.get('pipeline_class')}, {run_config.get('dtype')} |",
-             f"| golden step | n = {run_config['num_steps']}, N = {golden.get('schedule_steps')}, w_l = "
-             f"{golden.get('denoise_guidance_scale')}, w_w = {golden.get('inversion_guidance_scale')}"
-             f"{', t0 = ' + str(golden['t0']) if 't0' in golden else ''} |",
-             f"| noise | {c}x{h}x{w} latents ({run_config.get('height')}x{run_config.get('width')} px), stored as "
-             f"{run_config.get('storage_dtype')}; seed of sample `id` = {run_config.get('start_seed', 0)} + id |",
-             f"| text embedding | {run_config['text_embedding'].get('kind')}, {run_config['text_embedding']['dim']}-d |",
-             f"| prompts | {source}: {run_config.get('num_prompts')} prompts (sha256 "
-             f"{str(run_config.get('prompt_fingerprint'))[:16]}...), sample `id` = the prompt's line |",
-             f"| files | {index['num_shards']} Parquet shard(s) of at most {index['samples_per_shard']} samples, "
-             f"{index['bytes'] / 1e9:.3g} GB; sha256 of each in index.json |",
-             f"| fingerprint | `{index['fingerprint']}` |"]
+    family = run_config.get("family", {}).get("name")
+    metadata = {"configs": [{"config_name": "default", "data_files": [{"split": "train",
+                                                                        "path": f"{F.DATA}/shard-*.parquet"}]}],
+                "tags": ["golden-noise", "noise-prompt", "diffusion", *([family] if family else [])],
+                "task_categories": ["text-to-image"], "size_categories": [size_category(n)]}
+    revision = f" (revision {run_config['revision']})" if run_config.get("revision") else ""
+    rows = [("model", f"`{run_config['base_model_id']}`{revision}, {run_config.get('pipeline_class')}, "
+                      f"{run_config.get('dtype')}"),
+            ("golden step", f"n = {run_config['num_steps']}, N = {golden.get('schedule_steps')}, w_l = "
+                            f"{golden.get('denoise_guidance_scale')}, w_w = {golden.get('inversion_guidance_scale')}"
+                            f"{', t0 = ' + str(golden['t0']) if 't0' in golden else ''}"),
+            ("noise", f"{c}x{h}x{w} latents ({run_config.get('height')}x{run_config.get('width')} px), stored as "
+                      f"{run_config.get('storage_dtype')}; seed of sample `id` = {run_config.get('start_seed', 0)} + id"),
+            ("text embedding", f"{run_config['text_embedding'].get('kind')}, {run_config['text_embedding']['dim']}-d"),
+            ("prompts", f"{source}: {run_config.get('num_prompts')} prompts (sha256 "
+                        f"{str(run_config.get('prompt_fingerprint'))[:16]}...), sample `id` = the prompt's line"),
+            ("files", f"{index['num_shards']} Parquet shard(s) of at most {index['samples_per_shard']} samples, "
+                      f"{index['bytes'] / 1e9:.3g} GB; sha256 of each in index.json"),
+            ("fingerprint", f"`{index['fingerprint']}`")]
     if scoring:
-        lines.append(f"| scores | {scoring.get('metric')} of the image sampled from x_T (reward_standard) and from "
-                     f"x'_n (reward_golden), {scoring.get('num_inference_steps')} steps, guidance "
-                     f"{scoring.get('guidance_scale')} |")
+        rows.append(("scores", f"{scoring.get('metric')} of the image sampled from x_T (reward_standard) and from "
+                               f"x'_n (reward_golden), {scoring.get('num_inference_steps')} steps, guidance "
+                               f"{scoring.get('guidance_scale')}"))
         if scores:
-            lines.append(f"| score means | standard {scores['mean_reward_standard']:.4g}, golden "
-                         f"{scores['mean_reward_golden']:.4g}, gain {scores['mean_reward_gain']:+.4g}; gain > 0 for "
-                         f"{scores['share_gain_positive']:.1%} of the samples |")
-    lines += ["", "## Columns", "",
-              "`id` (the prompt's 0-based line), `prompt`, `seed`, `source` [C,H,W] = x_T, `golden` [n,C,H,W] = "
-              "x'_1 ... x'_n, `text` [P] = the text embedding the RNN is conditioned on"
-              + (", `prompt_embeds` [T,D]" if run_config.get("save_prompt_embeds") else "")
-              + (", `reward_standard`, `reward_golden`, `reward_gain`" if scoring else "") + ". "
-              "`run_config.json` holds every setting that shaped the data.", "",
-              "## Use", "", "```python", "from datasets import load_dataset", "",
-              f'ds = load_dataset("{name}", split="train", streaming=True)', "```", "",
-              "Train a golden-noise RNN on it (exact resume, shards verified before training):", "", "```bash",
-              f"python src/train_rnn_model_v3.py --dataset_dir {name} --output_dir ./output/rnn", "```", ""]
-    return "\n".join(lines)
-
+            rows.append(("score means", f"standard {scores['mean_reward_standard']:.4g}, golden "
+                                        f"{scores['mean_reward_golden']:.4g}, gain {scores['mean_reward_gain']:+.4g}; "
+                                        f"gain > 0 for {scores['share_gain_positive']:.1%} of the samples"))
+    columns = ("`id` (the prompt's 0-based line), `prompt`, `seed`, `source` [C,H,W] = x_T, `golden` [n,C,H,W] = "
+               "x'_1 ... x'_n, `text` [P] = the text embedding the RNN is conditioned on"
+               + (", `prompt_embeds` [T,D]" if run_config.get("save_prompt_embeds") else "")
+               + (", `reward_standard`, `reward_golden`, `reward_gain`" if scoring else "")
+               + ". `run_config.json` holds every setting that shaped the data.")
+    body = "\n".join([
+        f"# Golden-noise sequences for {run_config['base_model_id']}", "",
+        f"{n} samples, each an initial noise x_T and the sequence x'_1 ... x'_n it becomes under n = "
+        f"{run_config['num_steps']} golden steps (NPNet's golden step: denoise one DDIM step with guidance w_l, "
+        "invert it with guidance w_w), made by stage 2 of golden-noise-rnn (`src/generate_npd_series.py`).", "",
+        markdown_table(rows, ("what", "value")), "", "## Columns", "", columns, "", "## Use", "", "```python",
+        "from datasets import load_dataset", "", f'ds = load_dataset("{name}", split="train", streaming=True)', "```",
+        "", "Train a golden-noise RNN on it (exact resume, shards verified before training):", "", "```bash",
+        f"python src/train_rnn_model_v3.py --dataset_dir {name} --output_dir ./output/rnn", "```"])
+    return card_text(metadata, body, repo_type="dataset")
