@@ -18,8 +18,6 @@ from pathlib import Path
 
 import common  # noqa: E402  (bench/common.py; this script's folder is on sys.path)
 
-import torch  # noqa: E402
-
 GPU_CHECK = common.ROOT / "docs/gpu/gpu_check_h200.json"  # the RNN training step measured on one H200
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense BF16 tensor-core peak
 ASSUMED_MFU = 0.4               # model FLOP utilisation assumed for the FLOP-based estimate
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
         loose = common.write_loose_dataset(Path(tmp) / "loose", n, args.num_steps, shape, args.text_dim,
                                            args.batch_size)
         t0 = time.perf_counter()
-        stats = convert_dataset(loose, Path(tmp) / "sharded")
+        convert_dataset(loose, Path(tmp) / "sharded")
         convert_s = time.perf_counter() - t0
         sharded = Path(tmp) / "sharded"
         run_config = F.read_run_config_json(sharded)

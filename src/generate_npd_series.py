@@ -16,7 +16,8 @@ import argparse
 import dataclasses
 import sys
 
-from golden_noise.cli import add_dataclass_arguments, add_pipeline_arguments, dataclass_defaults, dataclass_from_args, parser
+from golden_noise.cli import (add_dataclass_arguments, add_pipeline_arguments, dataclass_defaults, dataclass_from_args,
+                              parser)
 from golden_noise.dataset.generate import GenerationJob, GenerationSettings, run_generation
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.golden import GoldenConfig

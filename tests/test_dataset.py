@@ -16,8 +16,9 @@ from golden_noise.io import tensor_bytes
 from golden_noise.model.rnn_seq_model_v3 import FINAL_STEM
 from tests.conftest import dataset_samples
 from tests.test_generate import flip_byte, payload_offset, run_main, same_tree
-from tests.test_training import (ARCH, assert_same_tensors, export_tensors, fresh_process_state, sample_file,  # noqa
-                                 train, train_error, write_synthetic_dataset)
+from tests.test_training import fresh_process_state  # noqa: F401  (an autouse fixture: a fresh process each run)
+from tests.test_training import (ARCH, assert_same_tensors, export_tensors, sample_file, train, train_error,
+                                 write_synthetic_dataset)
 
 CONVERT = "scripts/convert_dataset.py"
 

@@ -9,8 +9,8 @@ import pytest
 from golden_noise.testing.hub import UploadRecorder, cache_repo
 from tests.test_dataset import convert, loose  # noqa: F401  (the fixture)
 from tests.test_generate import flip_byte, run_main
-from tests.test_training import (ARCH, assert_same_tensors, export_tensors, fresh_process_state, train,  # noqa: F401
-                                 train_error)
+from tests.test_training import fresh_process_state  # noqa: F401  (an autouse fixture: a fresh process each run)
+from tests.test_training import ARCH, assert_same_tensors, export_tensors, train, train_error
 
 PUSH = "scripts/push_dataset.py"
 REPO = "golden-user/npd-toy"
@@ -77,7 +77,7 @@ def test_push_dataset_sends_the_shards_and_a_card(sharded, online, tmp_path, cap
     code, stdout, stderr = run_main(capsys, PUSH, sharded, REPO, "--private", "--prompt_source",
                                     "24 synthetic prompts")
     assert code == 0, stderr
-    assert f"done: 24 samples" in stdout and f"https://huggingface.co/datasets/{REPO}" in stdout
+    assert "done: 24 samples" in stdout and f"https://huggingface.co/datasets/{REPO}" in stdout
     assert [(c["repo_id"], c["repo_type"], c["private"]) for c in online.created] == [(REPO, "dataset", True)]
     (upload,) = online.uploads
     assert upload.repo_id == REPO and upload.repo_type == "dataset" and upload.delete_patterns == ["data/*.parquet"]

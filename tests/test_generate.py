@@ -564,7 +564,8 @@ def test_stage_2_imports_nothing_of_stages_5_and_6():
     code = ("import sys, runpy; sys.argv = ['x', '--help']\n"
             "import golden_noise.dataset.generate, golden_noise.dataset.convert, golden_noise.dataset.hub\n"
             "import golden_noise.scoring, golden_noise.rewards.base, golden_noise.training.trainer\n"
-            "try:\n    runpy.run_path('src/generate_npd_series.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "try:\n    runpy.run_path('src/generate_npd_series.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('golden_noise'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -61,7 +61,8 @@ def dataset_card(root: Path, run_config: dict, index: dict, repo_id: str | None 
                             f"{golden.get('denoise_guidance_scale')}, w_w = {golden.get('inversion_guidance_scale')}"
                             f"{', t0 = ' + str(golden['t0']) if 't0' in golden else ''}"),
             ("noise", f"{c}x{h}x{w} latents ({run_config.get('height')}x{run_config.get('width')} px), stored as "
-                      f"{run_config.get('storage_dtype')}; seed of sample `id` = {run_config.get('start_seed', 0)} + id"),
+                      f"{run_config.get('storage_dtype')}; seed of sample `id` = "
+                      f"{run_config.get('start_seed', 0)} + id"),
             ("text embedding", f"{run_config['text_embedding'].get('kind')}, {run_config['text_embedding']['dim']}-d"),
             ("prompts", f"{source}: {run_config.get('num_prompts')} prompts (sha256 "
                         f"{str(run_config.get('prompt_fingerprint'))[:16]}...), sample `id` = the prompt's line"),

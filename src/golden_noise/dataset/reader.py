@@ -22,7 +22,7 @@ import os
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +186,8 @@ class ShardFile:
     other layout is read by pyarrow."""
 
     def __init__(self, path: str | Path):
-        self.path, self._file, self._fd, self._pid, self._shapes, self._leaves = Path(path), None, None, None, None, None
+        self.path = Path(path)
+        self._file = self._fd = self._pid = self._shapes = self._leaves = None
 
     def __getstate__(self):
         return {"path": self.path, "_file": None, "_fd": None, "_pid": None, "_shapes": None, "_leaves": None}
