@@ -149,18 +149,25 @@ def test_batch_size_does_not_change_samples(tmp_path, tiny_pipeline_dir, capsys)
 
 
 def test_two_processes_give_the_same_dataset_byte_for_byte(tmp_path, tiny_pipeline_dir, capsys):
+    """accelerate launch with 2 processes composes with --num_shards: run 0 of 2 on two processes (they deal its
+    shards' batches and seal its shards), run 1 of 2 on one; together the dataset of one single-process run."""
     pf = prompts_file(tmp_path, 10)
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert generate(capsys, tiny_pipeline_dir, pf, single, "--batch_size", 2, "--samples_per_shard", 4)[0] == 0
+    flags = ["--batch_size", 2, "--samples_per_shard", 4]  # shards [0, 4), [4, 8), [8, 10): runs make 0, 2 and 1
+    assert generate(capsys, tiny_pipeline_dir, pf, single, *flags)[0] == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / SCRIPT),
            "--prompt_file", pf, "--output_dir", multi, "--base_model_id", tiny_pipeline_dir, "--num_steps", 3,
-           "--device", "cpu", "--batch_size", 2, "--samples_per_shard", 4]
+           "--device", "cpu", *flags, "--num_shards", 2, "--shard_index", 0]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", **ONE_THREAD}
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "process 0 of 2" in proc.stdout  # really two processes, each with its own share
-    assert len(list((multi / "data").glob("shard-*.parquet"))) == 3
+    assert "run 0 of 2: 2 shard(s) sealed now, 2 of 3 sealed" in proc.stdout and not (multi / "index.json").exists()
+    code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, multi, *flags, "--num_shards", 2,
+                                    "--shard_index", 1)
+    assert code == 0, stderr
+    assert "3 of 3 sealed, index.json written" in stdout
     assert same_tree(single, multi)
 
 
