@@ -4,9 +4,9 @@ format (golden_noise.dataset.format), batched, split across processes and machin
 Shard k holds the prompts at positions [k*S, (k+1)*S) of the prompt list, S a multiple of the batch size, so each
 fixed global batch lies in one shard and the dataset is byte-identical for any process or machine count and any
 resume point. A run makes its task's shards (`Task`: task i of K takes shards i, i + K, ...; one task by default,
-SLURM array variables otherwise), its processes dealing the shards' batches round-robin; each sample's files go to
-the staging folder, and a shard is sealed as soon as all its samples are there (dataset.writer). The run whose
-shard completes the dataset writes index.json (`--finalize` does it alone).
+SLURM array variables otherwise), its processes dealing the shards' batches round-robin; each batch goes to one
+staging file, and a shard is sealed as soon as all its batches are there (dataset.writer). The run whose shard
+completes the dataset writes index.json and the dataset card (`--finalize` does it alone).
 
 A rerun of the same command finishes the job: sealed shards are checked (sha256), staging files are checked (every
 byte) and only what is missing or damaged is regenerated. A rerun with other prompts or with any setting that
