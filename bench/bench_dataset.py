@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from golden_noise.dataset import format as F
     from golden_noise.dataset.convert import convert_dataset
     from golden_noise.dataset.reader import loose_file_problem, expected_bytes, open_dataset, read_metadata
-    from golden_noise.dataset.writer import verify_shards
+    from golden_noise.dataset.shards import verify_shards
 
     size, n = args.latent_size, args.num_samples
     shape = (4, size, size)

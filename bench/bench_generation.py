@@ -76,7 +76,7 @@ def measure_resume_scan(pipe, settings, num_samples: int) -> dict:
 
     from golden_noise.dataset import format as F
     from golden_noise.dataset.generate import Sealer, check_sealed, generate_dataset, plan_work
-    from golden_noise.dataset.reader import ShardFile
+    from golden_noise.dataset.shards import ShardFile
     from golden_noise.dataset.writer import SampleSpec, batch_bytes
     from golden_noise.io import atomic_write_bytes
     from golden_noise.prompts import Prompt

@@ -16,11 +16,13 @@ import common  # noqa: E402  (bench/common.py; this script's folder is on sys.pa
 
 import torch  # noqa: E402
 
+from golden_noise.cli import finite_float  # noqa: E402  (NaN and infinities are refused)
+
 
 def parse_args(argv=None):
     p = common.bench_args(__doc__.split("\n")[0])
     p.add_argument("--num_inference_steps", type=int, default=30, help="sampling steps of the pipeline")
-    p.add_argument("--guidance_scale", type=float, default=5.5, help="CFG of the sampling (> 1: two branches)")
+    p.add_argument("--guidance_scale", type=finite_float, default=5.5, help="CFG of the sampling (> 1: two branches)")
     p.add_argument("--num_gen_steps", type=int, default=10, help="n: RNN rollout steps")
     p.add_argument("--resolution", type=int, default=1024, help="SDXL image size (px) of the FLOP count")
     p.add_argument("--rounds", type=int, default=None, help="interleaved wall-time rounds (default 5, quick 1)")

@@ -22,6 +22,8 @@ import common  # noqa: E402  (bench/common.py; this script's folder is on sys.pa
 
 import torch  # noqa: E402
 
+from golden_noise.cli import finite_float  # noqa: E402  (NaN and infinities are refused)
+
 
 def parse_args(argv=None):
     p = common.bench_args(__doc__.split("\n")[0])
@@ -31,7 +33,7 @@ def parse_args(argv=None):
                    "quick 8)")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=None, help="sweep --batch_size values (default "
                    "8 48, quick 8)")
-    p.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 5.5], help="sweep grid")
+    p.add_argument("--guidance_scales", type=finite_float, nargs="+", default=[1.0, 5.5], help="sweep grid")
     p.add_argument("--num_inference_steps", type=int, nargs="+", default=None, help="sweep grid (default 20, "
                    "quick 4)")
     p.add_argument("--num_gen_steps", type=int, nargs="+", default=[2], help="sweep grid")
@@ -48,13 +50,13 @@ def parse_args(argv=None):
 def random_export(world: str, folder: Path) -> Path:
     """An RNN export for `world` with the quickstart's architecture and random weights (its change head too)."""
     from golden_noise.diffusion import load_pipeline
-    from golden_noise.golden import GoldenConfig, GoldenStep
+    from golden_noise.golden import GoldenConfig, golden_step
     from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
     from golden_noise.dataset.generate import GenerationSettings, build_run_config
 
     pipe = load_pipeline(world, dtype="float32", device="cpu")
     settings = GenerationSettings(base_model_id=world, num_steps=2, text_embedding="pooled+mean_token")
-    run_config = build_run_config(pipe, settings, GoldenStep(pipe.unet, pipe.scheduler.config, GoldenConfig()))
+    run_config = build_run_config(pipe, settings, golden_step(pipe, GoldenConfig()))
     c, h, _ = run_config["latent_shape"]
     config = NoiseSequenceRNNConfig(latent_channels=c, noise_resolution=h,
                                     text_embed_dim=run_config["text_embedding"]["dim"], text_proj_dim=64,

@@ -21,6 +21,8 @@ import common  # noqa: E402  (bench/common.py; this script's folder is on sys.pa
 
 import torch  # noqa: E402
 
+from golden_noise.cli import finite_float  # noqa: E402  (NaN and infinities are refused)
+
 # --tiny: the same architectures, scaled down so a CPU runs every section in seconds
 TINY_UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -54,9 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=8, help="sequences per RNN training step")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend ('none' skips the section)")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
-    p.add_argument("--min_compile_budget_s", type=float, default=150.0,
+    p.add_argument("--min_compile_budget_s", type=finite_float, default=150.0,
                    help="skip torch.compile when less than this much of the time budget is left")
-    p.add_argument("--time_budget_s", type=float, default=390.0,
+    p.add_argument("--time_budget_s", type=finite_float, default=390.0,
                    help="sections that would start after this many seconds are skipped")
     p.add_argument("--json", default=None, help="write the figures here (after every section)")
     p.add_argument("--threads", type=int, default=None,
@@ -168,15 +170,23 @@ def record_unet_calls(unet, fn) -> list:
     return calls
 
 
+def sdxl_golden_step(unet):
+    """The project's SDXL golden step (NPNet's defaults) on a bare UNet: the SDXL family's guided prediction and
+    SDXL's scheduler config, as golden.golden_step builds it from a loaded pipeline."""
+    from types import SimpleNamespace
+
+    from golden_noise.diffusion import SDXLFamily, sdxl_scheduler_config
+    from golden_noise.golden import GoldenConfig, GoldenStep
+
+    return GoldenStep(SDXLFamily(SimpleNamespace(unet=unet)).predict, sdxl_scheduler_config(), GoldenConfig())
+
+
 def golden_step_figures(check: Check, unet, batch: int, n: int, share: bool = True) -> dict:
     """Time GoldenStep at `batch` and (with `share`) the same UNet calls alone; derive steps/s, sequences/hour
     and the UNet's share of the step time."""
-    from golden_noise.golden import GoldenConfig, GoldenStep
-    from golden_noise.diffusion import sdxl_scheduler_config
-
     a = check.args
     lat = a.resolution // 8
-    step = GoldenStep(unet, sdxl_scheduler_config(), GoldenConfig())
+    step = sdxl_golden_step(unet)
     g = torch.Generator("cpu").manual_seed(batch)
     x = torch.randn(batch, unet.config.in_channels, lat, lat, generator=g).to(check.device)  # (B, C, h, w) float32
     cond = common.random_conditioning(unet, batch, a.resolution, a.resolution, device=check.device)
@@ -271,11 +281,8 @@ def main(args) -> int:
     best0 = sweeps.get(args.dtypes[0])
 
     def sequence():
-        from golden_noise.golden import GoldenConfig, GoldenStep
-        from golden_noise.diffusion import sdxl_scheduler_config
-
         b = best0["batch"] if best0 else args.batch_sizes[0]
-        step = GoldenStep(unet, sdxl_scheduler_config(), GoldenConfig())
+        step = sdxl_golden_step(unet)
         x = torch.randn(b, 4, lat, lat, generator=torch.Generator().manual_seed(0)).to(check.device)
         cond = common.random_conditioning(unet, b, args.resolution, args.resolution, device=check.device)
         check.sync()
@@ -407,10 +414,7 @@ def main(args) -> int:
         t0 = time.perf_counter()
         optimize_unet(unet, compile_unet=True, mode=args.compile_mode, backend=args.compile_backend)
         try:
-            from golden_noise.golden import GoldenConfig, GoldenStep
-            from golden_noise.diffusion import sdxl_scheduler_config
-
-            step = GoldenStep(unet, sdxl_scheduler_config(), GoldenConfig())
+            step = sdxl_golden_step(unet)
             x = torch.randn(cmp_batch, 4, lat, lat).to(check.device)
             cond = common.random_conditioning(unet, cmp_batch, args.resolution, args.resolution, device=check.device)
             step(x, cond)  # compiles the 2B (CFG) and B graphs

@@ -71,7 +71,7 @@ def dataset_samples(root: Path) -> dict[int, dict]:
     """Every sample of a finished sharded dataset, {id: {column: tensor or value}} (small test datasets only)."""
     import json
 
-    from golden_noise.dataset.reader import ShardFile
+    from golden_noise.dataset.shards import ShardFile
 
     out = {}
     for record in json.loads((Path(root) / "index.json").read_text())["shards"]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from golden_noise.diffusion import encode_prompts, seeded_noise
-from golden_noise.golden import GoldenStep
+from golden_noise.golden import golden_step
 from golden_noise.errors import UserError
 from golden_noise.inference.batch import recorded_images
 from golden_noise.io import load_tensor
@@ -130,7 +130,7 @@ def test_oracle_and_gnsnet_noises(reference, setup, tiny_pipeline):
 
     pipe = tiny_pipeline
     gn = GoldenNoise.from_pretrained(setup["export"], pipe=pipe)
-    step = GoldenStep(pipe.unet, pipe.scheduler.config, TRAIN_GOLDEN)
+    step = golden_step(pipe, TRAIN_GOLDEN)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

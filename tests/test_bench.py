@@ -165,14 +165,14 @@ def test_channels_last_flag_leaves_the_dataset_unchanged(tmp_path, tiny_pipeline
 
 def test_compiled_unet_gives_the_same_golden_step():
     from golden_noise.diffusion import encode_prompts, optimize_unet, seeded_noise
-    from golden_noise.golden import GoldenStep
+    from golden_noise.golden import golden_step
     from golden_noise.testing.pipelines import build_tiny_sdxl_pipeline
 
     with one_thread():
         pipe = build_tiny_sdxl_pipeline(seed=0)  # its own copy: compiling changes the module in place
         cond = encode_prompts(pipe, ["a cat", "a dog"], height=16, width=16)
         x = seeded_noise([0, 1], (4, 16, 16))
-        step = GoldenStep(pipe.unet, pipe.scheduler.config)
+        step = golden_step(pipe)
         eager = step(x, cond)
         unet = pipe.unet
         # the eager backend runs the same dynamo tracing as inductor without its minutes of C++ compilation

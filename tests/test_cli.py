@@ -201,16 +201,23 @@ def _job_parser():
     (["--rate", "inf"], "error: argument --rate: must be a finite number, got inf"),
     (["--scales", "1,-inf"], "error: --scales: must be a finite number, got -inf"),
     (["--kind", "c"], "error: argument --kind: invalid choice: 'c' (choose from 'a', 'b')"),
+    (["--path"], "error: argument --path: expected one argument"),
 ])
 def test_a_fields_rules_refuse_a_flag_in_one_line(argv, line, capsys):
     """A field's range (min/max inclusive, above/below exclusive), choices and the finite rule of floats refuse a
     bad flag after parsing: one line, exit 2."""
     p = _job_parser()
-    assert p.parse_args(["--fraction", "0", "--rate", "1e-9", "--seed", str(2 ** 63 - 1), "--scales", "0"]).seed \
-        == 2 ** 63 - 1
+    assert p.parse_args(["--path", "p", "--fraction", "0", "--rate", "1e-9", "--seed", str(2 ** 63 - 1), "--scales",
+                         "0"]).seed == 2 ** 63 - 1
     with pytest.raises(SystemExit) as e:
-        p.parse_args(argv)
+        p.parse_args(["--path", "p", *argv])
     assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+
+
+def test_a_field_without_default_is_a_required_flag(capsys):
+    with pytest.raises(SystemExit):
+        _job_parser().parse_args([])
+    assert capsys.readouterr().err.splitlines() == ["error: the following arguments are required: --path"]
 
 
 def test_a_fields_rules_refuse_a_value_set_in_code():
@@ -304,3 +311,52 @@ def test_every_float_flag_refuses_nan_and_inf(script, capsys):
                 load_cli(script).parse_args([*REQUIRED.get(script, []), f"{flag}={bad}"])
             err = capsys.readouterr().err.splitlines()
             assert e.value.code == 2 and len(err) == 1 and flag in err[0] and "finite" in err[0], (flag, err)
+
+
+# ---------------------------------------------------------------- seeds stay within torch's 64-bit range
+SEED_MAX = 2 ** 63 - 1
+
+
+@pytest.mark.parametrize("script, argv, line", [
+    ("src/inference_rnn.py", ["--rnn_weights_path", "r", "--prompt", "p", "--seed", str(2 ** 63)],
+     f"error: --seed must be in [0, {SEED_MAX}], got {2 ** 63}"),
+    ("src/inference_rnn.py", ["--rnn_weights_path", "r", "--prompt", "p", "--seed", "-1"],
+     f"error: --seed must be in [0, {SEED_MAX}], got -1"),
+    ("scripts/batch_inference.py", ["--prompt_file", "p.txt", "--start_seed", str(2 ** 64)],
+     f"error: --start_seed must be in [0, {SEED_MAX}], got {2 ** 64}"),
+    ("scripts/sweep.py", ["--prompt_file", "p.txt", "--start_seed", str(2 ** 63)],
+     f"error: --start_seed must be in [0, {SEED_MAX}], got {2 ** 63}"),
+    ("scripts/evaluate_hps.py", ["--prompt_file", "p.txt", "--seed", "-1"],
+     f"error: --seed must be in [0, {SEED_MAX}], got -1"),
+])
+def test_a_seed_past_the_64_bit_range_is_a_one_line_error(script, argv, line, capsys):
+    from golden_noise.runtime import run_cli as run_main
+    from tests.conftest import load_cli
+
+    cli = load_cli(script)
+    assert run_main(cli.main, cli.parse_args, argv) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+@pytest.mark.parametrize("script, argv, last", [
+    ("scripts/batch_inference.py", ["--methods", "standard", "--start_seed", SEED_MAX - 2, "--output_base_dir"],
+     "the last prompt index 3"),
+    ("scripts/sweep.py", ["--methods", "standard", "best_of_2", "--metrics", "clipscore", "--guidance_scales", 1,
+                          "--start_seed", SEED_MAX - 1_000_000, "--output_dir"],
+     "the largest seed offset (prompt index + k x 1,000,000 for best_of_K's candidate k) 1000003"),
+])
+def test_the_last_seed_past_the_64_bit_range_is_refused_before_any_work(script, argv, last, tmp_path, capsys):
+    """start_seed + the last prompt index (+ best_of_K's candidate offset in the sweep) past 2**63 - 1: one line
+    naming --start_seed, before any model loads or any file is written."""
+    from golden_noise.runtime import run_cli as run_main
+    from tests.conftest import load_cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\n\nb\nc\n")  # indices 0, 2, 3
+    cli = load_cli(script)
+    out = tmp_path / "out"
+    args = ["--prompt_file", prompts, "--base_model_id", tmp_path / "no_model", "--device", "cpu", *argv, out]
+    assert run_main(cli.main, cli.parse_args, [str(a) for a in args]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --start_seed ") and f"+ {last} = " in err[0], err
+    assert "is past the largest seed, 2**63 - 1" in err[0] and not out.exists()

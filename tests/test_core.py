@@ -6,13 +6,14 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from golden_noise.diffusion import (Conditioning, UNetCounter, encode_prompts, latent_shape, load_pipeline,
-                                    predict_noise, seeded_noise)
-from golden_noise.golden import GoldenConfig, GoldenStep
+from golden_noise.diffusion import (Conditioning, SDXLFamily, UNetCounter, encode_prompts, family_of, latent_shape,
+                                    load_pipeline, seeded_noise)
+from golden_noise.golden import GoldenConfig, GoldenStep, golden_step
 from golden_noise.errors import UserError
 from golden_noise.io import atomic_path, atomic_torch_save
 from golden_noise.prompts import read_prompts
@@ -109,16 +110,16 @@ def test_seeded_noise_depends_on_seed_only(tiny_pipeline):
 
 
 # ---------------------------------------------------------------- CFG and the golden step
-def test_predict_noise_branches_and_guidance(tiny_pipeline):
-    unet = tiny_pipeline.unet
+def test_guided_prediction_branches_and_guidance(tiny_pipeline):
+    predict = family_of(tiny_pipeline).predict
     cond = encode_prompts(tiny_pipeline, ["a red circle", "a blue square"])
     x = seeded_noise([0, 1], latent_shape(tiny_pipeline))
     counter = UNetCounter()
-    eps_c = predict_noise(unet, x, 901, cond, 1.0, counter)
+    eps_c = predict(x, 901, cond, 1.0, counter)
     assert (counter.calls, counter.evaluations) == (1, 2)
-    eps_u = predict_noise(unet, x, 901, cond, 0.0, counter)
+    eps_u = predict(x, 901, cond, 0.0, counter)
     assert (counter.calls, counter.evaluations) == (2, 4)
-    eps = predict_noise(unet, x, 901, cond, 5.5, counter)
+    eps = predict(x, 901, cond, 5.5, counter)
     assert (counter.calls, counter.evaluations) == (3, 8)  # both branches in ONE call of batch 2B
     torch.testing.assert_close(eps, eps_u + 5.5 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
 
@@ -132,16 +133,16 @@ def _alphas(config):
 def test_golden_step_matches_closed_form_with_the_real_unet(tiny_pipeline):
     """x' = x - c (eps_l - eps_w), eps_l at (x, t0) with w_l, eps_w at (x_prev, t0) with w_w (DESIGN.md)."""
     pipe = tiny_pipeline
-    step = GoldenStep(pipe.unet, pipe.scheduler.config, GoldenConfig(10, 5.5, 1.0))
+    step = golden_step(pipe, GoldenConfig(10, 5.5, 1.0))
     assert (step.t0, step.t_prev) == (901, 801)
     a = _alphas(sdxl_scheduler_config())
     a_t, a_p = a[901].item(), a[801].item()
     cond = encode_prompts(pipe, ["a small red circle", "a big blue square"])
     x = seeded_noise([3, 4], latent_shape(pipe))
-    eps_l = predict_noise(pipe.unet, x, 901, cond, 5.5)
+    eps_l = family_of(pipe).predict(x, 901, cond, 5.5)
     x0 = (x - math.sqrt(1 - a_t) * eps_l) / math.sqrt(a_t)
     x_prev = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps_l
-    eps_w = predict_noise(pipe.unet, x_prev, 901, cond, 1.0)
+    eps_w = family_of(pipe).predict(x_prev, 901, cond, 1.0)
     c = math.sqrt(1 - a_t) - math.sqrt(a_t / a_p) * math.sqrt(1 - a_p)
     assert step.coefficient == pytest.approx(c, rel=1e-6)
     torch.testing.assert_close(step(x, cond), x - c * (eps_l - eps_w), atol=2e-5, rtol=1e-5)
@@ -158,10 +159,15 @@ class ControlledUNet(torch.nn.Module):
         return (0.3 * x + 2.0 * bias,)
 
 
+def controlled_predict():
+    """The SDXL family's guided prediction with ControlledUNet as its UNet."""
+    return SDXLFamily(SimpleNamespace(unet=ControlledUNet())).predict
+
+
 @pytest.mark.parametrize("w_l,w_w,evals", [(5.5, 1.0, 3), (5.5, 0.0, 3), (7.0, 2.0, 4)])
 def test_golden_step_closed_form_with_controlled_epsilon(w_l, w_w, evals):
     config = sdxl_scheduler_config()
-    step = GoldenStep(ControlledUNet(), config, GoldenConfig(10, w_l, w_w))
+    step = GoldenStep(controlled_predict(), config, GoldenConfig(10, w_l, w_w))
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = Conditioning(cond_embeds=torch.full((2, 77, 8), 0.5), uncond_embeds=torch.zeros(2, 77, 8))
 
@@ -183,15 +189,15 @@ def test_golden_perturbation_size_is_guarded(tiny_pipeline):
     # SDXL's steps_offset=1 puts t0 of a 1000-step schedule at 1000, past the table: the original code's
     # 1000-step schedule had t0 = 999, as with steps_offset=0.
     with pytest.raises(UserError, match="--schedule_steps 1000 puts t0 at 1000"):
-        GoldenStep(pipe.unet, pipe.scheduler.config, GoldenConfig(1000))
-    config = {**pipe.scheduler.config, "steps_offset": 0}
-    coefficients = {n: GoldenStep(pipe.unet, config, GoldenConfig(n)).coefficient for n in (10, 50, 1000)}
+        golden_step(pipe, GoldenConfig(1000))
+    config, predict = {**pipe.scheduler.config, "steps_offset": 0}, family_of(pipe).predict
+    coefficients = {n: GoldenStep(predict, config, GoldenConfig(n)).coefficient for n in (10, 50, 1000)}
     assert coefficients[10] == pytest.approx(0.385, abs=2e-3)
     assert coefficients[50] == pytest.approx(0.110, abs=2e-3)
     assert coefficients[1000] == pytest.approx(0.006, abs=1e-3)
     cond = encode_prompts(pipe, ["a small red circle"])
     x = seeded_noise([11], latent_shape(pipe))
-    rel = {n: ((GoldenStep(pipe.unet, config, GoldenConfig(n))(x, cond) - x).norm() / x.norm()).item()
+    rel = {n: ((GoldenStep(predict, config, GoldenConfig(n))(x, cond) - x).norm() / x.norm()).item()
            for n in (10, 1000)}
     assert 1e-3 < rel[10] < 0.5
     assert rel[10] / rel[1000] > 20
@@ -199,9 +205,64 @@ def test_golden_perturbation_size_is_guarded(tiny_pipeline):
 
 def test_golden_sequence_shape(tiny_pipeline):
     pipe = tiny_pipeline
-    step = GoldenStep(pipe.unet, pipe.scheduler.config)
+    step = golden_step(pipe)
     cond = encode_prompts(pipe, ["a", "b"])
     x = seeded_noise([0, 1], latent_shape(pipe))
     seq = step.sequence(x, cond, 3)
     assert seq.shape == (2, 3, 4, 16, 16)
     torch.testing.assert_close(seq[:, 1], step(seq[:, 0], cond))
+
+
+# ---------------------------------------------------------------- the import drawing
+def _project_imports() -> dict[str, set[str]]:
+    """{module: the project's modules it imports}, module-level and in-function imports alike."""
+    import ast
+
+    from tests.conftest import ROOT
+
+    roots = {"golden_noise": ROOT / "src" / "golden_noise", "golden_noise.model": ROOT / "model",
+             "golden_noise_toy": ROOT / "src" / "golden_noise_toy"}
+    files = {}
+    for package, root in roots.items():
+        for f in root.rglob("*.py"):
+            parts = [p for p in f.relative_to(root).with_suffix("").parts if p != "__init__"]
+            files[".".join([package, *parts])] = f
+    graph = {}
+    for module, f in files.items():
+        base = module.split(".") if f.name == "__init__.py" else module.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                target = ".".join(base[: len(base) - node.level + 1] + [node.module or ""]).strip(".") \
+                    if node.level else node.module
+                names = [f"{target}.{a.name}" if f"{target}.{a.name}" in files else target for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in files:
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    deps.add(name)
+        graph[module] = deps
+    return graph
+
+
+def test_the_import_drawing_has_no_circles():
+    """No module of golden_noise / golden_noise_toy reaches itself through imports (in-function ones included):
+    the golden step is built in golden.py from what a family exposes, and diffusion/ never imports golden.py."""
+    graph = _project_imports()
+    assert not [m for m in graph if m.startswith("golden_noise.diffusion") and "golden_noise.golden" in graph[m]]
+    circles = []
+    for start in graph:  # depth-first search for a path back to `start`
+        seen, todo = set(), [(start, [start])]
+        while todo:
+            module, path = todo.pop()
+            for dep in graph[module]:
+                if dep == start:
+                    circles.append(path + [start])
+                elif dep not in seen:
+                    seen.add(dep)
+                    todo.append((dep, path + [dep]))
+    assert not circles, circles[:3]

@@ -168,7 +168,7 @@ def test_shard_pages_read_directly_equal_what_pyarrow_decodes(storage, tmp_path)
     with other Parquet options (compressed) is read by pyarrow instead."""
     import numpy as np
 
-    from golden_noise.dataset.reader import ShardFile
+    from golden_noise.dataset.shards import ShardFile
     from golden_noise.dataset.writer import SampleSpec, ShardSample, loose_chunks, seal_shard
 
     g = torch.Generator().manual_seed(0)

@@ -283,7 +283,6 @@ def test_separate_sampler_unet_state_dict(sampler_setup, tiny_pipeline):
     pipeline with that UNet and scheduler (pixel-equal to plain diffusers), the noises from the base UNet."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from golden_noise.golden import GoldenStep
     from tests.test_inference import TRAIN_GOLDEN
 
     out = sampler_setup["root"] / "unet_out"
@@ -302,7 +301,7 @@ def test_separate_sampler_unet_state_dict(sampler_setup, tiny_pipeline):
     base_standard = tiny_pipeline(PROMPTS, generator=[torch.Generator().manual_seed(100 + i) for i in range(2)],
                                   **kwargs).images
     assert not np.array_equal(np.asarray(base_standard[0]), np.asarray(standard[0]))  # the swap changed the sampler
-    step = GoldenStep(tiny_pipeline.unet, tiny_pipeline.scheduler.config, TRAIN_GOLDEN)  # the oracle: the base UNet
+    step = golden_step(tiny_pipeline, TRAIN_GOLDEN)  # the oracle: the base UNet
     x_T = seeded_noise([100, 101], (4, 16, 16))
     expected = step.sequence(x_T, encode_prompts(tiny_pipeline, PROMPTS), 3)[:, -1]
     torch.testing.assert_close(noise["oracle"], expected, atol=1e-6, rtol=1e-6)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise
-from golden_noise.golden import GoldenConfig, GoldenStep
+from golden_noise.golden import GoldenConfig, golden_step
 from golden_noise.errors import UserError
 from golden_noise.io import load_tensor
 from tests.conftest import dataset_samples, load_cli, run_cli
@@ -32,7 +32,7 @@ def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, pr
     res = noise_resolution * pipe.vae_scale_factor
     settings = GenerationSettings(base_model_id=str(pipe_dir), num_steps=TRAIN_STEPS, golden=TRAIN_GOLDEN,
                                   height=res, width=res, text_embedding=text_embedding)
-    run_config = build_run_config(pipe, settings, GoldenStep(pipe.unet, pipe.scheduler.config, TRAIN_GOLDEN))
+    run_config = build_run_config(pipe, settings, golden_step(pipe, TRAIN_GOLDEN))
     config = NoiseSequenceRNNConfig(latent_channels=4, noise_resolution=noise_resolution,
                                     text_embed_dim=run_config["text_embedding"]["dim"],
                                     text_proj_dim=16, cnn_base_filters=8, cnn_num_blocks=[1, 1], cnn_max_filters=16,
@@ -178,7 +178,7 @@ def test_single_cli_end_to_end(export, tiny_pipeline, tiny_pipeline_dir, tmp_pat
     torch.testing.assert_close(golden[None], GoldenNoise.from_pretrained(export, pipe=pipe)(PROMPT, seed=seed),
                                rtol=0, atol=1e-5)
     oracle = load_tensor(out / "x_oracle_noise.pt")
-    step = GoldenStep(pipe.unet, pipe.scheduler.config, TRAIN_GOLDEN)
+    step = golden_step(pipe, TRAIN_GOLDEN)
     expected = step.sequence(x_T[None], encode_prompts(pipe, [PROMPT]), TRAIN_STEPS)[:, -1]
     torch.testing.assert_close(oracle[None], expected, rtol=0, atol=1e-5)
     for name, z in (("gnsnet", golden), ("oracle", oracle)):

@@ -13,7 +13,7 @@ import torch
 
 from golden_noise.dataset import format as F
 from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise
-from golden_noise.golden import GoldenConfig, GoldenStep
+from golden_noise.golden import GoldenConfig, golden_step
 from tests.conftest import dataset_samples
 from tests.test_generate import SCRIPT, flip_byte, prompts_file, run_main, same_tree
 from tests.test_training import ARCH, train_cli
@@ -93,7 +93,7 @@ def test_scored_dataset_records_both_rewards_and_keeps_every_sample(scored, tiny
     pipe = tiny_pipeline
     golden_cfg = GoldenConfig(**{k: config["golden"][k] for k in ("schedule_steps", "denoise_guidance_scale",
                                                                    "inversion_guidance_scale")})
-    step = GoldenStep(pipe.unet, pipe.scheduler.config, golden_cfg)
+    step = golden_step(pipe, golden_cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,5 +1,5 @@
 """Stage 3: the sequence dataset reader, the Trainer and train_rnn_model_v3.py on real stage-2 data from the tiny
-pipeline (and on small synthetic datasets written through golden_noise.layout).
+pipeline (and on small synthetic datasets of loose files, format 1: golden_noise.dataset.format).
 
 Most runs call the CLI's main() in this process (the Trainer does the work); subprocesses only where a process
 matters: kill -9, a second process holding the output dir, accelerate launch with 2 processes, scripts/train.sh.
@@ -417,7 +417,7 @@ def test_resume_continues_exactly(npd_dataset, tmp_path, capsys):
     # a changed architecture cannot resume that checkpoint
     line = train_error(capsys, *args, "--output_dir", resumed, "--resume_from_checkpoint", resumed / "checkpoint-3",
                        "--gru_hidden_size", 48)
-    assert "--gru_hidden_size 48 (checkpoint: 32)" in line
+    assert "gru_hidden_size: 32 -> 48" in line
 
 
 def test_resume_from_the_final_checkpoint_only_exports(npd_dataset, tmp_path, capsys):
@@ -601,7 +601,7 @@ def test_a_second_training_into_a_busy_output_dir_is_refused(checkpointed_run, t
     out = tmp_path / "run"
     shutil.copytree(run, out)
     cmd = [sys.executable, str(ROOT / TRAIN), *map(str, TINY_ARCH), *map(str, args), "--output_dir", str(out),
-           "--max_train_steps", "100000", "--save_steps", "100000", "--validation_steps", "0"]
+           "--max_train_steps", "100000", "--save_steps", "100000", "--resume_from_checkpoint", "latest"]
     log = tmp_path / "running.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=str(ROOT), env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=f)
@@ -618,6 +618,86 @@ def test_a_second_training_into_a_busy_output_dir_is_refused(checkpointed_run, t
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_rerunning_a_training_into_its_output_dir_without_resuming_is_refused(checkpointed_run, tmp_path, capsys):
+    """A finished run's output dir (checkpoints and the export) rerun without --resume_from_checkpoint, with the same
+    or another --max_train_steps: one line naming the resume flag and a new --output_dir; nothing changes. An
+    export without checkpoints counts too."""
+    run, args = checkpointed_run
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    before = tree_hashes(out)
+    for extra in ([], ["--max_train_steps", 8]):
+        line = train_error(capsys, *args, "--output_dir", out, *extra)
+        assert f"--output_dir {out} holds an earlier training (checkpoint-2, checkpoint-4, {FINAL_STEM}.json)" in line
+        assert "pass --resume_from_checkpoint latest" in line and "or choose a new --output_dir" in line
+    assert tree_hashes(out) == before
+    for ckpt in out.glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+    line = train_error(capsys, *args, "--output_dir", out)
+    assert f"holds an earlier training ({FINAL_STEM}.json)" in line
+
+
+def test_resuming_with_other_byte_shaping_settings_is_refused(checkpointed_run, tmp_path, capsys):
+    """--resume_from_checkpoint latest with another learning rate, batch size or dataset: one line naming each
+    difference, nothing changes; the run's length, logging and the loader's workers may change. Without a
+    checkpoint, the export's recorded settings are the ones to keep."""
+    run, args = checkpointed_run
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    before = tree_hashes(out)
+    line = train_error(capsys, *args, "--output_dir", out, "--resume_from_checkpoint", "latest", "--learning_rate",
+                       1e-3, "--batch_size", 2, "--dataset_dir", tmp_path / "other_ds")
+    data = args[args.index("--dataset_dir") + 1]
+    assert line.startswith(f"error: {out / 'checkpoint-4'} holds a training made with other inputs or settings (")
+    assert f"dataset_dir: '{data}' -> '{tmp_path / 'other_ds'}'" in line and "batch_size: 4 -> 2" in line
+    assert "learning_rate: 0.0001 -> 0.001" in line and "resume with the same settings" in line
+    line = train_error(capsys, *args, "--output_dir", out, "--resume_from_checkpoint", "latest", "--adam_beta2", 0.99)
+    assert "(adam_beta2: 0.999 -> 0.99)" in line
+    assert tree_hashes(out) == before
+    summary = train(*args, "--output_dir", out, "--resume_from_checkpoint", "latest", "--logging_steps", 1,
+                    "--max_checkpoints", 5, "--dataloader_num_workers", 0)
+    assert summary["global_step"] == 4
+    for ckpt in out.glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+    line = train_error(capsys, *args, "--output_dir", out, "--resume_from_checkpoint", "latest", "--seed", 7)
+    assert f"{out / FINAL_STEM}.json holds a training made with other inputs or settings (seed: 42 -> 7)" in line
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, capsys, monkeypatch):
+    """A checkpoint write that fails with ENOSPC (accelerate's writer raising after a partial file): one line naming
+    the checkpoint and the intact one before it; no half-written folder stays; resuming from the kept checkpoint
+    ends where an uninterrupted run does."""
+    import errno
+
+    import accelerate.checkpointing
+
+    root = write_synthetic_dataset(tmp_path / "ds", n=8)
+    args = ["--dataset_dir", root, "--max_train_steps", 6, "--batch_size", 4, "--validation_fraction", 0.25,
+            "--validation_steps", 2, "--save_steps", 2, "--max_checkpoints", 0, "--report_to", "none"]
+    out = tmp_path / "run"
+    real = accelerate.checkpointing.save
+
+    def full_disk(obj, f, *a, **k):
+        if ".checkpoint-4.tmp" in str(f):
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", full_disk)
+    line = train_error(capsys, *args, "--output_dir", out)
+    assert line.startswith(f"error: cannot write {out / 'checkpoint-4'} (OSError: [Errno 28] No space left on device)")
+    assert f"the last good checkpoint {out / 'checkpoint-2'} is intact" in line
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert not (out / f"{FINAL_STEM}.safetensors").exists()
+    from golden_noise.training.checkpoints import verify_checkpoint
+
+    assert verify_checkpoint(out / "checkpoint-2")["global_step"] == 2
+    monkeypatch.setattr(accelerate.checkpointing, "save", real)
+    train(*args, "--output_dir", out, "--resume_from_checkpoint", "latest")
+    train(*args, "--output_dir", tmp_path / "uninterrupted")
+    assert_same_tensors(export_tensors(out), export_tensors(tmp_path / "uninterrupted"))
 
 
 # ---- mixed precision, progress, launchers --------------------------------------------------------------------
@@ -714,3 +794,28 @@ def test_seed_command_flags_and_two_processes(npd_dataset, tmp_path):
     assert (out / "checkpoint-6/random_states_1.pkl").is_file()
     _, meta = NoiseSequenceRNN_v3.from_pretrained(out / f"{FINAL_STEM}.json")
     assert meta["model_config"]["predict_variance"] and meta["training"]["args"]["kl_weight"] == 0.01
+
+
+def test_the_trainer_declares_its_state_in_init():
+    """Every attribute a Trainer method sets is declared (with a comment-sized meaning) in Trainer.__init__, so the
+    trainer's state reads in one place."""
+    import ast
+
+    tree = ast.parse((ROOT / "src/golden_noise/training/trainer.py").read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+
+    def assigned(fn) -> set[str]:
+        out = set()
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            out.update(e.attr for t in targets for e in ast.walk(t) if isinstance(e, ast.Attribute)
+                       and isinstance(e.value, ast.Name) and e.value.id == "self")
+        return out
+
+    methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+    declared = assigned(methods.pop("__init__"))
+    assert len(declared) > 20
+    assert {name: sorted(assigned(f) - declared) for name, f in methods.items() if assigned(f) - declared} == {}
+    loop = methods["train"]
+    assert loop.end_lineno - loop.lineno < 40  # the loop reads on one screen

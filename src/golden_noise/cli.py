@@ -24,6 +24,9 @@ from .errors import UserError
 SEED_MAX = 2 ** 63 - 1
 SEED_RULES = {"min": 0, "max": SEED_MAX}
 RANGE_KEYS = ("min", "max", "above", "below")
+# how a field's flag is spelled: its help, choices, metavar; for a list, a predicate `valid` (with `valid_help`)
+# instead of choices, or `append` (a repeatable flag, one item each)
+FLAG_KEYS = ("help", "choices", "valid", "valid_help", "metavar", "append")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -66,10 +69,11 @@ def parser(doc: str | None, first_paragraph: bool = True) -> Parser:
 def setting(default: Any = dataclasses.MISSING, help: str | None = None, *,
             default_factory: Any = dataclasses.MISSING, **metadata) -> Any:
     """A dataclass field with its help and rules in its metadata (see the module docstring): min, max, above,
-    below, choices, group, rerun, loaded, when_unused."""
+    below; choices; how its flag is spelled (metavar; for a list valid/valid_help or append); group; and the
+    settings keys that record it for a rerun (rerun, loaded, when_unused)."""
     if help is not None:
         metadata["help"] = help
-    unknown = set(metadata) - {"help", "choices", "group", "rerun", "loaded", "when_unused", *RANGE_KEYS}
+    unknown = set(metadata) - {*FLAG_KEYS, "group", "rerun", "loaded", "when_unused", *RANGE_KEYS}
     if unknown:
         raise TypeError(f"unknown setting metadata: {sorted(unknown)}")
     if default_factory is not dataclasses.MISSING:
@@ -285,11 +289,13 @@ def dataclass_defaults(cls) -> dict[str, Any]:
 def add_dataclass_arguments(group, cls, include: Sequence[str] | None = None, exclude: Sequence[str] = (),
                             defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None,
                             flag_names: dict[str, str] | None = None) -> list[str]:
-    """Add a `--name` flag per dataclass field (type, default, help, choices and range from the field: see
-    `setting`); its rules are checked after parsing (a float's finiteness too).
+    """Add a `--name` flag per dataclass field (type, default, help, choices, range and spelling from the field:
+    see `setting`); its rules are checked after parsing (a float's finiteness too). A field without a default is
+    a required flag.
 
-    bool fields become store_true flags (default False) or --name/--no-name; list fields take `a b` or `a,b`.
-    `defaults` overrides defaults (e.g. None = "from the data"). Returns the field names added."""
+    bool fields become store_true flags (default False) or --name/--no-name; list fields take `a b` or `a,b`, or
+    repeat the flag (`append`). `defaults` overrides defaults (e.g. None = "from the data"). Returns the field
+    names added."""
     defaults, helps, flag_names = defaults or {}, helps or {}, flag_names or {}
     base = dataclass_defaults(cls)
     hints = typing.get_type_hints(cls)
@@ -297,9 +303,11 @@ def add_dataclass_arguments(group, cls, include: Sequence[str] | None = None, ex
     for f in dataclasses.fields(cls):
         if (include is not None and f.name not in include) or f.name in exclude or not f.init:
             continue
+        meta = f.metadata
         flag = "--" + flag_names.get(f.name, f.name)
         default = defaults.get(f.name, base.get(f.name))
-        help_text = helps.get(f.name, f.metadata.get("help", f.name.replace("_", " ")))
+        required = f.name not in base and f.name not in defaults
+        help_text = helps.get(f.name, meta.get("help", f.name.replace("_", " ")))
         kind, is_list = _base_type(hints[f.name])
         kind = finite_float if kind is float else kind
         if kind is bool:
@@ -308,13 +316,18 @@ def add_dataclass_arguments(group, cls, include: Sequence[str] | None = None, ex
                                             help=help_text)
             else:
                 action = group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        elif is_list and meta.get("append"):
+            action = group.add_argument(flag, dest=f.name, action="append", type=kind, default=default,
+                                        required=required, help=help_text, metavar=meta.get("metavar"))
         elif is_list:
+            metavar = meta.get("metavar") or (None if meta.get("choices") else f.name.upper())
             action = add_list_argument(group, flag, dest=f.name, item_type=kind, default=default, help=help_text,
-                                       metavar=f.name.upper())
+                                       required=required, choices=meta.get("choices"), valid=meta.get("valid"),
+                                       valid_help=meta.get("valid_help"), **({"metavar": metavar} if metavar else {}))
         else:
             action = group.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text,
-                                        choices=f.metadata.get("choices"))
-        action.rules = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata}
+                                        required=required, choices=meta.get("choices"), metavar=meta.get("metavar"))
+        action.rules = {k: meta[k] for k in RANGE_KEYS if k in meta}
         added.append(f.name)
     return added
 

@@ -20,9 +20,11 @@ from . import methods as method_names
 from .errors import UserError, one_line
 from .io import atomic_write_json
 from .prompts import Prompt, normalize_prompt, read_prompts
-from .rewards.base import check_scores, load_reward, reward_factory
+from .cli import SEED_RULES, setting
+from .rewards.base import PLUGIN_HELP, available_rewards, check_scores, is_reward_name, load_reward, reward_factory
+from .rewards.hpsv2 import ARCHITECTURE, CHECKPOINTS
 from .runs import check_writable_dir
-from .runtime import get_logger
+from .runtime import DEVICE_HELP, DTYPE_CHOICES, get_logger, resolve_device
 from .stats import describe, paired_comparison
 
 log = get_logger(__name__)
@@ -49,21 +51,71 @@ class Metric:
     options: dict = field(default_factory=dict)  # path, device, dtype, batch_size (+ the reward's own)
 
 
+METRIC_HELP = f"choose from {', '.join(available_rewards())} or {PLUGIN_HELP}"
+
+
+@dataclass
+class RewardConfig:
+    """The rewards that score the images, and how they load and run (stage 6's reward flags)."""
+
+    metrics: list[str] = setting(help=f"reward models, e.g. --metrics hpsv2 pickscore: {METRIC_HELP}",
+                                 default_factory=lambda: ["hpsv2"], valid=is_reward_name, valid_help=METRIC_HELP,
+                                 metavar="METRIC")
+    hps_version: str = setting("v2.1", "HPSv2 checkpoint version", choices=sorted(CHECKPOINTS))
+    hps_checkpoint: str | None = setting(None, "local HPS_v2*.pt checkpoint (same as --reward_path hpsv2=PATH; "
+                                         "default: download the --hps_version's from the hub repo xswu/HPSv2)")
+    hps_model: str = setting(ARCHITECTURE, "open_clip architecture of the HPS checkpoint: a model name or a path to "
+                             "an open_clip model-config .json")
+    reward_path: list[str] | None = setting(None, "local model file/folder (or hub id) for a metric, e.g. "
+                                            "pickscore=/models/PickScore_v1 or toy_attributes=PATH; repeatable",
+                                            append=True, metavar="METRIC=PATH")
+    batch_size: int = setting(8, "images per scorer forward pass", min=1)
+    device: str = setting("auto", DEVICE_HELP)
+    dtype: str = setting("auto", "scorer compute dtype: auto = float16 (autocast) on CUDA, float32 elsewhere",
+                         choices=["auto", *DTYPE_CHOICES])
+
+    def build(self, device) -> list["Metric"]:
+        """The `Metric`s to score with on `device` (flag errors are UserErrors): --hps_checkpoint means
+        --reward_path hpsv2=..., and HPSv2 gets --hps_version and --hps_model."""
+        metrics = build_metrics(self.metrics, self.reward_path, device, None if self.dtype == "auto" else self.dtype,
+                                self.batch_size)
+        for metric in metrics:
+            if metric.reward == "hpsv2":
+                if self.hps_checkpoint:
+                    if metric.options["path"] not in (None, self.hps_checkpoint):
+                        raise UserError("--hps_checkpoint and --reward_path hpsv2=... disagree: pass only one")
+                    metric.options["path"] = self.hps_checkpoint
+                metric.options.update(version=self.hps_version, architecture=self.hps_model)
+        return metrics
+
+    def record(self, device) -> dict:
+        """summary.json's settings of the scorers."""
+        return {"hps_version": self.hps_version if "hpsv2" in self.metrics else None, "device": str(device),
+                "dtype": self.dtype, "batch_size": self.batch_size}
+
+
 @dataclass
 class EvaluationJob:
-    """Everything stage 6 needs; the CLI fills it from its flags."""
+    """Everything stage 6 needs: scripts/evaluate_hps.py's flags are its fields and its RewardConfig's."""
 
-    prompt_file: str
-    image_base_dir: str
-    results_dir: str
-    metrics: list[Metric]
-    methods: list[str] | None = None        # None = every *_output folder that holds images
-    baseline: str = "standard"
-    prompt_column: str | None = None
-    bootstrap_samples: int = 10000
-    seed: int = 0
-    progress: bool = True                   # a tqdm bar per metric while scoring
-    settings: dict = field(default_factory=dict)  # recorded in summary.json
+    prompt_file: str = setting(help="the prompt file batch inference used (.txt one per line, or .csv/.tsv); image "
+                               "{index}.png belongs to the prompt on 0-based line/row index")
+    prompt_column: str | None = setting(None, "column of a .csv/.tsv prompt file (default: the first of prompt, "
+                                        "caption, text)")
+    image_base_dir: str = setting("./inference_output/", "folder holding the *_output method folders (and "
+                                  "manifest.csv) written by batch inference")
+    results_dir: str = setting("./results/", "where the CSV, summary.json, plots and report.html go (created; "
+                               "existing files of the same names are replaced)")
+    methods: list[str] | None = setting(None, f"methods to compare ({method_names.METHOD_HELP}; folder "
+                                        "{name}_output or {name}), e.g. --methods standard gnsnet (default: every "
+                                        "*_output folder that holds images)", metavar="METHOD",
+                                        valid=lambda m: method_names.is_method(method_names.method_of_folder(m) or m),
+                                        valid_help=method_names.METHOD_HELP)
+    baseline: str = setting("standard", "the method every other method is compared with")
+    rewards: RewardConfig = setting(default_factory=RewardConfig)
+    bootstrap_samples: int = setting(10000, "bootstrap resamples for the 95%% CI", min=1)
+    seed: int = setting(0, "seed of the bootstrap", **SEED_RULES)
+    no_progress: bool = setting(False, "no progress bar while scoring")  # else a bar per metric
 
 
 def find_methods(base_dir: str | Path, methods: Sequence[str] | None, baseline: str) -> list[Method]:
@@ -328,17 +380,19 @@ def run_evaluation(job: EvaluationJob) -> dict:
     (returned). Nothing is loaded or scored before the inputs and the results folder are known to be good."""
     from .report import NOTES, csv_name, write_html, write_plots, write_scores_csv
 
-    for metric in job.metrics:  # an unknown name or a bad FILE.py:NAME fails now, not after the checks below
+    device = resolve_device(job.rewards.device)
+    metrics, settings = job.rewards.build(device), job.rewards.record(device)
+    for metric in metrics:  # an unknown name or a bad FILE.py:NAME fails now, not after the checks below
         reward_factory(metric.reward)
     prompts = prompt_map(read_prompts(job.prompt_file, job.prompt_column))
     methods, indices, missing = gather_images(job, prompts)
     check_readable([m.files[i] for m in methods for i in indices])
     out = check_writable_dir(job.results_dir, "--results_dir")
-    names = [m.name for m in job.metrics]
+    names = [m.name for m in metrics]
     log.info("evaluating %d prompts x %d methods (%s) with %s on %s", len(indices), len(methods),
-             ", ".join(m.name for m in methods), ", ".join(names), job.settings.get("device", "the default device"))
+             ", ".join(m.name for m in methods), ", ".join(names), settings["device"])
 
-    scores, speed = score_all(job.metrics, methods, indices, prompts, job.progress)
+    scores, speed = score_all(metrics, methods, indices, prompts, not job.no_progress)
     results = summarize(scores, job.baseline, job.bootstrap_samples, job.seed)
     csv_path, html_path = out / csv_name(names), out / "report.html"
     write_scores_csv(csv_path, indices, prompts, scores, job.baseline)
@@ -354,8 +408,8 @@ def run_evaluation(job: EvaluationJob) -> dict:
         "prompt_file": str(job.prompt_file), "image_base_dir": str(job.image_base_dir),
         "n_prompts": len(prompts), "n_evaluated": len(indices),
         "missing": missing, "results": results, "throughput": speed, "notes": NOTES,
-        "settings": {**job.settings, "reward_paths": {m.name: m.options.get("path") for m in job.metrics},
-                     "rewards": {m.name: m.reward for m in job.metrics},
+        "settings": {**settings, "reward_paths": {m.name: m.options.get("path") for m in metrics},
+                     "rewards": {m.name: m.reward for m in metrics},
                      "bootstrap_samples": job.bootstrap_samples, "seed": job.seed},
         "files": {"csv": csv_path.name, "html": html_path.name, "plots": [p.name for p in plots]},
     }

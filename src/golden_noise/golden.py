@@ -1,15 +1,18 @@
 """The golden step of NPNet (arXiv:2411.09502): one denoising step with strong guidance followed by one inversion
-step with weak guidance. UNet families (epsilon or v-prediction): DDIM denoise and DDIM inversion, both at
-t0 = timesteps[0] of an N-step DDIM schedule (`GoldenStep`). Flow matching: one Euler step down the pipeline
-scheduler's sigmas and one back up (`FlowGoldenStep`, a contract). Each family picks its step (diffusion.base)."""
+step with weak guidance, built here from what a pipeline's family exposes (diffusion.base): its guided `predict`
+and its schedule. UNet families (epsilon or v-prediction): DDIM denoise and DDIM inversion, both at
+t0 = timesteps[0] of an N-step DDIM schedule built from the pipeline's scheduler config (`GoldenStep`). Flow
+matching: one Euler step down the family's sigmas and one back up (`FlowGoldenStep`, a contract). `golden_step(pipe)`
+picks the step by the family's prediction type; the families know nothing of this module."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 
 from .cli import check_fields, setting
-from .diffusion import Conditioning, ModelCounter, predict_noise
+from .diffusion import Conditioning, ModelCounter, family_of
 from .errors import UserError
 
 
@@ -34,6 +37,10 @@ class GoldenConfig:
         return asdict(self)
 
 
+# a family's guided prediction: (x (B, C, h, w), t, cond, guidance scale, counter) -> float32 (B, C, h, w)
+Predict = Callable[[torch.Tensor, Any, Conditioning, float, "ModelCounter | None"], torch.Tensor]
+
+
 class _Sequence:
     """Applying a golden step n times."""
 
@@ -51,14 +58,15 @@ class GoldenStep(_Sequence):
     """x' = DDIMInverse.step(eps_cfg(x_prev, t0, w_w), t0, x_prev) with x_prev = DDIM.step(eps_cfg(x, t0, w_l), t0, x).
 
     With epsilon prediction x' = x - c (eps_l - eps_w), c = sqrt(1-a_t0) - sqrt(a_t0/a_prev) sqrt(1-a_prev); with
-    v_prediction both schedulers convert v themselves (no such closed form). Latents are kept in float32; the UNet
-    runs in its own dtype.
+    v_prediction both schedulers convert v themselves (no such closed form). `predict` is the family's guided
+    prediction (DiffusionFamily.predict), `scheduler_config` the pipeline's own. Latents are kept in float32; the
+    UNet runs in its own dtype.
     """
 
-    def __init__(self, unet, scheduler_config, config: GoldenConfig | None = None):
+    def __init__(self, predict: Predict, scheduler_config, config: GoldenConfig | None = None):
         from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-        self.unet = unet
+        self.predict = predict
         self.config = config or GoldenConfig()
         # clip_sample/thresholding would clip the x0 prediction of unit-variance latents: never wanted here.
         overrides = {"clip_sample": False, "thresholding": False}
@@ -89,9 +97,9 @@ class GoldenStep(_Sequence):
         """One golden step: (B, C, H, W) float32 -> (B, C, H, W) float32."""
         x = x.float()
         cfg = self.config
-        eps_l = predict_noise(self.unet, x, self.t0, cond, cfg.denoise_guidance_scale, self.counter)
+        eps_l = self.predict(x, self.t0, cond, cfg.denoise_guidance_scale, self.counter)
         x_prev = self.ddim.step(eps_l, self.t0, x, eta=0.0).prev_sample
-        eps_w = predict_noise(self.unet, x_prev, self.t0, cond, cfg.inversion_guidance_scale, self.counter)
+        eps_w = self.predict(x_prev, self.t0, cond, cfg.inversion_guidance_scale, self.counter)
         return self.inverse.step(eps_w, self.t0, x_prev).prev_sample.float()
 
     def record(self) -> dict:
@@ -106,10 +114,12 @@ class FlowGoldenStep(_Sequence):
         x_prev = x      + (s1 - s0) v(x,      t0, w_l)
         x'     = x_prev + (s0 - s1) v(x_prev, t1, w_w)      v(z, t, w) = v_u + w (v_c - v_u)
     (FLUX: v(z, t, w) with the guidance embedding set to w). Closed form x' = x - (s0 - s1) (v_l - v_w).
+    `predict` is the family's guided prediction, `sigmas` and `timesteps` its schedule (FlowMatchingFamily.schedule).
     Latents are kept in float32; the transformer runs in its own dtype."""
 
-    def __init__(self, family, sigmas: torch.Tensor, timesteps: torch.Tensor, config: GoldenConfig | None = None):
-        self.family = family
+    def __init__(self, predict: Predict, sigmas: torch.Tensor, timesteps: torch.Tensor,
+                 config: GoldenConfig | None = None):
+        self.predict = predict
         self.config = config or GoldenConfig()
         if len(timesteps) < 2:
             raise UserError(f"--schedule_steps {self.config.schedule_steps}: the flow-matching golden step needs two "
@@ -128,9 +138,9 @@ class FlowGoldenStep(_Sequence):
         """One golden step: (B, C, H, W) float32 -> (B, C, H, W) float32."""
         x = x.float()
         cfg, s0, s1 = self.config, self.sigma0, self.sigma1
-        v_l = self.family.predict(x, self.t0, cond, cfg.denoise_guidance_scale, self.counter)  # (B, C, H, W)
+        v_l = self.predict(x, self.t0, cond, cfg.denoise_guidance_scale, self.counter)  # (B, C, H, W)
         x_prev = x + (s1 - s0) * v_l
-        v_w = self.family.predict(x_prev, self.t1, cond, cfg.inversion_guidance_scale, self.counter)
+        v_w = self.predict(x_prev, self.t1, cond, cfg.inversion_guidance_scale, self.counter)
         return x_prev + (s0 - s1) * v_w
 
     def record(self) -> dict:
@@ -140,7 +150,10 @@ class FlowGoldenStep(_Sequence):
 
 
 def golden_step(pipe, config: GoldenConfig | None = None, height: int | None = None, width: int | None = None):
-    """The golden step of `pipe`'s family (GoldenStep for UNets, FlowGoldenStep for flow matching)."""
-    from .diffusion import family_of
-
-    return family_of(pipe).golden_step(config or GoldenConfig(), height, width)
+    """The golden step of `pipe`'s family, built from what the family exposes: its guided `predict`, and its
+    schedule (flow matching: sigmas and timesteps for this image size; UNets: the pipeline's scheduler config)."""
+    family, config = family_of(pipe), config or GoldenConfig()
+    if family.prediction_type == "flow":
+        sigmas, timesteps = family.schedule(config.schedule_steps, height, width)
+        return FlowGoldenStep(family.predict, sigmas, timesteps, config)
+    return GoldenStep(family.predict, family.scheduler_config, config)

@@ -41,6 +41,15 @@ def read_settings(path: Path, flag: str) -> dict | None:
         raise UserError(f"cannot read {path} ({e}): remove it or choose another {flag}") from None
 
 
+def refuse_other_settings(where, old: dict, new: dict, keys: Sequence[str], advice: str, what: str = "outputs",
+                          lenient: Sequence[str] = ()) -> None:
+    """A UserError naming each of `keys` whose value in `new` differs from the `old` settings recorded in `where`
+    (a folder or file), followed by `advice`."""
+    diffs = settings_differences(old, new, keys, lenient)
+    if diffs:
+        raise UserError(f"{where} holds {what} made with other inputs or settings ({'; '.join(diffs)}): {advice}")
+
+
 def refuse_mixed_rerun(path: Path, new: dict, keys: Sequence[str], flag: str, what: str = "outputs",
                        lenient: Sequence[str] = ()) -> dict | None:
     """Refuse to add to a folder whose settings file `path` records other `keys` than `new`, naming each
@@ -48,10 +57,8 @@ def refuse_mixed_rerun(path: Path, new: dict, keys: Sequence[str], flag: str, wh
     old = read_settings(path, flag)
     if old is None:
         return None
-    diffs = settings_differences(old, new, keys, lenient)
-    if diffs:
-        raise UserError(f"{path.parent} holds {what} made with other inputs or settings ({'; '.join(diffs)}): "
-                        f"rerun with the same inputs and flags, or choose another {flag}")
+    refuse_other_settings(path.parent, old, new, keys, f"rerun with the same inputs and flags, or choose another "
+                          f"{flag}", what, lenient)
     return old
 
 

@@ -2,7 +2,6 @@
 diffusers `StableDiffusionXLPipeline` directory (plus `toy_reward/`, `prompts.txt` and `world.json`)."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -20,8 +19,10 @@ from .components import (AttributeClassifier, ClassifierConfig, NetworkConfig, b
                          build_vae)
 from .grammar import WorldSpec
 from .render import render, sample_scenes
+from .student import STUDENT_PRESETS, build_student
 from .training import (UNetData, classifier_accuracy, decode_latents, encode_images, reproducible_torch,
                        seed_generator, train_classifier, train_unet, train_vae)
+from .world import WORLD_CARD
 
 logger = get_logger(__name__)
 REWARD_DIR = "toy_reward"
@@ -98,8 +99,6 @@ def build_world(output_dir: str | Path, preset: str | Preset = "default", seed: 
         with reproducible_torch():
             summary = _build(tmp, preset, name, seed, quiet)
             if student:
-                from .student import STUDENT_PRESETS, build_student
-
                 summary["student"] = build_student(tmp, name if name in STUDENT_PRESETS else "default", seed,
                                                    quiet=quiet)
         if out.exists():
@@ -213,7 +212,7 @@ def _build(out: Path, p: Preset, name: str, seed: int, quiet: bool) -> dict:
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "config": p.to_dict(),
     }
-    atomic_write_json(out / "world.json", summary)
+    atomic_write_json(out / WORLD_CARD, summary)
     return summary
 
 
@@ -249,11 +248,3 @@ def sample_check(world: Path, captions: list[str], per_caption: int, steps: int,
                                 "steps": steps}
     bar.close()
     return result
-
-
-def load_world_card(world: str | Path) -> dict:
-    """The world's world.json (preset, seed, accuracies, timings)."""
-    path = Path(world) / "world.json"
-    if not path.is_file():
-        raise UserError(f"{world} is not a toy world (no world.json): build one with scripts/build_toy_world.py")
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from golden_noise.diffusion import encode_prompts, latent_shape, sample_images, seeded_noise
-from golden_noise.golden import GoldenConfig, GoldenStep
+from golden_noise.golden import GoldenConfig, golden_step
 from golden_noise.stats import bootstrap_ci, win_rate
 from golden_noise.tables import format_table as text_table
 
@@ -18,7 +18,7 @@ from golden_noise.tables import format_table as text_table
 def golden_noises(pipe, prompts: Sequence[str], seeds: Sequence[int], n: int, config: GoldenConfig,
                   batch_size: int = 50, quiet: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_T (B, C, H, W), golden sequence (B, n, C, H, W)) for each (prompt, seed) pair."""
-    step = GoldenStep(pipe.unet, pipe.scheduler.config, config)
+    step = golden_step(pipe, config)
     x = seeded_noise(seeds, latent_shape(pipe), device=pipe.device)
     seqs = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="golden noise", disable=quiet, leave=False):

@@ -29,6 +29,7 @@ from golden_noise.errors import UserError
 from golden_noise.io import atomic_write_json
 from golden_noise.runtime import get_logger
 from .training import EMA, cosine_lr, ema_step, progress_bar, reproducible_torch, seed_generator
+from .world import WORLD_CARD, load_world_card
 
 logger = get_logger(__name__)
 
@@ -229,8 +230,6 @@ def build_student(world: str | Path, preset: str | StudentPreset = "default", se
                   quiet: bool = False) -> dict:
     """Distil the world's teacher into `world`/student (built beside it, renamed into place) and add its card to
     world.json as "student"; the world's other files are left as they are. Returns the card."""
-    from .build import load_world_card
-
     name = preset if isinstance(preset, str) else "custom"
     if isinstance(preset, str):
         if preset not in STUDENT_PRESETS:
@@ -252,7 +251,7 @@ def build_student(world: str | Path, preset: str | StudentPreset = "default", se
         shutil.rmtree(old, ignore_errors=True)
         world_card = load_world_card(world)
         world_card[STUDENT_DIR] = card
-        atomic_write_json(world / "world.json", world_card)
+        atomic_write_json(world / WORLD_CARD, world_card)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():

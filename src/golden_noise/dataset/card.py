@@ -23,7 +23,7 @@ def score_summary(root: Path, index: dict) -> dict | None:
     the shards hold no scores); reads those columns only."""
     import numpy as np
 
-    from .reader import ShardFile
+    from .shards import ShardFile
 
     columns = {k: [] for k in F.SCORE_FIELDS}
     for record in index["shards"]:

@@ -13,7 +13,8 @@ from ..runtime import get_logger
 from . import format as F
 from .generate import SIGNATURE_KEYS
 from .reader import load_run_config, read_metadata
-from .writer import SampleSpec, ShardSample, finalize, loose_chunks, seal_shard, sealed_records
+from .shards import sealed_records
+from .writer import SampleSpec, ShardSample, finalize, loose_chunks, seal_shard
 
 logger = get_logger(__name__)
 

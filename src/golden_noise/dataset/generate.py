@@ -36,8 +36,9 @@ from ..runtime import (get_logger, global_batches, model_dtype, on_main, package
                        resolve_dtype)
 from ..scoring import SampleScorer, ScoringConfig
 from . import format as F
+from .shards import sealed_records, verify_shards
 from .writer import (SampleSpec, ShardSample, StagingWriter, finalize, read_batch, remove_index, seal_shard,
-                     sealed_records, unseal_shard, verify_shards)
+                     unseal_shard)
 
 logger = get_logger(__name__)
 

@@ -1,13 +1,5 @@
-"""Sharded datasets on the Hugging Face Hub: training from a hub dataset id (`resolve_dataset`) and pushing a
-dataset with its card (`push_dataset`), through golden_noise.hub (snapshots from the hub or the offline cache,
-uploads, one-line errors).
-
-A hub id's files (run_config.json, index.json, the card and the shards) are fetched into the Hugging Face cache
-(`snapshot_download`: resumable, shared with huggingface_hub and datasets) and read from there like a local
-folder; with HF_HUB_OFFLINE=1 they must be in the cache already. Fetching whole shards rather than reading byte
-ranges over HTTP is deliberate: training verifies every shard's sha256 before the first step and its seeded global
-shuffle touches every shard in the first steps, so a lazy reader would move the same bytes with far more requests.
-"""
+"""Pushing a sharded dataset to the Hugging Face Hub with its card (`push_dataset`), through golden_noise.hub
+(uploads, one-line errors). Training from a hub dataset id is dataset.reader.resolve_dataset's."""
 from __future__ import annotations
 
 import os
@@ -21,21 +13,6 @@ from . import format as F
 
 logger = get_logger(__name__)
 CARD = "README.md"
-PATTERNS = (F.RUN_CONFIG, F.INDEX, CARD, f"{F.DATA}/*.parquet")  # what a dataset repo holds
-
-
-def resolve_dataset(name: str | os.PathLike, revision: str | None = None) -> Path:
-    """The local folder of a dataset: `name` itself when it is a path, else the hub dataset repo's snapshot in the
-    Hugging Face cache (fetched when online)."""
-    if not hub.is_repo_id(str(name)):
-        return Path(name)
-    folder = hub.snapshot(str(name), repo_type="dataset", revision=revision, allow_patterns=PATTERNS,
-                          what="--dataset_dir")
-    if not (folder / F.RUN_CONFIG).is_file():
-        raise UserError(f"--dataset_dir {name}: the repo has no {F.RUN_CONFIG}: it is not a golden-noise sequence "
-                        "dataset (push one with scripts/push_dataset.py)")
-    logger.info("--dataset_dir %s: the hub dataset's files in %s", name, folder)
-    return folder
 
 
 def push_dataset(dataset_dir: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
@@ -45,7 +22,7 @@ def push_dataset(dataset_dir: str | os.PathLike, repo_id: str, private: bool = F
     repo holds and the index no longer lists are removed. Returns {url, files, bytes, samples}."""
     from .card import dataset_card
     from .reader import load_run_config, read_shard_index
-    from .writer import verify_shards
+    from .shards import verify_shards
 
     hub.check_can_push(repo_id, "REPO_ID", token)
     root = Path(dataset_dir)

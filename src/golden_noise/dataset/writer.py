@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from ..io import (BackgroundWriter, atomic_path, atomic_write_bytes, atomic_writ
                   tensor_file_problem)
 from ..runtime import get_logger, resolve_dtype
 from . import format as F
+from .shards import ShardFile, sealed_records
 
 logger = get_logger(__name__)
 STAGING_FORMAT = "golden-noise staging batch"
@@ -279,8 +279,6 @@ def unseal_shard(root: Path, k: int, positions: range, batch_size: int, run_conf
     """Put shard k's samples at prompt-list `positions` (whole global batches) back into staging files, then
     remove the index, the shard and its record; returns how many samples went back. Each step is idempotent: a
     kill between them leaves a state that the same call finishes."""
-    from .reader import ShardFile
-
     path, restored = F.shard_path(root, k), 0
     per_shard = int(run_config["sharding"]["samples_per_shard"])
     if path.exists():
@@ -321,29 +319,6 @@ def remove_index(root: Path) -> None:
     (root / F.INDEX).unlink()
 
 
-def sealed_records(root: Path, shards: Iterable[int]) -> dict[int, dict]:
-    """{k: record} of the shards among `shards` that are sealed: the file exists with the size its seal record (or
-    index.json) gives. Cheap: no byte is read (the sha256 is checked by `verify_shards`)."""
-    import json
-
-    index = F.read_index(root)
-    listed = {int(s["shard"]): s for s in index["shards"]} if index else {}
-    out = {}
-    for k in shards:
-        record = listed.get(k)
-        if record is None:
-            try:
-                record = json.loads(F.seal_record_path(root, k).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-        try:
-            if F.shard_path(root, k).stat().st_size == int(record["bytes"]):
-                out[k] = record
-        except (OSError, KeyError, TypeError, ValueError):
-            continue
-    return out
-
-
 def finalize(root: Path, run_config: dict, run_keys: Sequence[str]) -> list[int]:
     """Write index.json and the dataset card (README.md, whose YAML lets `datasets.load_dataset` read the shards)
     when every shard is sealed, and remove the staging folder; returns the shards that are not sealed yet (nothing
@@ -364,20 +339,3 @@ def finalize(root: Path, run_config: dict, run_keys: Sequence[str]) -> list[int]
         atomic_write_text(root / CARD, card)
     shutil.rmtree(root / F.STAGING, ignore_errors=True)
     return []
-
-
-def verify_shards(root: Path, records: Iterable[dict]) -> list[tuple[dict, str]]:
-    """[(record, why)] for each shard whose bytes are not what its record says (size, then sha256: reads all)."""
-    bad = []
-    for r in records:
-        path = root / r["file"]
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            bad.append((r, "is missing"))
-            continue
-        if size != int(r["bytes"]):
-            bad.append((r, f"has {size} bytes, its record says {r['bytes']}"))
-        elif file_sha256(path) != r["sha256"]:
-            bad.append((r, "fails its sha256 check (a damaged byte)"))
-    return bad

@@ -16,7 +16,7 @@ from .base import (FAMILIES, TEXT_EMBEDDINGS, Conditioning, DiffusionFamily, Mod
 from .loading import (DEFAULT_MODEL_ID, SCHEDULERS, TIMESTEP_SPACINGS, dtype_keyword, load_pipeline, optimize_unet,
                       place_pipeline, set_scheduler)
 # importing a family module registers its families (SDXL is checked before SD; SD3 and FLUX match by transformer)
-from .unet import SDFamily, SDXLFamily, predict_noise, sdxl_scheduler_config, sdxl_time_ids
+from .unet import SDFamily, SDXLFamily, sdxl_scheduler_config, sdxl_time_ids
 from .flow import FlowMatchingFamily, SD3Family
 from .flux import FluxFamily
 
@@ -24,7 +24,7 @@ __all__ = ["DEFAULT_MODEL_ID", "FAMILIES", "SCHEDULERS", "TEXT_EMBEDDINGS", "TIM
            "DiffusionFamily", "FlowMatchingFamily", "FluxFamily", "ModelCounter", "SD3Family", "SDFamily",
            "SDXLFamily", "UNetCounter", "count_long_prompts", "dtype_keyword", "encode_prompts", "family_names",
            "family_of", "fingerprint", "guidance_branches", "guided_prediction", "image_size", "latent_shape",
-           "load_pipeline", "optimize_unet", "place_pipeline", "predict_noise", "register_family",
+           "load_pipeline", "optimize_unet", "place_pipeline", "register_family",
            "resolve_text_embedding", "sample_images", "sdxl_scheduler_config", "sdxl_time_ids", "seeded_noise",
            "set_scheduler", "text_embedding"]
 

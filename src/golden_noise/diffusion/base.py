@@ -3,8 +3,9 @@ and the registry that picks the family of a loaded pipeline from its components.
 
 A family knows its latent shape and default image size, encodes prompts into a `Conditioning` for both CFG
 branches, evaluates the guided model prediction (only the branches a scale needs, counted in model rows), draws x_T
-as the pipeline's own `prepare_latents` does, builds the golden step, samples from given latents and defines the
-RNN's text embedding. Adding a pipeline family = one subclass with `matches` + `@register_family`.
+as the pipeline's own `prepare_latents` does, samples from given latents and defines the RNN's text embedding; its
+`predict` and its schedule are what golden.golden_step builds the golden step from. Adding a pipeline family = one
+subclass with `matches` + `@register_family`.
 """
 from __future__ import annotations
 
@@ -188,6 +189,7 @@ class DiffusionFamily:
 
     @property
     def prediction_type(self) -> str:
+        """epsilon or v_prediction (the golden step: DDIM on `scheduler_config`), flow (Euler on `schedule`)."""
         return self.scheduler_config.get("prediction_type") or "epsilon"
 
     def record(self) -> dict:
@@ -271,10 +273,6 @@ class DiffusionFamily:
         """The guided prediction (epsilon, v or velocity: the family's own) in float32 (B, C, h, w)."""
         return guided_prediction(lambda z, kw: self.forward(z, t, kw), x, cond, guidance_scale, self.branch_kwargs,
                                  self.denoiser.dtype, counter)
-
-    def golden_step(self, config, height: int | None = None, width: int | None = None):
-        """The family's golden step (golden.GoldenConfig -> a callable (x, cond) -> x')."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ sampling
     def check_negative_prompt(self, negative_prompt) -> None:

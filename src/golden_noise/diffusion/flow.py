@@ -1,11 +1,12 @@
 """Flow-matching families: a transformer predicts the velocity v, the scheduler is FlowMatchEulerDiscreteScheduler.
 
-The golden step is a contract (golden.FlowGoldenStep): with `set_timesteps(N)` giving sigmas s0 > s1 and
-timesteps t0, t1, x_prev = x + (s1 - s0) v_cfg(x, t0, w_l) and x' = x_prev + (s0 - s1) v_cfg(x_prev, t1, w_w).
+The golden step is a contract (golden.FlowGoldenStep, built from the family's `schedule` and `predict`): with
+`set_timesteps(N)` giving sigmas s0 > s1 and timesteps t0, t1, x_prev = x + (s1 - s0) v_cfg(x, t0, w_l) and
+x' = x_prev + (s0 - s1) v_cfg(x_prev, t1, w_w).
 
-`FlowMatchingFamily` holds what every flow pipeline with classifier-free guidance shares (schedule, golden step,
-sizes); a family adds its prompt encoding, its transformer call and its text embedding. SD3/SD3.5 is here; another
-CFG flow pipeline (SANA, PixArt-Sigma) would be one more subclass like `SD3Family` (see the README).
+`FlowMatchingFamily` holds what every flow pipeline with classifier-free guidance shares (schedule, sizes); a
+family adds its prompt encoding, its transformer call and its text embedding. SD3/SD3.5 is here; another CFG flow
+pipeline (SANA, PixArt-Sigma) would be one more subclass like `SD3Family` (see the README).
 """
 from __future__ import annotations
 
@@ -56,12 +57,6 @@ class FlowMatchingFamily(DiffusionFamily):
                                            c.get("base_shift", 0.5), c.get("max_shift", 1.16))
         scheduler.set_timesteps(num_steps, **kwargs)
         return scheduler.sigmas, scheduler.timesteps
-
-    def golden_step(self, config, height: int | None = None, width: int | None = None):
-        from ..golden import FlowGoldenStep
-
-        sigmas, timesteps = self.schedule(config.schedule_steps, height, width)
-        return FlowGoldenStep(self, sigmas, timesteps, config)
 
 
 @register_family

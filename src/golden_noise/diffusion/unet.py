@@ -1,11 +1,12 @@
 """UNet families: SDXL (two CLIP encoders, pooled embedding, micro-conditioning) and SD 1.5 / 2.1 (one CLIP
 encoder, no pooled embedding), each with epsilon or v-prediction as the scheduler config says. Their golden step
-is DDIM denoise + DDIM inversion with the scheduler's own conversion of the model output (golden.GoldenStep)."""
+(built by golden.golden_step from `predict` and the scheduler config) is DDIM denoise + DDIM inversion with the
+scheduler's own conversion of the model output."""
 from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, DiffusionFamily, ModelCounter, guided_prediction, register_family
+from .base import Conditioning, DiffusionFamily, register_family
 
 
 def sdxl_scheduler_config() -> dict:
@@ -21,29 +22,14 @@ def sdxl_time_ids(height: int, width: int, batch: int, device=None, dtype=None) 
     return row.expand(batch, 6).clone()
 
 
-def predict_noise(unet, x: torch.Tensor, t: int | torch.Tensor, cond: Conditioning, guidance_scale: float,
-                  counter: ModelCounter | None = None) -> torch.Tensor:
-    """Classifier-free-guided UNet prediction eps_u + w (eps_c - eps_u), computed in float32.
-
-    Only the branches the scale needs are evaluated: w = 1 is the conditional branch alone, w = 0 the
-    unconditional one; otherwise both run in one UNet call of batch 2B.
-    """
-    return guided_prediction(lambda z, kw: unet(z, t, **kw, return_dict=False)[0], x, cond, guidance_scale,
-                             lambda c, which: c.branch(which), unet.dtype, counter)
-
-
 class UNetFamily(DiffusionFamily):
-    """What the UNet families share: the UNet forward and the DDIM golden step."""
+    """What the UNet families share: the UNet forward (the golden step is DDIM on the pipeline's scheduler config)."""
 
     denoiser_name = "unet"
 
     def forward(self, z: torch.Tensor, t, kwargs: dict) -> torch.Tensor:
         return self.denoiser(z, t, **kwargs, return_dict=False)[0]
 
-    def golden_step(self, config, height: int | None = None, width: int | None = None):
-        from ..golden import GoldenStep
-
-        return GoldenStep(self.denoiser, self.scheduler_config, config)
 
 
 @register_family

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli import check_fields, rerun_keys, setting
+from ..cli import SEED_RULES, check_fields, check_seeds, rerun_keys, setting
 from ..diffusion import family_of, sample_images
 from ..diffusion.base import ModelRows
 from ..errors import UserError
@@ -54,7 +54,8 @@ class BatchJob:
     output_base_dir: str = setting("./inference_output", "folder of the {method}_output/ folders")
     methods: list[str] = setting(default_factory=lambda: ["standard", "gnsnet"])  # --methods may grow on a rerun
     prompt_column: str | None = setting(None, "column of a .csv/.tsv prompt file (default: prompt or caption)")
-    start_seed: int = setting(0, "seed of prompt index i = start_seed + i (default: %(default)s)", rerun=True)
+    start_seed: int = setting(0, "seed of prompt index i = start_seed + i (default: %(default)s)", rerun=True,
+                              **SEED_RULES)
     batch_size: int = setting(4, "prompts per pipeline call", min=1, rerun=True)
     save_noise: bool = setting(False, "also save each method's initial latents as noise/{method}/{index}.pt (C, H, "
                                "W)")
@@ -146,6 +147,7 @@ def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None) -> BatchR
     job.methods = list(dict.fromkeys(job.methods))
     check_batch(job)
     prompts = read_prompts(job.prompt_file, job.prompt_column)
+    check_seeds("--start_seed", job.start_seed, prompts[-1].index)
     out = check_writable_dir(job.output_base_dir, "--output_base_dir")  # before any model is loaded
     device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
     if gn is None:

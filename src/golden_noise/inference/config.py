@@ -168,9 +168,8 @@ def resolve_model_id(spec: PipelineSpec, gn: GoldenNoise | None) -> str:
 
 
 def resolve_num_gen_steps(requested: int | None, gn: GoldenNoise | None) -> int:
-    """n: --num_gen_steps, else the number of steps of the RNN's training sequences, else 10 (warns on a mismatch)."""
-    if requested is not None and requested < 1:
-        raise UserError(f"--num_gen_steps must be at least 1, got {requested}")
+    """n: --num_gen_steps (its range checked with the job's fields), else the number of steps of the RNN's training
+    sequences, else 10 (warns on a mismatch)."""
     n = requested or (gn.num_steps if gn is not None else None) or DEFAULT_NUM_GEN_STEPS
     if gn is not None and gn.num_steps and n != gn.num_steps:
         logger.warning("--num_gen_steps %d differs from the %d steps of the RNN's training sequences", n, gn.num_steps)

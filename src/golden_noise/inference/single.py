@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import check_fields
+from ..cli import SEED_RULES, check_fields
 from ..diffusion import family_of, sample_images
 from ..errors import UserError
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json
@@ -29,7 +29,7 @@ class SingleJob:
                             metadata={"help": "folder for the images, noises and settings"})
     output_name: str | None = field(default=None, metadata={
         "help": "file-name stem of the outputs (default: a slug of the prompt plus the seed)"})
-    seed: int = field(default=42, metadata={"help": "seed of the initial noise x_T"})
+    seed: int = field(default=42, metadata={"help": "seed of the initial noise x_T", **SEED_RULES})
     num_gen_steps: int | None = field(default=None, metadata={
         "help": "RNN rollout length n (default: num_steps of the training data; another value warns)", "min": 1})
     generate_standard: bool = field(default=False, metadata={

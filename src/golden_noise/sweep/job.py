@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import check_fields, rerun_fields, rerun_keys, setting
+from ..cli import SEED_RULES, check_fields, rerun_fields, rerun_keys, setting
 from ..errors import UserError
 from ..evaluation import Metric
 from ..inference.batch import BatchJob
@@ -41,7 +41,7 @@ class SweepJob:
     prompt_column: str | None = setting(None, "column of a .csv/.tsv prompt file (default: prompt or caption)")
     max_prompts: int | None = setting(None, "use only the first N prompts of the file", min=1)
     start_seed: int = setting(0, "seed of prompt index i = start_seed + i; best_of_K's candidate k: + k * "
-                              f"{SEED_STRIDE:,}", rerun=("start_seed", "seed_stride"))
+                              f"{SEED_STRIDE:,}", rerun=("start_seed", "seed_stride"), **SEED_RULES)
     batch_size: int = setting(8, "prompts per pipeline call (part of the settings: pixels depend on batch-mates)",
                               min=1, rerun=True)
     rnn_weights_path: str | None = setting(None, "trained RNN export or hub repo id owner/name (needed for gnsnet; "
@@ -53,7 +53,7 @@ class SweepJob:
     sampling: SamplingConfig = setting(default_factory=SamplingConfig)  # per cell: the GRID_FIELDS replaced
     pipeline: PipelineSpec = setting(default_factory=PipelineSpec)
     bootstrap_samples: int = setting(10000, "bootstrap resamples of each 95%% CI", min=1)
-    seed: int = setting(0, "seed of the bootstrap")
+    seed: int = setting(0, "seed of the bootstrap", **SEED_RULES)
     image_rows: int = setting(4, "prompts shown as image rows per (guidance, steps) in report.html", min=0)
     progress: bool = True
 

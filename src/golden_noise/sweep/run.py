@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text
-from ..methods import folder
+from ..cli import check_seeds
+from ..methods import best_of_k, folder
 from ..prompts import Prompt
 from ..runtime import get_logger, on_main
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
@@ -59,6 +60,9 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     if uses_best_of(job) and prompts[-1].index >= SEED_STRIDE:
         raise UserError(f"best_of_K seeds prompt i's candidate k as start_seed + i + k * {SEED_STRIDE}: the prompt "
                         f"file has indices up to {prompts[-1].index}; use --max_prompts {SEED_STRIDE} or fewer")
+    last = prompts[-1].index + (max(best_of_k(m) or 1 for m in job.methods) - 1) * SEED_STRIDE
+    check_seeds("--start_seed", job.start_seed, last, f"the largest seed offset (prompt index + k x {SEED_STRIDE:,} "
+                "for best_of_K's candidate k)")
     out = check_writable_dir(job.output_dir, "--output_dir")
     device = state.device if job.pipeline.device == "auto" else resolve_device(job.pipeline.device)
     gn = load_golden_noise(job.rnn_weights_path, device)

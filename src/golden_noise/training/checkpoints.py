@@ -78,6 +78,16 @@ def read_training_state(ckpt: str | Path) -> dict:
     return state
 
 
+def read_export_args(path: str | Path) -> dict:
+    """The training settings (`training.args`) an export's JSON records ({} when it records none)."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({one_line(e)}): move the export away or choose a new --output_dir") \
+            from None
+    return (meta.get("training") or {}).get("args") or {} if isinstance(meta, dict) else {}
+
+
 def _check_safetensors(path: Path) -> None:
     from safetensors import safe_open
 

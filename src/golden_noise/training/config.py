@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..cli import check_fields, setting
+from ..cli import check_fields, rerun_keys, setting
 
 from ..model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNConfig
 
@@ -23,21 +23,28 @@ def _f(default, group: str, text: str, **rules):
 
 @dataclass
 class TrainingConfig:
-    """Data, optimisation, checkpoint and logging settings of a training run (each is the flag of that name)."""
+    """Data, optimisation, checkpoint and logging settings of a training run (each is the flag of that name).
+
+    `rerun=True` marks the settings that shape the trained weights: resuming (or rerunning into the same
+    --output_dir) with another value of one of them is refused. The run's length (--num_epochs,
+    --max_train_steps), checkpointing, logging and the loader's worker count may change."""
 
     dataset_dir: str = _f("./data/npd_sequence_dataset_sdxl/", "data",
                           "dataset written by generate_npd_series.py (run_config.json, index.json, data/*.parquet; "
-                          "an older one of loose files too), or a hub dataset id owner/name (scripts/push_dataset.py)")
+                          "an older one of loose files too), or a hub dataset id owner/name (scripts/push_dataset.py)",
+                          rerun=True)
     output_dir: str = _f("./output/rnn_v3_seq_model_output/", "data",
                          "checkpoints, tensorboard logs, validation.json and the final export")
     validation_fraction: float = _f(0.1, "data", "fraction of sample ids held out for validation (deterministic "
-                                    "split by id)", min=0, below=1)
-    max_seq_len: int | None = _f(None, "data", "train on the first N golden steps only", min=1)
+                                    "split by id)", min=0, below=1, rerun=True)
+    max_seq_len: int | None = _f(None, "data", "train on the first N golden steps only", min=1,
+                                  rerun=True)
     skip_bad_samples: bool = _f(False, "data", "skip (and count) samples with missing, damaged or corrupt files "
-                                "instead of stopping")
+                                "instead of stopping", rerun=True)
     min_reward_gain: float | None = _f(None, "data", "train only on samples whose recorded reward_gain (reward of "
                                        "the image from x'_n minus that from x_T: generate_npd_series.py "
-                                       "--score_metric) is >= X, NPNet's filter; the validation split is unchanged")
+                                       "--score_metric) is >= X, NPNet's filter; the validation split is unchanged",
+                                       rerun=True)
     dataloader_num_workers: int = _f(2, "data", "data-loading worker processes per GPU", min=0)
     noise_resolution: int | None = _f(None, "model", "H = W of the noise; default and check: the dataset's "
                                       "latent_shape", min=1)
@@ -47,22 +54,26 @@ class TrainingConfig:
                                    "in run_config.json")
     npnet_model_id: str | None = _f(None, "model", "accepted for compatibility; not used by this model")
     kl_weight: float = _f(0.0, "optimisation", "weight of KL(predicted Gaussian || N(0, I)) (default: 0, off)",
-                          min=0)
+                          min=0, rerun=True)
     num_epochs: int = _f(50, "optimisation", "epochs (ignored when --max_train_steps is set)", min=1)
     max_train_steps: int | None = _f(None, "optimisation", "optimizer steps in total; overrides --num_epochs", min=1)
-    batch_size: int = _f(8, "optimisation", "samples per device per micro-batch", min=1)
-    gradient_accumulation_steps: int = _f(1, "optimisation", "micro-batches per optimizer step", min=1)
-    learning_rate: float = _f(1e-4, "optimisation", "peak AdamW learning rate", above=0)
-    weight_decay: float = _f(1e-2, "optimisation", "AdamW weight decay", min=0)
-    adam_beta1: float = _f(0.9, "optimisation", "AdamW beta1", min=0, below=1)
-    adam_beta2: float = _f(0.999, "optimisation", "AdamW beta2", min=0, below=1)
+    batch_size: int = _f(8, "optimisation", "samples per device per micro-batch", min=1, rerun=True)
+    gradient_accumulation_steps: int = _f(1, "optimisation", "micro-batches per optimizer step", min=1,
+                                          rerun=True)
+    learning_rate: float = _f(1e-4, "optimisation", "peak AdamW learning rate", above=0, rerun=True)
+    weight_decay: float = _f(1e-2, "optimisation", "AdamW weight decay", min=0, rerun=True)
+    adam_beta1: float = _f(0.9, "optimisation", "AdamW beta1", min=0, below=1, rerun=True)
+    adam_beta2: float = _f(0.999, "optimisation", "AdamW beta2", min=0, below=1, rerun=True)
     lr_warmup_steps: int | None = _f(None, "optimisation", "linear warmup steps before the cosine decay "
-                                     "(default: 5%% of the steps, at most 500)", min=0)
-    max_grad_norm: float = _f(1.0, "optimisation", "gradient clipping norm (0: no clipping)", min=0)
+                                     "(default: 5%% of the steps, at most 500)", min=0, rerun=True)
+    max_grad_norm: float = _f(1.0, "optimisation", "gradient clipping norm (0: no clipping)", min=0,
+                              rerun=True)
     mixed_precision: str | None = _f(None, "optimisation", "autocast precision (default: accelerate launch "
                                      "--mixed_precision or the accelerate config, else no; fp16 needs a GPU, on "
-                                     "CPU it trains in float32)", choices=MIXED_PRECISION_CHOICES)
-    seed: int = _f(42, "optimisation", "seed of the model init, the data order and dropout", **TRAINING_SEED_RULES)
+                                     "CPU it trains in float32)", choices=MIXED_PRECISION_CHOICES,
+                                     rerun=True)
+    seed: int = _f(42, "optimisation", "seed of the model init, the data order and dropout", rerun=True,
+                   **TRAINING_SEED_RULES)
     save_steps: int = _f(1000, "checkpoints and logging", "save a resumable checkpoint-{step} every N steps", min=1)
     max_checkpoints: int = _f(3, "checkpoints and logging", "keep only the newest N checkpoints (0: keep all)",
                               min=0)
@@ -71,8 +82,9 @@ class TrainingConfig:
     resume_fallback: bool = _f(False, "checkpoints and logging", "with --resume_from_checkpoint latest: when the "
                                "newest checkpoint is damaged, resume from the newest intact one (and set the "
                                "damaged ones aside as damaged-checkpoint-{step})")
-    validation_steps: int = _f(500, "checkpoints and logging", "validate every N steps (and always at the end)",
-                               min=0)
+    validation_steps: int = _f(500, "checkpoints and logging", "validate every N steps (and always at the end; "
+                               "each validation draws one number from the generator dropout uses)", min=0,
+                               rerun=True)
     logging_steps: int = _f(10, "checkpoints and logging", "log the training losses every N steps", min=1)
     report_to: str = _f("tensorboard", "checkpoints and logging", "experiment tracker",
                         choices=("tensorboard", "none"))
@@ -97,6 +109,10 @@ class TrainingConfig:
         record as `args`."""
         return {**{k: v for k, v in asdict(self).items() if k not in self.NOT_RECORDED},
                 **{k: getattr(arch, k) for k in ARCH_FIELDS}}
+
+
+# what a resumed run must keep: the byte-shaping settings above and the architecture
+RESUME_KEYS = (*rerun_keys(TrainingConfig), *ARCH_FIELDS)
 
 
 def field_groups(cls=TrainingConfig) -> dict[str, list[str]]:

@@ -151,14 +151,19 @@ def summarize_validation(errors: dict[str, torch.Tensor]) -> dict:
     }
 
 
+def what_is_kept(last_checkpoint: Path | None) -> str:
+    """How a stopped training can go on: its last good checkpoint, if any."""
+    return (f"the last good checkpoint {last_checkpoint} is intact (resume with --resume_from_checkpoint latest)"
+            if last_checkpoint else "no checkpoint was written yet")
+
+
 def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Path | None) -> None:
     """Stop training with a clear message when a loss or gradient norm is NaN/inf."""
     if torch.isfinite(value).all():
         return
-    kept = (f"the last good checkpoint {last_checkpoint} is intact (resume with --resume_from_checkpoint latest)"
-            if last_checkpoint else "no checkpoint was written yet")
-    raise UserError(f"non-finite {what} ({value.flatten()[0].item()}) at step {step}: training stopped, {kept}; "
-                    "lower --learning_rate, use --mixed_precision no/bf16, or check the dataset")
+    raise UserError(f"non-finite {what} ({value.flatten()[0].item()}) at step {step}: training stopped, "
+                    f"{what_is_kept(last_checkpoint)}; lower --learning_rate, use --mixed_precision no/bf16, or check "
+                    "the dataset")
 
 
 def flat_hparams(d: dict) -> dict:

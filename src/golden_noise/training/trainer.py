@@ -17,66 +17,166 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..dataset import format as dataset_format
 from ..dataset.reader import as_float
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..io import atomic_write_json
 from ..model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
-from ..runs import RunLock, check_writable_dir
+from ..runs import RunLock, check_writable_dir, refuse_other_settings
 from ..runtime import get_logger, on_main, setup_logging
 from . import checkpoints as C
 from . import core as T
-from .config import ARCH_FIELDS, TrainingConfig, architecture
+from .config import RESUME_KEYS, TrainingConfig, architecture
 
 logger = get_logger("train_rnn_model_v3")
 
 
+LOSS_TERMS = ("loss", "recon", "mse", "kl")
+
+
+@dataclass
+class LossWindow:
+    """The training losses since the last log line: sums of the per-process means of each term, micro-batches,
+    samples, and when the window opened."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    micro_batches: int = 0
+    samples: int = 0
+    opened: float = field(default_factory=time.perf_counter)
+
+    def add(self, terms: torch.Tensor, samples: int) -> None:
+        """terms: (P, 4) every process's loss, recon, mse, kl of one micro-batch; samples: valid ones, all processes."""
+        for k, v in zip(LOSS_TERMS, terms.mean(dim=0).tolist()):
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.micro_batches += 1
+        self.samples += samples
+
+    def means(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.opened
+        return {**{f"train/{k}": v / self.micro_batches for k, v in self.sums.items()},
+                "train/samples_per_s": self.samples / max(elapsed, 1e-9)}
+
+
 class Trainer:
     """Train NoiseSequenceRNN_v3: `build` (accelerator, output-dir lock, verified data and checkpoint, model,
-    loaders), `resume`, `run` (the loop, `validate`, `save` checkpoints, `export`, `push` to the hub), `close`."""
+    loaders), `resume`, `run` (`train`: the loop, with `validate` and `save`; then `export` and `push` to the hub),
+    `close`."""
 
     def __init__(self, config: TrainingConfig, arch: NoiseSequenceRNNConfig | None = None):
         self.config = config.check()  # the same rules as the flags, for a config built in code
         self.arch = arch if arch is not None else architecture()
         self.output_dir = Path(config.output_dir)
-        self.accelerator = self.lock = self.data = self.model_config = None
-        self.model = self.optimizer = self.lr_scheduler = self.train_loader = self.val_loader = None
+        # build(): the accelerator, the output dir's lock (held until close), the checkpoint to resume, the data
+        self.accelerator = None
+        self.lock: RunLock | None = None
         self.resume_dir: Path | None = None
+        self.data = None  # dataset.reader's opened dataset: train and validation splits, run_config
+        # build(): the model and what trains it (prepared by accelerate), and the run's length
+        self.model_config: NoiseSequenceRNNConfig | None = None
+        self.model = self.optimizer = self.lr_scheduler = None
+        self.sampler: T.EpochSampler | None = None  # the training data order: a function of (seed, epoch)
+        self.train_loader = self.val_loader = None
+        self.updates_per_epoch = self.num_epochs = self.total_steps = self.warmup = 0
+        self.n_params = 0
+        # where the run stands (resume() sets the first three from a checkpoint)
         self.global_step = self.first_epoch = self.skip_batches = 0
         self.last_checkpoint: Path | None = None
-        self.bad_ids: set[int] = set()
-        self.export_paths: tuple[Path, Path] | None = None
+        self.bad_ids: set[int] = set()  # samples skipped with --skip_bad_samples
+        self.window = LossWindow()  # the losses of the next log line
+        self.grad_norm = torch.tensor(0.0)  # of the last optimizer step
+        self.bar = None  # the progress bar while training
+        self.export_paths: tuple[Path, Path] | None = None  # (weights, config) once exported, main process
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    # ---- run: the whole job, and its loop on one screen ---------------------------------------------------
+    def run(self) -> dict:
+        """Build (unless built), resume, train, validate and export; returns the validation.json summary."""
+        from accelerate.utils import gather_object
+
+        try:
+            if self.accelerator is None:
+                self.build()
+            self.resume()
+            self._log_start()
+            self.train()
+            acc = self.accelerator
+            acc.wait_for_everyone()
+            self.bad_ids = set().union(*gather_object([self.bad_ids]))
+            summary = self.export(self.validate())
+            if self.config.push_to_hub:
+                on_main(acc, self.push)
+            # leave together, after releasing the prepared objects (close() stops the loaders' worker processes)
+            acc.wait_for_everyone()
+            return summary
+        finally:
+            self.close()
+
+    def train(self) -> None:
+        """The loop: micro-batches of each epoch (the rest of it when resuming); after each optimizer step the
+        losses are logged, the model validated and a checkpoint saved (after the validation, so it holds the
+        random state the next step starts from), each every N steps."""
+        acc, cfg = self.accelerator, self.config
+        self.model.train()
+        self.window = LossWindow()
+        with self._progress_bar():
+            for epoch in range(self.first_epoch, self.num_epochs):
+                if self.global_step >= self.total_steps:
+                    break
+                for batch in self._epoch_batches(epoch):
+                    losses = self._micro_step(batch)  # forward, loss, backward; an optimizer step when in sync
+                    self.window.add(losses, int(acc.gather(batch["valid"].sum()[None]).sum()))
+                    if not acc.sync_gradients:
+                        continue
+                    self.lr_scheduler.step()
+                    self.global_step += 1
+                    step = self.global_step
+                    self.bar.update(1)
+                    if step % cfg.logging_steps == 0 or step == self.total_steps:
+                        self._log_losses(epoch)
+                    if cfg.validation_steps and step % cfg.validation_steps == 0 and step < self.total_steps:
+                        self.validate()
+                        self.model.train()
+                    if step % cfg.save_steps == 0:
+                        self.last_checkpoint = self.save(step)
+                    if step >= self.total_steps:
+                        return
+
     # ---- build ---------------------------------------------------------------------------------------------
     def build(self) -> "Trainer":
         """Everything before the first step; every check that can fail runs before any heavy work."""
+        from accelerate.utils import set_seed
+
         if self.config.push_to_hub:  # a push that cannot happen fails now, not after the training
             from ..hub import check_can_push
 
             check_can_push(self.config.push_to_hub, "--push_to_hub", self.config.hub_token)
         self._start_accelerator()
-        on_main(self.accelerator, self._claim_output_dir)
-        resume_dir = on_main(self.accelerator, self._find_resume)
+        acc, cfg = self.accelerator, self.config
+        on_main(acc, self._claim_output_dir)
+        resume_dir = on_main(acc, self._find_resume)
         self.resume_dir = Path(resume_dir) if resume_dir is not None else None
-        cfg = self.config
         self.data = _open_data(cfg)
-        run_config = self.data.run_config
-        if cfg.base_model_id and cfg.base_model_id != run_config.get("base_model_id"):
-            logger.warning("--base_model_id %s differs from the dataset's %s: the dataset's is recorded",
-                           cfg.base_model_id, run_config.get("base_model_id"))
-        if cfg.npnet_model_id:
-            logger.info("--npnet_model_id %s is not used by NoiseSequenceRNN_v3 (recorded only)", cfg.npnet_model_id)
+        self._note_compatibility_flags()
         self.model_config = self._model_config()
-        self._build_objects()
+        set_seed(cfg.seed)  # the model's initial weights
+        model = self._build_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2))
+        train_loader, val_loader = self._build_loaders()
+        self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
+        self.val_loader = acc.prepare(val_loader) if val_loader is not None else None
+        self._plan_steps()
+        self.lr_scheduler = acc.prepare(T.warmup_cosine_schedule(self.optimizer, self.warmup, self.total_steps))
+        set_seed(cfg.seed, device_specific=True)  # dropout differs per process; model init above did not
         return self
 
     def _start_accelerator(self) -> None:
@@ -102,8 +202,10 @@ class Trainer:
             logger.info("removed %s, a checkpoint an interrupted run left half-written", stale)
 
     def _find_resume(self) -> str | None:
+        """The verified checkpoint to resume (None: a new run), after refusing to mix runs in one output dir."""
         cfg = self.config
         resume_dir = C.find_resume_checkpoint(self.output_dir, cfg.resume_from_checkpoint, cfg.resume_fallback)
+        self._refuse_mixing(resume_dir)
         if cfg.resume_from_checkpoint == "latest" and resume_dir is None:
             logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run",
                         self.output_dir)
@@ -112,9 +214,41 @@ class Trainer:
                 logger.warning("set the damaged checkpoint aside as %s", moved)
         return str(resume_dir) if resume_dir is not None else None
 
+    def _refuse_mixing(self, resume_dir: Path | None) -> None:
+        """Without a resume flag, an output dir holding an earlier training (checkpoints or an export) is refused,
+        whatever its settings; resuming, a checkpoint (or, with none, the export) made with other byte-shaping
+        settings (TrainingConfig's `rerun` fields, the architecture) is refused, naming each difference."""
+        cfg, out = self.config, self.output_dir
+        export = out / f"{FINAL_STEM}.json"
+        if not cfg.resume_from_checkpoint:
+            earlier = [p.name for p in C.list_checkpoints(out)] + ([export.name] if export.is_file() else [])
+            if earlier:
+                raise UserError(f"--output_dir {out} holds an earlier training ({', '.join(earlier)}): pass "
+                                "--resume_from_checkpoint latest to continue it (with the same settings), or choose "
+                                "a new --output_dir")
+            return
+        if resume_dir is not None:
+            where, old = resume_dir, C.read_training_state(resume_dir).get("args") or {}
+        elif export.is_file():
+            where, old = export, C.read_export_args(export)
+        else:
+            return
+        refuse_other_settings(where, old, cfg.record(self.arch), RESUME_KEYS, "resume with the same settings (only "
+                              "the run's length, checkpointing and logging may change), or choose a new "
+                              "--output_dir", what="a training")
+
+    def _note_compatibility_flags(self) -> None:
+        """The seed's flags that this model does not use: said once, recorded only."""
+        cfg, dataset_model = self.config, self.data.run_config.get("base_model_id")
+        if cfg.base_model_id and cfg.base_model_id != dataset_model:
+            logger.warning("--base_model_id %s differs from the dataset's %s: the dataset's is recorded",
+                           cfg.base_model_id, dataset_model)
+        if cfg.npnet_model_id:
+            logger.info("--npnet_model_id %s is not used by NoiseSequenceRNN_v3 (recorded only)", cfg.npnet_model_id)
+
     def _model_config(self) -> NoiseSequenceRNNConfig:
         """Shapes from run_config.json, architecture from `arch`, delta_scale from the data (or, when resuming,
-        the checkpoint's config, which `arch` must match)."""
+        the checkpoint's config, whose shapes the data must match)."""
         from ..dataset.reader import golden_change_rms
 
         cfg, data = self.config, self.data
@@ -128,16 +262,13 @@ class Trainer:
         if cfg.text_embed_dim is not None and cfg.text_embed_dim != data.text_dim:
             raise UserError(f"--text_embed_dim {cfg.text_embed_dim} contradicts the dataset's text_embedding.dim "
                             f"{data.text_dim} ({path}): drop the flag or pass --text_embed_dim {data.text_dim}")
-        arch = {k: getattr(self.arch, k) for k in ARCH_FIELDS}
-        if self.resume_dir is not None:
+        if self.resume_dir is not None:  # its architecture is the flags' (_refuse_mixing checked it)
             config = NoiseSequenceRNNConfig.from_dict(C.read_training_state(self.resume_dir)["model_config"])
-            saved = {k: getattr(config, k) for k in ARCH_FIELDS}
-            diff = [f"--{k} {arch[k]} (checkpoint: {saved[k]})" for k in ARCH_FIELDS if arch[k] != saved[k]]
             shape = (config.latent_channels, config.noise_resolution, config.text_embed_dim)
-            if diff or shape != (c, h, data.text_dim):
-                raise UserError(f"{self.resume_dir} was trained with another model config: "
-                                f"{'; '.join(diff) or 'data shape'}: resume with the original flags or start a new "
-                                "--output_dir")
+            if shape != (c, h, data.text_dim):
+                raise UserError(f"{self.resume_dir} was trained on data of another shape ({list(shape)} as latent "
+                                f"channels, resolution, text dim; the dataset's: {[c, h, data.text_dim]}): resume "
+                                "with the original --dataset_dir or start a new --output_dir")
             return config
         delta_scale = golden_change_rms(data.train, skip_bad_samples=cfg.skip_bad_samples)
         try:
@@ -146,17 +277,18 @@ class Trainer:
         except ValueError as e:
             raise UserError(f"invalid model flags: {e}") from None
 
-    def _build_objects(self) -> None:
-        from accelerate.utils import set_seed
+    def _build_model(self) -> torch.nn.Module:
+        """The model to train, from `model_config` (its initial weights draw from the seeded global generator)."""
+        return NoiseSequenceRNN_v3(self.model_config)
+
+    def _build_loaders(self):
+        """(training loader, validation loader or None); the training order comes from `self.sampler`, and the
+        training loader draws from its own generator (see the module docstring)."""
         from torch.utils.data import DataLoader
 
         from ..dataset.reader import collate
 
         cfg, acc = self.config, self.accelerator
-        set_seed(cfg.seed)
-        model = NoiseSequenceRNN_v3(self.model_config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                      betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.sampler = T.EpochSampler(len(self.data.train), cfg.seed)
         workers = cfg.dataloader_num_workers
         lock_fd = self.lock.fd if self.lock is not None else None
@@ -167,9 +299,11 @@ class Trainer:
                                   generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
         # a new iterator per validation, never persistent: see the module docstring
         val_loader = DataLoader(self.data.validation, shuffle=False, **loader_kw) if len(self.data.validation) else None
-        self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
-        self.val_loader = acc.prepare(val_loader) if val_loader is not None else None
+        return train_loader, val_loader
 
+    def _plan_steps(self) -> None:
+        """The run's length: optimizer steps per epoch, epochs, total steps and warmup steps."""
+        cfg = self.config
         self.updates_per_epoch = math.ceil(len(self.train_loader) / cfg.gradient_accumulation_steps)
         if cfg.max_train_steps:
             self.total_steps = cfg.max_train_steps
@@ -178,8 +312,6 @@ class Trainer:
             self.num_epochs = cfg.num_epochs
             self.total_steps = self.num_epochs * self.updates_per_epoch
         self.warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else min(500, self.total_steps // 20)
-        self.lr_scheduler = acc.prepare(T.warmup_cosine_schedule(self.optimizer, self.warmup, self.total_steps))
-        set_seed(cfg.seed, device_specific=True)  # dropout differs per process; model init above did not
 
     # ---- resume --------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -200,29 +332,7 @@ class Trainer:
         logger.info("Resumed from %s: step %d, epoch %d, skipping %d batches", ckpt, self.global_step,
                     self.first_epoch, self.skip_batches)
 
-    # ---- run -----------------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        """Build (unless built), resume, train, validate and export; returns the validation.json summary."""
-        from accelerate.utils import gather_object
-
-        try:
-            if self.accelerator is None:
-                self.build()
-            self.resume()
-            self._log_start()
-            self._train()
-            acc = self.accelerator
-            acc.wait_for_everyone()
-            self.bad_ids = set().union(*gather_object([self.bad_ids]))
-            summary = self.export(self.validate())
-            if self.config.push_to_hub:
-                on_main(acc, self.push)
-            # leave together, after releasing the prepared objects (close() stops the loaders' worker processes)
-            acc.wait_for_everyone()
-            return summary
-        finally:
-            self.close()
-
+    # ---- the loop's parts ----------------------------------------------------------------------------------
     def _log_start(self) -> None:
         acc, cfg, data = self.accelerator, self.config, self.data
         self.n_params = sum(p.numel() for p in self.model.parameters())
@@ -245,50 +355,32 @@ class Trainer:
                    "train_samples": len(data.train), "validation_samples": len(data.validation)}
         acc.init_trackers("train_rnn_model_v3", config=T.flat_hparams(hparams))
 
-    def _train(self) -> None:
-        """The epoch loop, with a progress bar on the main process (shown on a terminal only)."""
+    @contextmanager
+    def _progress_bar(self):
+        """A progress bar on the main process, shown on a terminal only (log lines go above it)."""
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        self.sums, self.n_micro, self.n_samples, self.t_log = {}, 0, 0, time.perf_counter()
-        self.grad_norm = torch.tensor(0.0)
-        self.model.train()
         self.bar = tqdm(total=self.total_steps, initial=self.global_step, desc="training", unit="step",
                         disable=None if self.is_main else True, dynamic_ncols=True)
         try:
             with logging_redirect_tqdm() if not self.bar.disable else nullcontext():
-                for epoch in range(self.first_epoch, self.num_epochs):
-                    if self.global_step >= self.total_steps or self._train_epoch(epoch):
-                        break
+                yield self.bar
         finally:
             self.bar.close()
 
-    def _train_epoch(self, epoch: int) -> bool:
-        """One epoch (the rest of it when resuming mid-epoch); True when the last step is done."""
-        acc, loader = self.accelerator, self.train_loader
+    def _epoch_batches(self, epoch: int):
+        """The training loader for `epoch`, without the batches a resumed run already trained on."""
+        loader = self.train_loader
         if epoch == self.first_epoch and self.skip_batches:
-            loader = acc.skip_first_batches(self.train_loader, self.skip_batches)
+            loader = self.accelerator.skip_first_batches(self.train_loader, self.skip_batches)
         # accelerate's loaders count their own iterations and pass that count on to the sampler as its epoch:
         # set it explicitly, or a resumed run would replay epoch 0's order in its first full epoch.
         loader.set_epoch(epoch)
         if self.sampler.epoch != epoch:  # pragma: no cover - guards against a change in accelerate
             raise RuntimeError(f"data sampler at epoch {self.sampler.epoch}, expected {epoch}: resume would not be "
                                "exact")
-        for batch in loader:
-            gathered = self._micro_step(batch)
-            for k, v in zip(("loss", "recon", "mse", "kl"), gathered.mean(dim=0).tolist()):
-                self.sums[k] = self.sums.get(k, 0.0) + v
-            self.n_micro += 1
-            self.n_samples += int(acc.gather(batch["valid"].sum()[None]).sum())
-            if not acc.sync_gradients:
-                continue
-            self.lr_scheduler.step()
-            self.global_step += 1
-            self.bar.update(1)
-            self._after_update(epoch)
-            if self.global_step >= self.total_steps:
-                return True
-        return False
+        return loader
 
     def _micro_step(self, batch: dict) -> torch.Tensor:
         """Forward, loss and backward of one micro-batch (an optimizer step when gradients sync); returns every
@@ -323,26 +415,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return gathered
 
-    def _after_update(self, epoch: int) -> None:
-        """Logging, validation and the checkpoint of an optimizer step (the checkpoint after the validation, so
-        it holds the random state the next step starts from)."""
-        cfg, step = self.config, self.global_step
-        if step % cfg.logging_steps == 0 or step == self.total_steps:
-            elapsed = time.perf_counter() - self.t_log
-            logs = {f"train/{k}": v / self.n_micro for k, v in self.sums.items()}
-            logs.update({"train/lr": self.lr_scheduler.get_last_lr()[0], "train/grad_norm": float(self.grad_norm),
-                         "train/samples_per_s": self.n_samples / max(elapsed, 1e-9), "train/epoch": epoch})
-            self.accelerator.log(logs, step=step)
-            logger.info("step %d/%d epoch %d: loss %.5g mse %.5g kl %.4g lr %.3g grad_norm %.3g, %.1f samples/s",
-                        step, self.total_steps, epoch, logs["train/loss"], logs["train/mse"], logs["train/kl"],
-                        logs["train/lr"], logs["train/grad_norm"], logs["train/samples_per_s"])
-            self.bar.set_postfix(loss=f"{logs['train/loss']:.4g}", refresh=False)
-            self.sums, self.n_micro, self.n_samples, self.t_log = {}, 0, 0, time.perf_counter()
-        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < self.total_steps:
-            self.validate()
-            self.model.train()
-        if step % cfg.save_steps == 0:
-            self.last_checkpoint = self.save(step)
+    def _log_losses(self, epoch: int) -> None:
+        """Log the window's mean losses (tracker, log line, progress bar) and open a new window."""
+        step = self.global_step
+        logs = {**self.window.means(), "train/lr": self.lr_scheduler.get_last_lr()[0],
+                "train/grad_norm": float(self.grad_norm), "train/epoch": epoch}
+        self.accelerator.log(logs, step=step)
+        logger.info("step %d/%d epoch %d: loss %.5g mse %.5g kl %.4g lr %.3g grad_norm %.3g, %.1f samples/s",
+                    step, self.total_steps, epoch, logs["train/loss"], logs["train/mse"], logs["train/kl"],
+                    logs["train/lr"], logs["train/grad_norm"], logs["train/samples_per_s"])
+        self.bar.set_postfix(loss=f"{logs['train/loss']:.4g}", refresh=False)
+        self.window = LossWindow()
 
     # ---- validate, save, export ----------------------------------------------------------------------------
     def validate(self) -> dict | None:
@@ -379,27 +462,48 @@ class Trainer:
         return report
 
     def save(self, step: int) -> Path:
-        """Write the resumable `checkpoint-{step}` (through a temp folder renamed when complete) and prune."""
+        """Write the resumable `checkpoint-{step}` (through a temp folder renamed when complete) and prune. A write
+        that fails (a full disk) stops every process with one line; the earlier checkpoints are left as they were."""
+        from accelerate.utils import gather_object
+
         acc, out = self.accelerator, self.output_dir
         final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if self.is_main:
-            atomic_write_json(tmp / C.TRAINING_STATE, {
-                "global_step": step, "epoch": step // self.updates_per_epoch,
-                "model_config": self.model_config.to_dict(), "num_processes": acc.num_processes,
-                "args": self.config.record(self.arch)})
+        try:  # every process writes its random state; the main process the rest
+            acc.save_state(str(tmp))
+            failed = ""
+        except OSError as e:
+            failed = one_line(e)
+        failures = [f for f in gather_object([failed]) if f]
+        if failures:
+            on_main(acc, lambda: shutil.rmtree(tmp, ignore_errors=True))
+            self._save_failed(final, failures[0])
+
+        def publish() -> None:
+            try:
+                atomic_write_json(tmp / C.TRAINING_STATE, {
+                    "global_step": step, "epoch": step // self.updates_per_epoch,
+                    "model_config": self.model_config.to_dict(), "num_processes": acc.num_processes,
+                    "args": self.config.record(self.arch)})
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._save_failed(final, one_line(e))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for old in C.prune_checkpoints(out, self.config.max_checkpoints):
                 logger.info("removed old checkpoint %s", old)
             logger.info("saved %s", final)
-        acc.wait_for_everyone()
+
+        on_main(acc, publish)  # a failure there is raised on every process
         return final
+
+    def _save_failed(self, checkpoint: Path, reason: str) -> None:
+        raise UserError(f"cannot write {checkpoint} ({reason}): training stopped at step {self.global_step}, "
+                        f"{T.what_is_kept(self.last_checkpoint)}; free space on that disk or choose another "
+                        "--output_dir")
 
     def export(self, report: dict | None) -> dict:
         """Write the final export (weights + config JSON) and validation.json on the main process; returns the
