@@ -123,7 +123,7 @@ def test_a_damaged_or_incomplete_sharded_dataset_stops_before_the_first_step(loo
 
     remove_index(new)
     (new / "data/shard-00002.parquet").unlink()
-    line = train_error(capsys, *common)
+    line = train_error(capsys, *common[:3], tmp_path / "out2", *common[4:])
     assert "has no index.json: the dataset is incomplete (2 of 3 shards sealed)" in line and "--finalize" in line
 
 
