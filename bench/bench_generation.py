@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = common.bench_args(__doc__.split("\n")[0])
+    p = common.bench_args(__doc__)
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="prompts per UNet call to compare")
     p.add_argument("--num_prompts", type=int, default=None,
                    help="prompts per measured run (same for every batch size; default 16, quick 8)")

@@ -20,7 +20,7 @@ from golden_noise.cli import finite_float  # noqa: E402  (NaN and infinities are
 
 
 def parse_args(argv=None):
-    p = common.bench_args(__doc__.split("\n")[0])
+    p = common.bench_args(__doc__)
     p.add_argument("--num_inference_steps", type=int, default=30, help="sampling steps of the pipeline")
     p.add_argument("--guidance_scale", type=finite_float, default=5.5, help="CFG of the sampling (> 1: two branches)")
     p.add_argument("--num_gen_steps", type=int, default=10, help="n: RNN rollout steps")

@@ -47,7 +47,7 @@ def child(argv: list[str]) -> int:
 
 
 def parse_args(argv=None):
-    p = common.bench_args(__doc__.split("\n")[0])
+    p = common.bench_args(__doc__)
     p.add_argument("--device", default="cpu", help="device of every stage: cpu, or cuda to get GPU memory too")
     args = p.parse_args(argv)
     if args.threads is None:

@@ -26,7 +26,7 @@ from golden_noise.cli import finite_float  # noqa: E402  (NaN and infinities are
 
 
 def parse_args(argv=None):
-    p = common.bench_args(__doc__.split("\n")[0])
+    p = common.bench_args(__doc__)
     p.add_argument("--world", default=str(common.ROOT / "worlds" / "toy_shapes"), help="toy world directory")
     p.add_argument("--rnn_weights_path", default=None, help="an RNN export for the world (default: random weights)")
     p.add_argument("--num_prompts", type=int, default=None, help="prompts of the world's prompts.txt (default 96, "

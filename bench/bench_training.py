@@ -23,7 +23,7 @@ ASSUMED_MFU = 0.4               # model FLOP utilisation assumed for the GPU est
 
 
 def parse_args(argv=None):
-    p = common.bench_args(__doc__.split("\n")[0])
+    p = common.bench_args(__doc__)
     p.add_argument("--batch_size", type=int, default=8, help="samples per training step / loader batch")
     p.add_argument("--num_workers", type=int, nargs="+", default=[0, 2], help="data-loader workers to compare")
     p.add_argument("--steps", type=int, default=None, help="timed training steps at tiny size (default 30, quick 10)")

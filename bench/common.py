@@ -208,9 +208,12 @@ def median(values):
     return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
 
 
-def bench_args(description: str) -> argparse.ArgumentParser:
-    """A parser with the flags every bench has: --quick, --json, --threads."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def bench_args(doc: str) -> argparse.ArgumentParser:
+    """A parser with the flags every bench has: --quick, --json, --threads; its description is the first paragraph
+    of the bench's docstring `doc` (golden_noise.cli.parser, as every CLI's)."""
+    from golden_noise.cli import parser
+
+    p = parser(doc)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats: seconds, for smoke tests")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -39,10 +39,9 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 def parse_args(argv=None):
-    import argparse
+    from golden_noise.cli import parser
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)  # the docstring's first paragraph, as every CLI's
     p.add_argument("--device", default="cuda", help="cuda (the check) or cpu (with --tiny: a dry run)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet/VAE/RNN and latents 8x8: a dry run of every section")
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=list(DTYPES),

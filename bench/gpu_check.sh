@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # GPU check for one H100, under 8 minutes: SDXL-architecture UNet/VAE with random weights (no downloads) driven
 # by the project's GoldenStep at 1024^2; see bench/README.md for what it prints.
-#
+# Usage:
 #   bash bench/gpu_check.sh [bench/gpu_check.py flags]   # on the GPU machine, from a copy of the repo with .whl/
 #   bash bench/gpu_check.sh --download-wheels            # beforehand, where PyPI is reachable: fills .whl/
+#   bash bench/gpu_check.sh --help                       # this text; runs nothing (gpu_check.py's flags:
+#                                                        # python bench/gpu_check.py --help)
 #
 # The GPU machine has torch but maybe not diffusers, and no network: when `import diffusers` fails, the wheels
 # in .whl/ (diffusers and what it needs beyond torch) are installed with --no-index --no-deps into a private
 # folder put on PYTHONPATH; packages the machine already has are used as they are (diffusers always from .whl/,
 # the other wheels only where the machine lacks the package or has a version diffusers does not accept).
 # Figures: stdout, and $OUT/gpu_check.json + gpu_check.log ($OUT defaults to results/).
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/usage.sh"
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Stage 6: score the images written by batch inference and compare golden noise with standard noise.
-# (The original project's spelling, scripts/evalute.sh, runs this script.) Override any variable from the environment:
+# (The original project's spelling, scripts/evalute.sh, runs this script.)
+# Usage:
+#   bash scripts/evaluate.sh                              # HPSv2 v2.1 on ./inference_output/ -> ./results/
 #   PROMPT_FILE=./data/test_prompts.txt IMAGE_BASE_DIR=./inference_output/ bash scripts/evaluate.sh
-# Extra arguments are passed on, e.g. `bash scripts/evaluate.sh --metrics hpsv2 pickscore clipscore aesthetic`.
-# Outputs in $RESULTS_DIR: hpsv2_evaluation.csv, summary.json, *_scatter_*.png, *_diff_hist_*.png, report.html.
+#   bash scripts/evaluate.sh --metrics hpsv2 pickscore clipscore aesthetic   # extra flags go to evaluate_hps.py
+#   bash scripts/evaluate.sh --help                       # this text; runs nothing
+# Variables: PROMPT_FILE, IMAGE_BASE_DIR, RESULTS_DIR, HPS_VERSION. Outputs in $RESULTS_DIR: hpsv2_evaluation.csv,
+# summary.json, *_scatter_*.png, *_diff_hist_*.png, report.html. All flags: python scripts/evaluate_hps.py --help
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

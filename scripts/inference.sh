@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Stages 4-5: images from a trained RNN's golden noise, beside the standard images from the same seeds.
-# Override any variable from the environment, e.g.
+# Usage:
+#   bash scripts/inference.sh                             # one prompt (stage 4), then every prompt of a file (5)
 #   RNN_WEIGHTS=./output/rnn_v3_seq_model_output/rnn_v3_model_final DTYPE=float32 bash scripts/inference.sh
-# Multi-GPU batch inference gives the same files: NUM_PROCESSES=8 bash scripts/inference.sh
-# The pipeline and resolution default to the ones the RNN was trained with (read from its export); DTYPE=auto is
-# float16 on CUDA and float32 elsewhere. Low on GPU memory? EXTRA_FLAGS="--enable_model_cpu_offload --enable_vae_tiling"
+#   NUM_PROCESSES=8 bash scripts/inference.sh             # multi-GPU batch inference: the same files
+#   EXTRA_FLAGS="--enable_model_cpu_offload --enable_vae_tiling" bash scripts/inference.sh   # low on GPU memory
+#   bash scripts/inference.sh --help                      # this text; runs nothing
+# Variables: RNN_WEIGHTS, BASE_MODEL_ID, PROMPT, PROMPT_FILE, OUTPUT_DIR, NUM_GEN_STEPS, NUM_INFERENCE_STEPS,
+# GUIDANCE_SCALE, DTYPE, EXTRA_FLAGS, NUM_PROCESSES. The pipeline and resolution default to the ones the RNN was
+# trained with (read from its export); DTYPE=auto is float16 on CUDA and float32 elsewhere.
+# All flags: python src/inference_rnn.py --help; python scripts/batch_inference.py --help
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

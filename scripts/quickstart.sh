@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Quickstart: all six stages end to end on the built-in toy world, on CPU, from a fresh clone.
-#   bash scripts/quickstart.sh                 # installs what it needs, then runs (about 5 min on 2 cores)
+# Usage:
+#   bash scripts/quickstart.sh                         # installs what it needs, then runs (5 min on 2 quiet cores)
+#   CPU_ONLY=1 bash scripts/quickstart.sh              # install torch as CPU-only wheels (no 3 GB of CUDA libraries)
 #   EVAL_ON=seen_captions bash scripts/quickstart.sh   # evaluate on new seeds of 24 training captions instead
-#   QUICK=1 bash scripts/quickstart.sh          # a 2-3 minute smoke run of the same path (tiny sizes)
-# The world (worlds/toy_shapes) is a diffusers StableDiffusionXLPipeline trained on 32x32 images of coloured
-# shapes, with a reward model that scores prompt adherence; every stage loads it with --base_model_id exactly
-# as it would load SDXL. Every variable below can be overridden from the environment.
+#   QUICK=1 bash scripts/quickstart.sh                 # a 2-3 minute smoke run of the same path (tiny sizes)
+#   SKIP_INSTALL=1 RUN=mine bash scripts/quickstart.sh # no install step; outputs in data/mine, output/mine, ...
+#   bash scripts/quickstart.sh --help                  # this text; runs and deletes nothing
+# A run first deletes data/$RUN, output/$RUN, inference_output/$RUN and results/$RUN (RUN=quickstart), then
+# writes them anew (about 330 MB and 80,000 files). The world (worlds/toy_shapes) is a diffusers
+# StableDiffusionXLPipeline trained on 32x32 images of coloured shapes, with a reward model that scores prompt
+# adherence; every stage loads it with --base_model_id exactly as it would load SDXL. Every variable below can be
+# overridden from the environment.
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,9 +37,8 @@ start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
 if [ -z "${SKIP_INSTALL:-}" ]; then
-  step "install (pip install -r requirements.txt && pip install -e .)"
-  python -m pip install -q -r requirements.txt
-  python -m pip install -q --no-deps -e .
+  step "install (bash scripts/install.sh: pip install -r requirements.txt && pip install -e .)"
+  bash scripts/install.sh
 fi
 if [ ! -f "$WORLD/model_index.json" ]; then
   step "build the toy world into $WORLD (about 10 min on 2 cores)"

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from golden_noise.cli import parser
 from golden_noise.io import atomic_write_json
 from golden_noise.methods import folder
 from golden_noise.prompts import read_prompts
@@ -15,7 +16,7 @@ from golden_noise.runtime import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--results_dir", required=True, help="evaluate_hps.py's --results_dir")
     p.add_argument("--run_dir", required=True, help="the training run (its validation.json)")
     p.add_argument("--images_dir", required=True, help="batch_inference.py's --output_base_dir")

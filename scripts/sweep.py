@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> dict | None:
     result = run_sweep(job_from_args(args), state)
     if result is not None:
         print(result["table"])
-        print("\n".join(findings(result["rows"])))
+        print("\n\n".join(f.text() for f in findings(result["rows"])))
         print(f"wrote {result['csv']}, {len(result['plots'])} plots and {result['report']}")
     end_distributed(state)
     return result

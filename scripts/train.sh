@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Stage 3: train NoiseSequenceRNN_v3 on the golden-noise sequence dataset of stage 2 (the seed's command).
-# The latent shape (--noise_resolution) and text-embedding size come from the dataset's run_config.json, and
-# the script follows the launcher's --mixed_precision. Override any variable from the environment, e.g.
+# Usage:
+#   bash scripts/train.sh                                 # DATASET_DIR -> OUTPUT_DIR, one process
 #   NUM_PROCESSES=8 bash scripts/train.sh                 # 8 GPUs on this machine (DDP through accelerate)
 #   EXTRA_ARGS="--resume_from_checkpoint latest" bash scripts/train.sh   # continue an interrupted run exactly
 #   EXTRA_ARGS="--max_train_steps 2" DATASET_DIR=./data/tiny_ds bash scripts/train.sh   # a CPU smoke run
+#   bash scripts/train.sh --help                          # this text; trains nothing
+# The latent shape (--noise_resolution) and text-embedding size come from the dataset's run_config.json, and
+# the script follows the launcher's --mixed_precision. Variables: DATASET_DIR (./data/npd_sequence_dataset_sdxl/),
+# OUTPUT_DIR (./output/rnn_v3_seq_model_output/), NUM_PROCESSES (1), MIXED_PRECISION (fp16), EXTRA_ARGS.
 # Multi-node: add accelerate's --num_machines/--machine_rank/--main_process_ip flags (or `accelerate config`).
 # Watch it: tensorboard --logdir ./output/rnn_v3_seq_model_output/logs
+# All flags: python src/train_rnn_model_v3.py --help
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

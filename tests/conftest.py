@@ -1,20 +1,28 @@
-"""Shared fixtures: a tiny SDXL-architecture pipeline built offline, and the two ways tests call a CLI script (in a
-subprocess, or imported to call its parse_args/main in this process)."""
+"""Shared fixtures: a tiny SDXL-architecture pipeline built offline, the two ways tests call a CLI script (in a
+subprocess, or imported to call its parse_args/main in this process), and the progress lines of slow tests."""
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-
-import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one CPU thread in this process and in every process a test starts: on cores other jobs keep busy, two OpenMP
+# threads stall each other (a world build went from 6 to over 30 minutes), so the times do not depend on the load
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(1)  # tiny models: thread overhead outweighs parallelism
 
 
@@ -65,6 +73,73 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     from golden_noise.testing.hub import use_offline_cache
 
     return use_offline_cache(monkeypatch, tmp_path / "hf-cache")
+
+
+@pytest.fixture
+def progress(request):
+    """say(message): a line on the terminal at once, while the test runs (pytest's output capture does not hold it
+    back), prefixed with the test's name and its seconds so far: slow tests report where they are."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    start = time.monotonic()
+
+    def say(message: str) -> None:
+        with capture.global_and_fixture_disabled():
+            print(f"\n    [{request.node.name} {time.monotonic() - start:5.0f}s] {message}", end="", flush=True)
+
+    return say
+
+
+def idle_threads(most: int) -> int:
+    """Threads for a long CPU job a test starts: as many cores as no other job keeps busy (the 1-minute load average
+    less the one core the test run itself keeps busy, with a quarter core of slack), between 1 and `most`."""
+    others = max(0.0, os.getloadavg()[0] - 1)
+    return max(1, min(most, int((os.cpu_count() or 1) - others + 0.25)))
+
+
+_BAR = re.compile(r"^\s*([^:|]{1,60}):\s*\d+%\|")  # a tqdm bar: "train UNet:  45%|####  | 675/1500 [...]"
+
+
+def run_with_progress(command: list, say, timeout: int, env: dict | None = None,
+                      every: float = 60.0) -> subprocess.CompletedProcess:
+    """Run `command` (cwd: the repository) with stdout and stderr in one stream, and relay its progress through
+    `say` (the `progress` fixture) while it runs: each step line (`=== ...`, as the quickstart prints them) and each
+    progress bar that starts a new phase at once, and the latest line every `every` seconds. Returns the
+    CompletedProcess (its stdout holds both streams, stderr is empty)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+                            cwd=str(ROOT))
+    chunks, last, state = [], [""], {"phase": None}
+
+    def read():
+        for raw in iter(lambda: proc.stdout.read1(65536), b""):
+            text = raw.decode("utf-8", errors="replace")
+            chunks.append(text)
+            for line in (part.strip() for part in re.split(r"[\r\n]+", text)):
+                if not line:
+                    continue
+                last[0] = line
+                bar = _BAR.match(line)
+                if line.startswith("==="):
+                    say(line)
+                elif bar and bar.group(1) != state["phase"]:
+                    state["phase"] = bar.group(1)
+                    say(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline, next_beat = time.monotonic() + timeout, time.monotonic() + every
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            reader.join(10)
+            raise subprocess.TimeoutExpired(command, timeout, output="".join(chunks))
+        if time.monotonic() > next_beat:
+            say(f"... {last[0][:150]}")
+            next_beat += every
+        time.sleep(0.5)
+    reader.join(30)
+    return subprocess.CompletedProcess(command, proc.returncode, "".join(chunks), "")
 
 
 def dataset_samples(root: Path) -> dict[int, dict]:

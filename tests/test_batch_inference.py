@@ -65,31 +65,47 @@ def outputs(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in (".png", ".pt")}
 
 
-def manifest(out: Path, with_times: bool = False) -> list[dict]:
+def manifest(out: Path) -> list[dict]:
     with open(out / "manifest.csv", encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not with_times:
-        rows = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
-    return rows
+        return list(csv.DictReader(f))
+
+
+RESULT_FILES = ("manifest.csv", "summary.json", "batch_settings.json")  # beside the images and noises
+
+
+def results(out: Path) -> dict[str, bytes]:
+    """The result files of a stage-5 folder: images, noises, manifest.csv, summary.json, batch_settings.json (not
+    timings.csv and run.json, which record what differs from run to run)."""
+    return {**outputs(out), **{name: (out / name).read_bytes() for name in RESULT_FILES}}
 
 
 def test_layout_manifest_summary(reference):
     for method in METHODS:
         assert sorted(p.name for p in (reference / f"{method}_output").iterdir()) == [f"{i}.png" for i in INDICES]
         assert sorted(p.name for p in (reference / "noise" / method).iterdir()) == [f"{i}.pt" for i in INDICES]
-    rows = manifest(reference, with_times=True)
+    rows = manifest(reference)
+    assert list(rows[0]) == ["index", "prompt", "seed", "method", "file", "unet_evals"]
     assert [(int(r["index"]), r["method"]) for r in rows] == [(i, m) for i in INDICES for m in METHODS]
     for r in rows:
         i = int(r["index"])
         assert r["prompt"] == PROMPTS[i] and int(r["seed"]) == START_SEED + i
-        assert r["file"] == f"{r['method']}_output/{i}.png" and float(r["seconds"]) > 0
+        assert r["file"] == f"{r['method']}_output/{i}.png" and float(r["unet_evals"]) > 0
+    with open(reference / "timings.csv", encoding="utf-8", newline="") as f:
+        timings = list(csv.DictReader(f))
+    assert [(r["index"], r["method"]) for r in timings] == [(r["index"], r["method"]) for r in rows]
+    assert all(float(r["seconds"]) == pytest.approx(float(r["noise_seconds"]) + float(r["sampling_seconds"]),
+                                                     abs=2e-6) and float(r["seconds"]) > 0 for r in timings)
     summary = json.loads((reference / "summary.json").read_text())
-    assert summary["num_processes"] == 1 and summary["num_prompts"] == 5 and summary["num_gen_steps"] == TRAIN_STEPS
+    assert summary == {"num_prompts": 5, "batch_size": 2, "num_gen_steps": TRAIN_STEPS,
+                       "methods": {m: {"images": 5} for m in METHODS}}
+    run = json.loads((reference / "run.json").read_text())
+    assert run["num_processes"] == 1 and run["output_base_dir"] == str(reference) and run["device_used"] == "cpu"
     for method in METHODS:
-        s = summary["methods"][method]
-        assert (s["images"], s["generated_this_run"], s["skipped_existing"]) == (5, 5, 0)
-        assert s["mean_sampling_seconds_per_image"] > 0
-    assert summary["methods"]["gnsnet"]["mean_noise_seconds_per_image"] > 0
+        s = run["methods"][method]
+        assert (s["generated_this_run"], s["skipped_existing"]) == (5, 0)
+        assert s["mean_sampling_seconds_per_image"] == pytest.approx(
+            np.mean([float(r["sampling_seconds"]) for r in timings if r["method"] == method]))
+    assert run["methods"]["gnsnet"]["mean_noise_seconds_per_image"] > 0
     settings = json.loads((reference / "batch_settings.json").read_text())
     assert settings["golden"] == TRAIN_GOLDEN.to_dict()  # the oracle follows the RNN's training data
     # the job's flags, then what they resolved to
@@ -98,7 +114,8 @@ def test_layout_manifest_summary(reference):
     weights = (reference.parent / "run" / "rnn_v3_model_final.safetensors").resolve()
     assert (settings["batch_size"], settings["start_seed"], settings["methods"]) == (2, START_SEED, METHODS)
     assert settings["prompt_fingerprint"] == prompt_fingerprint(read_prompts(reference.parent / "prompts.txt"))
-    assert settings["rnn_weights_file"] == str(weights)
+    assert run["rnn_weights_file"] == str(weights)  # the absolute path: run.json, not the settings
+    assert not {"rnn_weights_file", "output_base_dir", "num_processes", "device", "device_used"} & set(settings)
     assert settings["rnn_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert [settings[k] for k in ("dtype", "dtype_used", "num_gen_steps_used")] == ["auto", "float32", TRAIN_STEPS]
     assert (settings["height_used"], settings["latent_shape"], settings["scheduler_class"]) == (16, [4, 16, 16],
@@ -149,6 +166,7 @@ def test_oracle_and_gnsnet_noises(reference, setup, tiny_pipeline):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_two_processes_give_the_same_files(reference, setup):
     out = setup["root"] / "two_processes"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", **ONE_THREAD}
@@ -157,10 +175,10 @@ def test_two_processes_give_the_same_files(reference, setup):
            str(ROOT / "scripts" / "batch_inference.py"), *map(str, batch_args(setup, out))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_processes"] == 2  # really two processes, not two rank-0-of-1
-    assert outputs(out) == outputs(reference)
-    assert manifest(out) == manifest(reference)
+    assert json.loads((out / "run.json").read_text())["num_processes"] == 2  # really two, not two rank-0-of-1
+    # another folder, another process count: every result file is byte-identical (timings live in timings.csv and
+    # run.json)
+    assert results(out) == results(reference)
 
 
 def test_interrupted_run_resumes_to_the_same_result(reference, setup):
@@ -184,8 +202,7 @@ def test_interrupted_run_resumes_to_the_same_result(reference, setup):
 
     cli = load_cli("scripts/batch_inference.py")  # the rerun in process (1 thread, like the subprocesses)
     summary = cli.main(cli.parse_args([str(a) for a in batch_args(setup, out)] + ["--device", "cpu"]))
-    assert outputs(out) == outputs(reference)
-    assert manifest(out) == manifest(reference)
+    assert results(out) == results(reference)  # byte for byte, manifest, summary and settings included
     skipped = sum(s["skipped_existing"] for s in summary["methods"].values())
     generated = sum(s["generated_this_run"] for s in summary["methods"].values())
     assert (skipped, generated) == (done, len(INDICES) * len(METHODS) - done)
@@ -300,7 +317,13 @@ def test_methods_may_be_added_to_a_folder(setup, tmp_path):
     assert (second["methods"]["standard"]["skipped_existing"], second["methods"]["gnsnet"]["generated_this_run"]) \
         == (len(INDICES), len(INDICES))
     assert snapshot(out / "standard_output") == standard
-    cli.main(cli.parse_args([*common, "--methods", "standard"]))  # nothing to do; the gnsnet record stays
+    summary_both = (out / "summary.json").read_bytes()
+    third = cli.main(cli.parse_args([*common, "--methods", "standard"]))  # nothing to do; the gnsnet record stays
+    # summary.json still lists the gnsnet images a run with fewer --methods left in place (issue 20 item 7)
+    assert (out / "summary.json").read_bytes() == summary_both
+    assert json.loads(summary_both)["methods"] == {"standard": {"images": len(INDICES)},
+                                                   "gnsnet": {"images": len(INDICES)}}
+    assert third["methods"]["gnsnet"]["generated_this_run"] == 0 and third["num_gen_steps"] == TRAIN_STEPS
     settings = json.loads((out / "batch_settings.json").read_text())
     assert settings["methods"] == ["standard", "gnsnet"] and settings["rnn_sha256"] is not None
     assert [(int(r["index"]), r["method"]) for r in manifest(out)] == [(i, m) for i in INDICES
@@ -308,6 +331,49 @@ def test_methods_may_be_added_to_a_folder(setup, tmp_path):
     both = tmp_path / "both"
     cli.main(cli.parse_args([*common, "--output_base_dir", str(both), "--methods", "standard", "gnsnet"]))
     assert outputs(both) == outputs(out)
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, int, int]]:
+    """(type, start of its data, length) of every chunk of a PNG file."""
+    pos, chunks = 8, []
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        chunks.append((data[pos + 4:pos + 8], pos + 8, length))
+        pos += 12 + length
+    return chunks
+
+
+def test_damaged_pngs_are_made_again_on_resume(reference, setup, tmp_path):
+    """Issue 20 item 2 (stage 5): a resume verifies images fully. A PNG whose chunk CRC is wrong (its pixels intact),
+    and one whose compressed pixels are damaged under a recomputed CRC (only decoding finds it), are both made again;
+    the folder ends byte-identical to the uninterrupted run."""
+    import zlib
+
+    from golden_noise.inference.batch import intact_png
+
+    out = tmp_path / "damaged"
+    shutil.copytree(reference, out)
+    bad_crc, bad_pixels = out / "gnsnet_output" / "1.png", out / "oracle_output" / "4.png"
+    data = bytearray(bad_crc.read_bytes())
+    kind, start, length = next(c for c in _png_chunks(bytes(data)) if c[0] == b"IDAT")
+    data[start + length] ^= 0x01  # the first byte of the IDAT chunk's CRC
+    bad_crc.write_bytes(bytes(data))
+    data = bytearray(bad_pixels.read_bytes())
+    kind, start, length = next(c for c in _png_chunks(bytes(data)) if c[0] == b"IDAT")
+    data[start + length // 2] ^= 0xFF  # inside the deflate stream
+    data[start + length:start + length + 4] = zlib.crc32(bytes(data[start - 4:start + length])).to_bytes(4, "big")
+    bad_pixels.write_bytes(bytes(data))
+    assert not intact_png(bad_crc) and not intact_png(bad_pixels) and intact_png(reference / "gnsnet_output" / "1.png")
+    from PIL import Image
+
+    with Image.open(bad_crc) as image:  # what the old check (signature + IEND) and PIL alone let through
+        image.load()
+
+    cli = load_cli("scripts/batch_inference.py")
+    summary = cli.main(cli.parse_args([str(a) for a in batch_args(setup, out)] + ["--device", "cpu"]))
+    assert {m: s["generated_this_run"] for m, s in summary["methods"].items()} == \
+        {"standard": 0, "gnsnet": 1, "oracle": 1}
+    assert results(out) == results(reference)
 
 
 def test_killed_run_with_default_flags_resumes_exactly(setup, tmp_path):
@@ -343,8 +409,7 @@ def test_killed_run_with_default_flags_resumes_exactly(setup, tmp_path):
     kept = [p for p in images[1:] if (int(p.stem), p.parent.name.removesuffix("_output")) in recorded]
 
     summary = cli.main(cli.parse_args([*required, "--output_base_dir", str(out)]))
-    assert outputs(out) == outputs(reference)
-    assert manifest(out) == manifest(reference)
+    assert results(out) == results(reference)
     assert not stale.exists() and foreign.read_text() == "mine"
     assert sum(s["generated_this_run"] for s in summary["methods"].values()) == 2 * len(INDICES) - len(kept)
 
@@ -354,7 +419,7 @@ def test_an_image_without_its_manifest_row_is_made_again(reference, setup, tmp_p
     makes it again (here a stand-in PNG with other pixels) rather than skip it and lose its row."""
     out = tmp_path / "unrecorded"
     shutil.copytree(reference, out)
-    rows = manifest(out, with_times=True)
+    rows = manifest(out)
     lost = next(r for r in rows if r["method"] == "gnsnet")
     with open(out / "manifest.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
@@ -367,8 +432,7 @@ def test_an_image_without_its_manifest_row_is_made_again(reference, setup, tmp_p
     summary = cli.main(cli.parse_args([str(a) for a in batch_args(setup, out)] + ["--device", "cpu"]))
     assert {m: s["generated_this_run"] for m, s in summary["methods"].items()} == \
         {"standard": 0, "gnsnet": 1, "oracle": 0}
-    assert outputs(out) == outputs(reference)
-    assert manifest(out) == manifest(reference)
+    assert results(out) == results(reference)
 
 
 def test_one_line_errors_before_any_model(setup, tmp_path, capsys):
@@ -411,7 +475,8 @@ def test_seed_spellings_memory_flags_and_guidance_record(setup, tiny_pipeline, t
             with Image.open(out / f"{method}_output" / f"{i}.png") as image:
                 assert image.size == (16, 16)
     settings = json.loads((out / "batch_settings.json").read_text())
-    assert settings["rnn_weights_file"] == str((setup["export"] / "rnn_v3_model_final.safetensors").resolve())
+    assert json.loads((out / "run.json").read_text())["rnn_weights_file"] == str(
+        (setup["export"] / "rnn_v3_model_final.safetensors").resolve())
     assert settings["enable_vae_slicing"] and settings["enable_vae_tiling"] and settings["dtype_used"] == "float32"
     assert (settings["guidance_scale_effective"], settings["classifier_free_guidance"]) == (1.0, False)
     with pytest.raises(UserError, match="--enable_model_cpu_offload"):

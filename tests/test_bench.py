@@ -41,6 +41,7 @@ def run_sh(script: str, *args, env: dict) -> subprocess.CompletedProcess:
                           env=full_env, cwd=str(ROOT), timeout=600)
 
 
+@pytest.mark.slow  # over 20 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_generation_bench_counts_evaluations_and_times_the_unet(tmp_path):
     res, stdout = bench("bench/bench_generation.py", tmp_path, "--quick")
     r = res["ratios"]
@@ -65,6 +66,7 @@ def test_generation_bench_counts_evaluations_and_times_the_unet(tmp_path):
     assert "[ok] 3 UNet evaluations per golden step" in stdout and "[ok] 4 UNet evaluations" in stdout
 
 
+@pytest.mark.slow  # over 20 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_inference_bench_counts_sdxl_flops_and_the_rollout_fraction(tmp_path):
     res, stdout = bench("bench/bench_inference.py", tmp_path, "--quick")
     f = res["flops"]
@@ -79,6 +81,7 @@ def test_inference_bench_counts_sdxl_flops_and_the_rollout_fraction(tmp_path):
     assert "[ok] rollout <= 1% of sampling FLOPs" in stdout
 
 
+@pytest.mark.slow  # over 20 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_training_bench_prints_samples_per_second_and_loader_headroom(tmp_path):
     res, stdout = bench("bench/bench_training.py", tmp_path, "--quick")
     rows = {(r["size"], r["workers"]): r for r in res["rows"]}

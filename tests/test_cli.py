@@ -22,7 +22,9 @@ from tests.conftest import ROOT
 CLIS = ["scripts/extract_prompts.py", "scripts/generate_test_prompts.py", "src/generate_npd_series.py",
         "src/train_rnn_model_v3.py", "src/inference_rnn.py", "scripts/batch_inference.py", "scripts/evaluate_hps.py",
         "scripts/sweep.py", "scripts/build_toy_world.py", "scripts/measure_oracle_gain.py",
-        "scripts/probe_text_embeddings.py", "scripts/quickstart_summary.py", "scripts/push_model.py"]
+        "scripts/probe_text_embeddings.py", "scripts/quickstart_summary.py", "scripts/push_model.py",
+        "bench/bench_generation.py", "bench/bench_inference.py", "bench/bench_memory.py", "bench/bench_sweep.py",
+        "bench/bench_training.py", "bench/gpu_check.py"]
 
 
 def _parse(argv):
@@ -77,10 +79,13 @@ def test_flags_from_a_dataclass_show_each_default_once_and_take_both_list_spelli
 
 
 @pytest.mark.parametrize("script", CLIS)
-def test_every_cli_help_shows_each_default_once(script):
+def test_every_cli_help_shows_its_description_and_each_default_once(script):
     proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # the description is the docstring's whole first paragraph, not a line cut mid-sentence (6 were)
+    description = " ".join(proc.stdout.split("\n\n")[1].split())
+    assert description.endswith((".", ")")), description
     entries = re.split(r"\n  -|\n\n", proc.stdout)  # one entry per flag (group titles apart)
     assert len(entries) > 2
     doubled = [e for e in entries if e.count("(default") > 1]

@@ -204,6 +204,7 @@ def test_shard_pages_read_directly_equal_what_pyarrow_decodes(storage, tmp_path)
             F.shard_path(root, 0).unlink()
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_dataset_bench_reports_files_bytes_and_loader_headroom(tmp_path):
     """bench/bench_dataset.py --quick: files and bytes per sample of both formats, the integrity checks' speed and
     the loader's rates against the GPU's measured training rate, each ratio from the rows it printed."""

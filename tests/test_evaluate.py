@@ -2,6 +2,7 @@
 (HPSv2 and CLIPScore on tiny offline models, user rewards from a Python file, the manifest check, the report)."""
 from __future__ import annotations
 
+import base64
 import csv
 import importlib.util
 import json
@@ -104,7 +105,7 @@ def test_quickstart_tables_keep_their_text(tmp_path):
     assert format_table(QS_RESULTS, "standard") == QS_EVALUATION_TABLE
     for folder, name, data in [
         ("results", "summary.json", {"results": QS_RESULTS}),
-        ("images", "summary.json", {"methods": {"standard": {"noise_over_sampling": 0.0},
+        ("images", "run.json", {"methods": {"standard": {"noise_over_sampling": 0.0},
                                                 "gnsnet": {"noise_over_sampling": 0.0692},
                                                 "oracle": {"noise_over_sampling": 0.3241}}}),
         ("run", "validation.json", {"validation": {"final_step": {"explained_fraction": 0.8941, "step": 2},
@@ -114,6 +115,13 @@ def test_quickstart_tables_keep_their_text(tmp_path):
     table, facts = summary_table(tmp_path / "results", tmp_path / "run", tmp_path / "images")
     assert table == QS_SUMMARY_TABLE
     assert list(facts["methods"]) == list(METHODS) and facts["methods"]["gnsnet"]["noise_over_sampling"] == 0.0692
+    # an oracle whose gain CI contains 0: no share of it is shown (not -2781% or 827%)
+    flat = json.loads(json.dumps(QS_RESULTS))
+    flat["toy_attributes"]["oracle"].update(diff_mean=-0.00002, ci95_low=-0.0012, ci95_high=0.0011)
+    (tmp_path / "results" / "summary.json").write_text(json.dumps({"results": flat}), encoding="utf-8")
+    table, _ = summary_table(tmp_path / "results", tmp_path / "run", tmp_path / "images")
+    rows = {line.split()[0]: line for line in table.splitlines()[2:5]}
+    assert "%" not in rows["gnsnet"].split("72.5%")[1] and " — " in rows["gnsnet"] and " — " in rows["oracle"]
 
 
 def test_report_html_does_not_colour_differences_that_show_as_zero(tmp_path):
@@ -124,6 +132,9 @@ def test_report_html_does_not_colour_differences_that_show_as_zero(tmp_path):
     diffs = np.array([1e-6, -1e-6, 0.01, -0.01, 0.0])
     scores = {"m": {"standard": base, "gnsnet": base + diffs}}
     files = {m: {i: tmp_path / f"{m}_{i}.png" for i in range(5)} for m in ("standard", "gnsnet")}
+    for by_index in files.values():
+        for f in by_index.values():
+            Image.new("RGB", (8, 8), "gray").save(f)
     results = {"m": {"standard": describe(base), "gnsnet": {**describe(base + diffs),
                                                             **paired_comparison(base + diffs, base, samples=50)}}}
     path = tmp_path / "report.html"
@@ -173,7 +184,7 @@ class _Links(HTMLParser):
             self._in_prompts = True
         if tag == "tr" and self._in_prompts:
             self.rows += 1
-        if tag == "th" and a.get("class") == "sort":
+        if tag == "th" and "sort" in a.get("class", "").split():
             self.sortable += 1
 
     def handle_endtag(self, tag):
@@ -346,11 +357,15 @@ def test_evaluate_cli_writes_csv_summary_plots_and_html(workspace, tmp_path):
 
     parser = _Links()
     parser.feed((results / "report.html").read_text(encoding="utf-8"))
-    referenced = {(results / unquote(s)).resolve() for s in parser.srcs}
-    expected = {(ws["base"] / f"{m}_output" / f"{i}.png").resolve() for m in METHODS
-                for i in (0, 1, 3, 4)} | {p.resolve() for p in plots}
-    assert expected == referenced
-    assert all(p.is_file() for p in referenced) and set(parser.srcs) <= set(parser.hrefs)
+    linked = {(results / unquote(s)).resolve() for s in parser.hrefs}
+    images = {(ws["base"] / f"{m}_output" / f"{i}.png").resolve() for m in METHODS for i in (0, 1, 3, 4)}
+    assert linked == images | {p.resolve() for p in plots} and all(p.is_file() for p in linked)
+    # the images are embedded (their own PNG bytes: they are small), so a copy of the results folder alone shows
+    # every image; the plots are the files beside the report
+    embedded = [s for s in parser.srcs if s.startswith("data:image/png;base64,")]
+    assert sorted(base64.b64decode(s.split(",", 1)[1]) for s in embedded) == sorted(p.read_bytes() for p in images)
+    assert {(results / unquote(s)).resolve() for s in parser.srcs if not s.startswith("data:")} == \
+        {p.resolve() for p in plots}
     assert parser.rows == 1 + 4 and parser.sortable == 1 + 3 + 2  # index, 3 methods, 2 differences
     assert not list(results.glob(".*.tmp"))
 

@@ -148,6 +148,7 @@ def test_batch_size_does_not_change_samples(tmp_path, tiny_pipeline_dir, capsys)
         assert sa[i]["prompt"] == sb[i]["prompt"] and sa[i]["seed"] == sb[i]["seed"]
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_two_processes_give_the_same_dataset_byte_for_byte(tmp_path, tiny_pipeline_dir, capsys):
     """accelerate launch with 2 processes composes with --num_shards: run 0 of 2 on two processes (they deal its
     shards' batches and seal its shards), run 1 of 2 on one; together the dataset of one single-process run."""
@@ -171,6 +172,7 @@ def test_two_processes_give_the_same_dataset_byte_for_byte(tmp_path, tiny_pipeli
     assert same_tree(single, multi)
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_resume_after_kill_is_byte_identical(tmp_path, tiny_pipeline_dir, capsys):
     pf = prompts_file(tmp_path, 60)
     flags = ["--batch_size", 2, "--samples_per_shard", 6]
@@ -194,7 +196,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, tiny_pipeline_dir, capsys
     assert same_tree(fresh, resumed)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_runs_on_three_machines_equal_one_run(tmp_path, tiny_pipeline_dir, capsys):
     """K = 3 separate runs (processes with no communication) into one folder, one of them killed with -9 and rerun
     alone, equal one run byte for byte; the run that seals the last shard writes the index, and --finalize says
@@ -405,6 +407,7 @@ def test_non_finite_sequences_are_refused(tmp_path, tiny_pipeline_dir, capsys):
     assert not list(out.rglob("*.pt")) and not (out / "data").exists()
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, tiny_pipeline_dir, capsys):
     """Stage 2 takes the run lock of stages 3 and 5 (on the shards it makes): a second run is refused while the first
     runs, changes nothing, and runs once the first is gone; another task's shards are not locked."""

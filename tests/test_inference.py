@@ -339,3 +339,21 @@ def test_single_seed_spellings(export, tiny_pipeline, tiny_pipeline_dir, tmp_pat
     pickle.write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(UserError, match=r"is a pickle, which is never loaded"):
         cli.main(cli.parse_args(["--rnn_weights_path", str(pickle), *common]))
+
+
+def test_output_name_must_be_a_plain_file_name(export, tiny_pipeline_dir, tmp_path, capsys):
+    """Issue 20 item 5: --output_name names the files inside --output_dir; one with a path separator or '..' (which
+    wrote `../x_gnsnet.png` outside it) is a one-line error before any model loads, and nothing is written. A plain
+    name still works."""
+    cli = load_cli("src/inference_rnn.py")
+    out = tmp_path / "deep" / "out"
+    base = ["--rnn_weights_path", export, "--prompt", PROMPT, "--output_dir", out, "--base_model_id",
+            tiny_pipeline_dir, "--num_inference_steps", 2, "--device", "cpu"]
+    for name in ("../x", "..", "sub/x", "a\\b", "", " "):
+        code, err = run_in_process(cli, [*base, "--output_name", name], capsys)
+        assert code == 2 and err.startswith(f"error: --output_name {name!r} is not a plain file name"), err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "deep").exists() and not list(tmp_path.rglob("*.png"))
+    code, err = run_in_process(cli, [*base, "--output_name", "..x"], capsys)  # a name, if an odd one
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["..x_gnsnet.png", "..x_settings.json"]

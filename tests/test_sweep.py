@@ -396,6 +396,7 @@ def test_the_model_card_summarises_a_sweep(reference, setup):
         assert f"{float(r['diff']):+.4f} [{float(r['ci_low']):+.4f}, {float(r['ci_high']):+.4f}]" in body
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_two_processes_make_the_same_sweep(reference, setup, tmp_path):
     """accelerate launch with 2 processes (each takes its share of every unit's batches; the main process scores
     and writes): the same images and the same sweep.csv (seconds aside) as one process."""
@@ -413,7 +414,9 @@ def test_two_processes_make_the_same_sweep(reference, setup, tmp_path):
            str(free_port()), str(ROOT / SCRIPT), *map(str, sweep_args(setup, out))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "cells" / f"w3.0_s{STEPS}" / "summary.json").read_text())["num_processes"] == 2
+    assert json.loads((out / "cells" / f"w3.0_s{STEPS}" / "run.json").read_text())["num_processes"] == 2
+    for n in NS:  # said once, by the main process (not once per unit and process)
+        assert proc.stderr.count(f"--num_gen_steps {n} differs from the 3 steps") == 1, proc.stderr[-3000:]
     drop = ("seconds_per_image",)
     assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop), proc.stderr[-3000:]
     images = {k: v for k, v in tree(reference["out"]).items() if k.endswith(".png") and k.startswith("cells/")}
@@ -462,6 +465,7 @@ def _state():
     return distributed_state()
 
 
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_bench_sweep_quick_measures_the_unet_and_vae_share(tmp_path):
     """bench/bench_sweep.py --quick runs a real sweep on the toy world and reports the UNet + VAE share of its wall
     time (the quotient of the times it printed) and of its image phase."""
@@ -505,3 +509,154 @@ def test_sweep_with_a_separate_sampler(setup, tiny_pipeline, tmp_path, capsys):
     before = tree(out)
     code, _, err = sweep(capsys, *[a for a in args if str(a) not in map(str, sampler[:2])])
     assert code == 2 and "sampling_unet" in err.strip().splitlines()[-1] and tree(out) == before
+
+
+CHECKED_REWARD = '''
+from pathlib import Path
+
+
+class Weighted:
+    """A reward that needs its weights file (--reward_path Weighted=FILE): a wrong path fails when it is built."""
+
+    def __init__(self, path=None):
+        self.weight = float(Path(path).read_text())
+
+    def score(self, images, prompts):
+        return [self.weight for _ in images]
+'''
+
+
+def test_a_bad_reward_path_fails_before_anything_is_written(setup, tmp_path, capsys):
+    """Issue 20 item 10: a --reward_path that cannot be loaded is refused before the sweep writes a file or loads a
+    pipeline, so the corrected rerun into the same folder runs (it used to fail after the images and settings, and
+    the corrected rerun was then refused as "another reward")."""
+    rewards = tmp_path / "weighted.py"
+    rewards.write_text(CHECKED_REWARD, encoding="utf-8")
+    weights = tmp_path / "weight.txt"
+    weights.write_text("0.25", encoding="utf-8")
+    out = tmp_path / "out"
+    args = sweep_args(setup, out, scales=(1.0,), methods=("standard",), metrics=[f"{rewards}:Weighted"])
+    code, _, err = sweep(capsys, *args, "--reward_path", f"Weighted={tmp_path / 'missing.txt'}")
+    assert code == 2 and "Weighted: building it raised" in err and "missing.txt" in err, err
+    assert not [p for p in out.rglob("*") if p.name != ".lock"]  # no settings, prompts, cells or scores
+    code, _, err = sweep(capsys, *args, "--reward_path", f"Weighted={weights}")
+    assert code == 0, err
+    assert {r["mean"] for r in read_csv(out / "sweep.csv")} == {"0.25"}
+
+
+def test_a_warning_shared_by_every_cell_is_logged_once(setup, tmp_path, capsys):
+    """Issue 21 item 6: the RNN was trained on n = 3; --num_gen_steps 1 2 at two guidance scales runs 4 gnsnet
+    units, and each n is warned about once (not once per unit), as is the note that guidance 1 means no CFG."""
+    out = tmp_path / "out"
+    code, _, err = sweep(capsys, *sweep_args(setup, out, methods=("standard", "gnsnet"),
+                                             metrics=[f"{setup['rewards']}:Brightness"]))
+    assert code == 0, err
+    for n in NS:
+        assert err.count(f"--num_gen_steps {n} differs from the 3 steps") == 1, err
+    assert err.count("--guidance_scale 1 <= 1: diffusers applies no classifier-free guidance") == 1, err
+    assert err.count("Running batch inference") == 6  # what differs per unit is still said per unit
+
+
+def _rows(cells: list[tuple]) -> list[dict]:
+    """sweep.csv rows (as table_rows makes them) for (steps, w, method, n, mean, diff, ci_low, ci_high)."""
+    from golden_noise.sweep.table import COLUMNS
+
+    rows = []
+    for steps, w, method, n, mean, diff, low, high in cells:
+        r = dict.fromkeys(COLUMNS)
+        r.update(guidance_scale=w, num_inference_steps=steps, num_gen_steps=n, method=method, metric="reward", n=8,
+                 mean=mean, mean_ci_low=mean - 0.01, mean_ci_high=mean + 0.01, diff=diff, ci_low=low, ci_high=high,
+                 win_rate=None if diff is None else 0.5, tuned_guidance_scale=w, unet_evals_per_image=steps + (n or 0),
+                 seconds_per_image=0.01, selection_bias="")
+        if method == "gnsnet":
+            r.update(diff_vs_oracle=0.0, ci_low_vs_oracle=-0.001, ci_high_vs_oracle=0.001)
+        rows.append(r)
+    return rows
+
+
+def test_share_of_oracle_gain_is_a_dash_where_the_oracle_gain_is_nothing(tmp_path):
+    """Issue 21 item 5: gnsnet's share of the oracle's gain is given only where the oracle's gain CI excludes 0;
+    elsewhere sweep.csv has an empty cell and the report a dash (no -2781% / 827%)."""
+    from golden_noise.sweep.report import write_report
+    from golden_noise.sweep.table import _oracle_shares, write_csv
+
+    rows = _rows([(4, 1.0, "standard", None, 0.80, None, None, None),
+                  (4, 1.0, "gnsnet", 2, 0.90, 0.10, 0.08, 0.12), (4, 1.0, "oracle", 2, 0.91, 0.11, 0.09, 0.13),
+                  (4, 5.5, "standard", None, 0.99, None, None, None),
+                  (4, 5.5, "gnsnet", 2, 0.99, -0.0028, -0.004, -0.001),
+                  (4, 5.5, "oracle", 2, 0.99, 0.0001, -0.0010, 0.0012)])
+    _oracle_shares(rows)
+    shares = [r["share_of_oracle_gain"] for r in rows if r["method"] == "gnsnet"]
+    assert shares[0] == pytest.approx(0.10 / 0.11) and shares[1] is None
+    write_csv(tmp_path / "sweep.csv", rows)
+    assert [r["share_of_oracle_gain"] for r in read_csv(tmp_path / "sweep.csv")] == ["", "0.9090909090909092",
+                                                                                     "", "", "", ""]
+    write_report(tmp_path / "report.html", rows, [], [], {}, "t", "s")
+    page = (tmp_path / "report.html").read_text()
+    assert "<td class='num'>91%</td>" in page and f"<td class='num'>—</td>" in page and "-2800%" not in page
+    assert "where the oracle's own gain CI contains 0: w=5.5, 4 steps, n=2" in page
+
+
+def test_findings_are_a_table_of_grouped_cells(tmp_path):
+    """Issue 21 item 5: the findings list, per method and n, the cells grouped by step count (one line each), in a
+    table, instead of one run-on sentence per method."""
+    from golden_noise.sweep.report import findings, write_report
+
+    cells = []
+    for steps in (4, 20):
+        for w in (1.0, 1.5, 2.0):
+            cells += [(steps, w, "standard", None, 0.8, None, None, None),
+                      (steps, w, "gnsnet", 1, 0.9, 0.05, 0.01, 0.09), (steps, w, "oracle", 1, 0.9, 0.05, 0.01, 0.09)]
+    rows = _rows(cells)
+    found = findings(rows)[0]
+    gnsnet = next(s for s in found.series if s.series == "gnsnet n=1")
+    assert gnsnet.gains == ["4 steps: w = 1, 1.5, 2", "20 steps: w = 1, 1.5, 2"] and gnsnet.losses == []
+    write_report(tmp_path / "report.html", rows, [], [], {}, "t", "s")
+    page = (tmp_path / "report.html").read_text()
+    findings_html = page.split("<h2>Findings</h2>")[1].split("<h2>")[0]
+    assert "<th>gain over standard (95% CI above 0)</th>" in findings_html
+    assert "<td>gnsnet n=1</td><td>4 steps: w = 1, 1.5, 2<br>20 steps: w = 1, 1.5, 2</td>" in findings_html
+
+
+def test_report_is_self_contained_and_its_image_tables_fit_the_window(reference, tmp_path):
+    """Issue 21 item 5: report.html embeds its images as thumbnails, so the report copied without the cells still
+    shows every image (its plots are the PNGs beside it); image tables share the window's width (fixed layout,
+    images at most 100% of their cell) instead of overflowing it."""
+    import re
+    import shutil
+
+    copy = tmp_path / "copied"
+    copy.mkdir()
+    for p in reference["out"].iterdir():
+        if p.is_file():
+            shutil.copy(p, copy / p.name)
+    page = (copy / "report.html").read_text()
+    sources = re.findall(r"<img [^>]*src='([^']+)'", page)
+    images = [s for s in sources if s.startswith("data:image/png;base64,")]
+    assert len(images) >= 12 * min(4, len(INDICES))
+    assert all(s.startswith("data:") or (copy / s).is_file() for s in sources)
+    assert "table.images{table-layout:fixed;width:100%}" in page and "max-width:192px" in page
+    assert page.count("<table class='images'>") == 2 * len(SCALES) // 2
+
+
+def test_one_guidance_scale_plots_reward_against_steps(tmp_path, monkeypatch):
+    """Issue 21 item 5: a sweep with one guidance scale (the student sweep) plots reward and gain against the step
+    count (reward_vs_steps), each series at its own x offset, instead of a degenerate reward-vs-guidance plot."""
+    import golden_noise.sweep.plots as plots
+
+    figures = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or real(fig, path))
+    cells = []
+    for steps in (1, 2, 4):
+        cells += [(steps, 1.0, "standard", None, 0.9, None, None, None),
+                  (steps, 1.0, "gnsnet", 1, 0.92, 0.02, 0.01, 0.03), (steps, 1.0, "gnsnet", 2, 0.92, 0.02, 0.01, 0.03),
+                  (steps, 1.0, "oracle", 2, 0.92, 0.02, 0.01, 0.03)]
+    paths = plots.write_plots(_rows(cells), tmp_path)
+    assert [p.name for p in paths] == ["reward_vs_steps_reward.png", "reward_vs_cost_reward.png",
+                                       "gain_vs_rollout_reward.png"]
+    top, bottom = figures[0].axes
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["1", "2", "4"]
+    xs = [tuple(bars.lines[0].get_xdata()) for bars in top.containers]  # each series' points (errorbar data line)
+    assert len(xs) == 4 and len(set(xs)) == 4  # four series, none drawn over another
+    assert all(-0.5 < x[0] < 0.5 and 0.5 < x[1] < 1.5 for x in xs)

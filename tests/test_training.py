@@ -119,7 +119,7 @@ def npd_dataset(tiny_pipeline_dir, tmp_path_factory) -> Path:
     (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
     run_cli("src/generate_npd_series.py", "--prompt_file", root / "prompts.txt", "--output_dir", root / "ds",
             "--base_model_id", tiny_pipeline_dir, "--num_steps", 4, "--batch_size", 16, "--device", "cpu",
-            "--dtype", "float32", env={**ENV, "OMP_NUM_THREADS": "2"}, check=True)
+            "--dtype", "float32", env=ENV, check=True)
     return root / "ds"
 
 
@@ -356,6 +356,7 @@ def test_bad_data_mid_run_stops_with_last_checkpoint_intact(tmp_path, capsys):
     assert sha(out / f"{FINAL_STEM}.safetensors") == export
 
 
+@pytest.mark.slow  # over 20 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_training_beats_identity_baseline_on_held_out_samples(npd_dataset, tmp_path, capsys):
     """A few hundred steps on real golden sequences must explain part of the golden change on held-out ids;
     an identity model (the untrained one) scores exactly 0 here, and the test demands more."""
@@ -483,6 +484,7 @@ def test_export_is_byte_reproducible(tmp_path):
     assert hashes[0] == hashes[1] == hashes[2]
 
 
+@pytest.mark.slow  # over 20 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_kill_9_and_resume_with_default_flags_is_exact(npd_dataset, tmp_path, capsys):
     """The seed's flags (default 2 loader workers, validation on, dropout, variance and KL; sizes scaled down),
     killed with SIGKILL right after checkpoint-4 appears and resumed with --resume_from_checkpoint latest: the
@@ -743,6 +745,7 @@ def test_progress_bar_on_a_terminal_only(tmp_path, monkeypatch):
     assert "step 4/5 epoch 1" in logged and "training:" not in logged and "\r" not in logged
 
 
+@pytest.mark.slow  # over 20 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_train_sh_takes_the_latent_shape_from_the_dataset(tmp_path):
     """scripts/train.sh (the seed's command: full-size architecture flags, no --noise_resolution) on a dataset of
     8x8 latents, launched by accelerate with --mixed_precision bf16, which the script follows."""
@@ -770,6 +773,7 @@ def test_train_sh_takes_the_latent_shape_from_the_dataset(tmp_path):
     assert meta["training"]["mixed_precision"] == "bf16" and meta["training"]["args"]["mixed_precision"] is None
 
 
+@pytest.mark.slow  # over 20 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_seed_command_flags_and_two_processes(npd_dataset, tmp_path):
     """The seed's command line (sizes scaled down), launched by accelerate with 2 CPU processes (gloo)."""
     out = tmp_path / "run"

@@ -152,17 +152,61 @@ def _rel(path: Path, start: Path) -> str:
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:16px;color:#222}
-h1{font-size:20px}h2{font-size:16px;margin-top:24px}
-table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;font-size:13px}
+h1{font-size:20px}h2{font-size:16px;margin-top:24px}h3{font-size:14px;margin:16px 0 6px}
+table{border-collapse:collapse;max-width:100%}td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;
+font-size:13px}
 th{background:#f3f3f3;position:sticky;top:0}th.sort{cursor:pointer;user-select:none}th.sort:hover{background:#e4e4ff}
 th.asc:after{content:" \\25B2"}th.desc:after{content:" \\25BC"}
-td.num{text-align:right;font-variant-numeric:tabular-nums}td.prompt{max-width:260px}
+td.num{text-align:right;font-variant-numeric:tabular-nums}td.prompt{overflow-wrap:anywhere}
 .pos{color:#157a2c;font-weight:600}.neg{color:#b3261e;font-weight:600}
-figure{display:inline-block;margin:0;text-align:center}figure img{width:192px;height:192px;object-fit:contain;
-background:#eee;display:block}figcaption{font-size:12px}
-.plots img{width:300px;margin:4px;border:1px solid #ddd;vertical-align:top}
+.ci{display:block;font-size:11px;color:#555;font-weight:normal;white-space:nowrap}
+table.images{table-layout:fixed;width:100%}table.images th{overflow-wrap:break-word}
+th.index{width:3.5em}th.prompt{width:16em}th.diff{width:9em}
+figure{margin:0;text-align:center}figure img{display:block;width:100%;max-width:192px;height:auto;
+aspect-ratio:1/1;object-fit:contain;background:#eee;margin:0 auto}img.small{image-rendering:pixelated}
+figcaption{font-size:12px}
+.plots img{width:300px;max-width:100%;margin:4px;border:1px solid #ddd;vertical-align:top}
 .summary td{white-space:nowrap}.note{color:#555;font-size:12px;max-width:900px}
 """
+
+THUMBNAIL_PX = 192  # the largest side of an image embedded in a report
+
+
+def thumbnail_uri(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> tuple[str, bool]:
+    """(a data: URI of the image at `path`, whether it is under half of `size`) to embed in a report, so the report
+    shows its images wherever it is copied: a PNG that fits in `size` px is embedded as it is, a larger image as a
+    JPEG thumbnail of at most `size` px. (Reports draw the small ones, like the toy world's 32 px, with sharp
+    pixels.)"""
+    import base64
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        largest = max(image.size)
+        if largest <= size and image.format == "PNG":
+            data, mime = Path(path).read_bytes(), "image/png"
+        else:
+            thumb = image.convert("RGB")
+            thumb.thumbnail((size, size), Image.LANCZOS)
+            buf = io.BytesIO()
+            thumb.save(buf, format="JPEG", quality=85)
+            data, mime = buf.getvalue(), "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", largest < size // 2
+
+
+def figure_html(path: Path, root: Path, alt: str, caption: str) -> str:
+    """An embedded thumbnail of the image at `path` linking to the full image (relative to `root`, the report's
+    folder), with an HTML `caption` below it."""
+    uri, small = thumbnail_uri(path)
+    klass = " class='small'" if small else ""
+    return (f"<figure><a href='{_rel(path, root)}'><img src='{uri}' alt='{html.escape(alt)}'{klass}></a>"
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+SELF_CONTAINED_NOTE = ("Images are embedded as thumbnails (up to 192 px), so this file shows them wherever it is "
+                       "copied; a click opens the full image at its place relative to this file, and the plots are "
+                       "the PNG files beside it.")
+
 
 _JS = """
 document.querySelectorAll('th.sort').forEach(function (th) {
@@ -219,20 +263,19 @@ def write_html(path: str | os.PathLike, *, indices: Sequence[int], prompts: dict
                        for p in plots) + "</div></details>")
 
     out.append("<h2>Per prompt</h2><p class='note'>Click a column header to sort (again to reverse); "
-               f"differences are method - {esc(baseline)}.</p><table id='prompts'><thead><tr>"
-               "<th class='sort'>index</th><th>prompt</th>")
+               f"differences are method - {esc(baseline)}. {esc(SELF_CONTAINED_NOTE)}</p>"
+               "<table id='prompts' class='images'><thead><tr><th class='sort index'>index</th>"
+               "<th class='prompt'>prompt</th>")
     out += [f"<th class='sort' title='sort by {esc(metrics[0])}'>{esc(m)}</th>" for m in methods]
     diff_cols = [(metric, m) for metric in metrics for m in methods if m != baseline]
-    out += [f"<th class='sort'>{esc(metric)} diff {esc(m)}</th>" for metric, m in diff_cols]
+    out += [f"<th class='sort diff'>{esc(metric)} diff {esc(m)}</th>" for metric, m in diff_cols]
     out.append("</tr></thead><tbody>")
     for row, index in enumerate(indices):
         cells = [f"<td class='num' data-v='{index}'>{index}</td>", f"<td class='prompt'>{esc(prompts[index])}</td>"]
         for m in methods:
             caption = "<br>".join(f"{esc(metric)} {scores[metric][m][row]:.4f}" for metric in metrics)
-            src = _rel(files[m][index], root)
-            cells.append(f"<td data-v='{float(scores[metrics[0]][m][row])!r}'><figure><a href='{src}'>"
-                         f"<img loading='lazy' src='{src}' alt='{esc(m)} {index}'></a>"
-                         f"<figcaption>{caption}</figcaption></figure></td>")
+            cells.append(f"<td data-v='{float(scores[metrics[0]][m][row])!r}'>"
+                         f"{figure_html(files[m][index], root, f'{m} {index}', caption)}</td>")
         for metric, m in diff_cols:
             d = float(scores[metric][m][row] - scores[metric][baseline][row])
             cells.append(f"<td class='{diff_class(d)}' data-v='{d!r}'>{d:+.4f}</td>")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, NoReturn, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, NoReturn, Sequence
 
 import torch
 
@@ -121,6 +122,40 @@ def setup_logging(main_process: bool = True, quiet_diffusion_libraries: bool = T
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if quiet_diffusion_libraries:
         quiet_libraries()
+
+
+class _EachMessageOnce(logging.Filter):
+    """Lets a record through the first time its logger says exactly that text, and (`below`) none under a level."""
+
+    def __init__(self, below: int = logging.NOTSET):
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+        self.below = below
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen or record.levelno < self.below:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@contextmanager
+def each_message_once(main_process: bool = True) -> Iterator[None]:
+    """Within the block, a log message that repeats word for word is logged once: the sweep runs stage 5's batch
+    runner once per cell, and its warnings and notes about the same flags (an n the RNN was not trained on, a
+    guidance scale <= 1) would otherwise repeat for every cell. Every process runs the same checks on the same
+    inputs, so the other processes (`main_process=False`) say only errors. Filters the handlers of the root
+    logger, where every logger's records end."""
+    once = _EachMessageOnce(logging.NOTSET if main_process else logging.ERROR)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(once)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(once)
 
 
 def quiet_libraries() -> None:

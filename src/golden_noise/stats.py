@@ -66,3 +66,15 @@ def paired_comparison(method, baseline, samples: int = 10000, seed: int = 0) -> 
             "ci95_low": low, "ci95_high": high, "win_rate": win_rate(d),
             "wins": int((d > 0).sum()), "ties": int((d == 0).sum()), "losses": int((d < 0).sum()),
             "wilcoxon_p": wilcoxon_p(d), "ttest_p": ttest_p(d)}
+
+
+def share_of_gain(gain: float | None, reference_gain: float | None, reference_ci: tuple[float, float] | None):
+    """`gain` as a share of `reference_gain` (gnsnet's gain over the oracle's), or None where that share means
+    nothing: no reference, or a reference whose 95% CI contains 0 (dividing by a gain that may be nothing gives
+    shares like -2781%). Tables show None as '—', CSV files as an empty cell."""
+    if gain is None or reference_gain is None or reference_ci is None:
+        return None
+    low, high = reference_ci
+    if low <= 0 <= high or reference_gain == 0:
+        return None
+    return gain / reference_gain

@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 from golden_noise.errors import UserError
+from golden_noise.inference.batch import RUN_FILE
 from golden_noise.io import atomic_save_image
 from golden_noise.methods import METHODS, folder
+from golden_noise.stats import share_of_gain
 from golden_noise.tables import format_table
 
 
@@ -19,11 +21,12 @@ def _load(path: Path) -> dict:
 
 def summary_table(results_dir: str | Path, run_dir: str | Path, images_dir: str | Path,
                   metric: str = "toy_attributes") -> tuple[str, dict]:
-    """Mean reward, gain over standard with its 95% CI, win rate, share of the oracle's gain and the noise's cost."""
+    """Mean reward, gain over standard with its 95% CI, win rate, share of the oracle's gain ('—' where the oracle's
+    gain CI contains 0) and the noise's cost (batch inference's run.json: a wall-clock ratio)."""
     evaluation = _load(Path(results_dir) / "summary.json")["results"][metric]
-    inference = _load(Path(images_dir) / "summary.json")["methods"]
+    inference = _load(Path(images_dir) / RUN_FILE)["methods"]
     validation = _load(Path(run_dir) / "validation.json")["validation"]
-    oracle_gain = evaluation.get("oracle", {}).get("diff_mean")
+    oracle = evaluation.get("oracle", {})
     rows = [("method", f"mean {metric}", "gain vs standard [95% CI]", "win rate", "share of oracle gain",
              "noise cost / sampling")]
     facts = {"metric": metric, "methods": {}}
@@ -35,9 +38,11 @@ def summary_table(results_dir: str | Path, run_dir: str | Path, images_dir: str 
         if method == "standard":
             rows.append((method, f"{r['mean']:.4f}", "(baseline)", "", "", "0"))
         else:
-            share = r["diff_mean"] / oracle_gain if oracle_gain else float("nan")
+            share = share_of_gain(r["diff_mean"], oracle.get("diff_mean"),
+                                  (oracle["ci95_low"], oracle["ci95_high"]) if oracle else None)
             rows.append((method, f"{r['mean']:.4f}", f"{r['diff_mean']:+.4f} [{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}]",
-                         f"{100 * r['win_rate']:.1f}%", f"{100 * share:.0f}%", f"{cost:.3f}" if cost is not None else "?"))
+                         f"{100 * r['win_rate']:.1f}%", "—" if share is None else f"{100 * share:.0f}%",
+                         f"{cost:.3f}" if cost is not None else "?"))
         facts["methods"][method] = {**r, "noise_over_sampling": cost}
     final = validation["final_step"]
     facts["validation_explained_fraction"] = final["explained_fraction"]

@@ -3,10 +3,15 @@
 Layout of an output folder:
     {method}_output/{index}.png     one image per prompt and method (methods.folder)
     noise/{method}/{index}.pt       its initial latents (C, H, W), with --save_noise
-    manifest.csv                    index, prompt, seed, method, file, seconds, noise_seconds, sampling_seconds,
-                                    unet_evals (denoiser rows per image: noise + sampling, counted by a hook)
-    summary.json                    counts and mean per-image noise / sampling times
+    manifest.csv                    index, prompt, seed, method, file, unet_evals (denoiser rows per image: noise
+                                    + sampling, counted by a hook)
+    summary.json                    the images of every method in the folder
     batch_settings.json             every input and setting that shaped the images, and what they resolved to
+    timings.csv                     index, method, seconds, noise_seconds, sampling_seconds (as each image was made)
+    run.json                        this run: process count, device, output folder, RNN file path, what it made
+                                    and skipped, and the mean per-image noise / sampling times of the folder
+The first five are the results: two uninterrupted runs of the same command (any process count, any output folder)
+write them byte-identical, and so does a run that resumed after a kill. The last two differ from run to run.
 A rerun with the same prompts and settings resumes (methods may be added); any other rerun is refused.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ import io
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,10 +41,14 @@ from .config import PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig
 
 logger = get_logger(__name__)
 
-MANIFEST_FIELDS = ("index", "prompt", "seed", "method", "file", "seconds", "noise_seconds", "sampling_seconds",
-                   "unet_evals")
+MANIFEST_FIELDS = ("index", "prompt", "seed", "method", "file", "unet_evals")
+TIMING_FIELDS = ("seconds", "noise_seconds", "sampling_seconds")  # timings.csv: index, method and these
 SETTINGS_FILE = "batch_settings.json"
-_PNG_HEAD, _PNG_TAIL = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
+TIMINGS_FILE = "timings.csv"
+RUN_FILE = "run.json"
+# what differs from run to run of the same command: kept out of batch_settings.json (recorded in run.json)
+RUN_KEYS = ("output_base_dir", "num_processes", "device", "device_used", "rnn_weights_file")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -194,7 +204,7 @@ def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
         run.settings = keep_unused(run.settings, old, KEPT_WHEN_UNUSED)
         run.settings["methods"] = sorted({*old.get("methods", []), *run.job.methods}, key=order_key)
         remove_stale_temps(run.out)
-        atomic_write_json(path, run.settings)
+        atomic_write_json(path, {k: v for k, v in run.settings.items() if k not in RUN_KEYS})
     run.state.wait_for_everyone()
 
 
@@ -209,19 +219,36 @@ def remove_stale_temps(out: Path) -> int:
 
 
 def intact_png(path: Path) -> bool:
-    """True for a complete PNG file (its signature first, its IEND chunk last): a truncated or unreadable image
-    counts as missing. Reads 20 bytes."""
+    """True for a PNG that is whole: its signature, every chunk's CRC, IEND last with nothing after it, and its
+    pixels decode (zlib's own checksum included). A truncated, corrupted or unreadable image counts as missing."""
+    from PIL import Image
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            f.seek(-len(_PNG_TAIL), os.SEEK_END)
-            return head == _PNG_HEAD and f.read() == _PNG_TAIL
+        data = Path(path).read_bytes()
     except OSError:
         return False
+    if not data.startswith(_PNG_SIGNATURE):
+        return False
+    pos, chunk = len(_PNG_SIGNATURE), b""
+    while chunk != b"IEND":
+        if pos + 12 > len(data):
+            return False
+        end = pos + 12 + int.from_bytes(data[pos:pos + 4], "big")  # length, type, data, CRC of type + data
+        if end > len(data) or zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return False
+        chunk, pos = data[pos + 4:pos + 8], end
+    if pos != len(data):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:  # PIL raises many types for damaged data (OSError, SyntaxError, ValueError, zlib.error)
+        return False
+    return True
 
 
 def generate(run: BatchRun) -> dict:
-    """Make the missing images of this process's share of the global batches; returns its timing stats."""
+    """Make the missing images of this process's share of the global batches; returns its counts (made, skipped)."""
     from tqdm.auto import tqdm
 
     from ..runtime import global_batches, shard
@@ -230,7 +257,7 @@ def generate(run: BatchRun) -> dict:
     batches = shard(global_batches(run.prompts, run.job.batch_size), state.process_index, state.num_processes)
     part = run.out / ".manifest_parts" / f"rank{state.process_index}-{os.getpid()}.jsonl"
     part.parent.mkdir(parents=True, exist_ok=True)
-    stats = {"generated": {}, "skipped": {}, "noise_seconds": {}, "sampling_seconds": {}}
+    stats = {"generated": {}, "skipped": {}}
     recorded = recorded_images(run.out)
     bar = tqdm(total=len(batches) * len(run.job.methods), desc=f"batches x methods (process {state.process_index})",
                unit="batch", disable=not state.is_main_process)
@@ -277,8 +304,8 @@ def recorded_images(out: Path) -> set[tuple[int, str]]:
 def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stats: dict, bar,
                    recorded: set[tuple[int, str]]) -> None:
     """Every method's missing images of one global batch (the whole batch is computed, so pixels never depend
-    on which of its images were missing). Missing: not an intact PNG, no manifest row, or (with --save_noise)
-    no intact noise file (io.tensor_file_intact: a fast zip-structure check)."""
+    on which of its images were missing). Missing: not an intact PNG (`intact_png`: decoded, every CRC checked), no
+    manifest row, or (with --save_noise) no intact noise file (io.tensor_file_intact: a fast zip-structure check)."""
     job, out, s = run.job, run.out, run.settings
     texts = [p.text for p in batch]
     seeds = [job.start_seed + p.index for p in batch]
@@ -319,8 +346,6 @@ def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stat
                    "unet_evals": rows.rows / len(batch)}
             items.append((noise, noises[i], images[i], files[i], row))
             stats["generated"][method] = stats["generated"].get(method, 0) + 1
-            stats["noise_seconds"].setdefault(method, []).append(noise_s)
-            stats["sampling_seconds"].setdefault(method, []).append(sample_s)
         writer.submit(items)
         bar.update(1)
 
@@ -336,27 +361,33 @@ def method_latents(run: BatchRun, method: str, texts: list[str], x_T):
 
 
 def finish(run: BatchRun, stats: dict) -> dict | None:
-    """Gather every process's stats; on the main process merge the manifest and write summary.json."""
+    """Gather every process's stats; on the main process merge the manifest and timings and write summary.json and
+    run.json. Returns (main process) the summary with this run's record merged into each method's entry."""
     from accelerate.utils import gather_object
 
     all_stats = gather_object([stats])
     run.state.wait_for_everyone()
     if not run.state.is_main_process:
         return None
-    rows = merge_manifest(run.out)
-    summary = summarize(rows, all_stats, run.job.methods, run.state.num_processes, len(run.prompts),
-                        run.job.batch_size, run.settings["num_gen_steps_used"])
+    rows, timings = merge_manifest(run.out)
+    summary = summarize(rows, len(run.prompts), run.job.batch_size, run.settings["num_gen_steps_used"])
+    record = run_record(timings, all_stats, list(summary["methods"]), run.settings)
     atomic_write_json(run.out / "summary.json", summary)
-    return summary
+    atomic_write_json(run.out / RUN_FILE, record)
+    return {**summary, **{k: v for k, v in record.items() if k != "methods"},
+            "methods": {m: {**summary["methods"][m], **record["methods"][m]} for m in summary["methods"]}}
 
 
-def _read_manifest_rows(out: Path) -> list[dict]:
-    """Rows of an existing manifest.csv, then of per-process parts (later records win on merge)."""
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_parts(out: Path) -> list[dict]:
+    """The rows of every per-process part a run is writing (or a killed run left), oldest part first."""
     rows = []
-    manifest = out / "manifest.csv"
-    if manifest.is_file():
-        with open(manifest, encoding="utf-8", newline="") as f:
-            rows.extend(csv.DictReader(f))
     parts = out / ".manifest_parts"
     if parts.is_dir():
         for part in sorted(parts.glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
@@ -368,19 +399,38 @@ def _read_manifest_rows(out: Path) -> list[dict]:
     return rows
 
 
-def merge_manifest(out: Path) -> list[dict]:
-    """Write manifest.csv from the old manifest and every part, keeping rows whose image exists; drop parts."""
+def _read_manifest_rows(out: Path) -> list[dict]:
+    """Rows of an existing manifest.csv, then of per-process parts (later records win on merge)."""
+    return _read_csv(out / "manifest.csv") + _read_parts(out)
+
+
+def _key(row: dict) -> tuple[int, str]:
+    return int(row["index"]), row["method"]
+
+
+def merge_manifest(out: Path) -> tuple[list[dict], list[dict]]:
+    """Write manifest.csv from the old manifest and every part, keeping rows whose image exists, and timings.csv
+    with the same images' timings (from timings.csv, the parts, or the seconds columns of a manifest written before
+    timings had their own file); drop the parts. Returns (manifest rows, timing rows), sorted alike."""
     merged: dict[tuple[int, str], dict] = {}
     for row in _read_manifest_rows(out):
-        key = (int(row["index"]), row["method"])
         if (out / row["file"]).is_file():
-            merged[key] = {k: row.get(k, "") for k in MANIFEST_FIELDS}
-    rows = [merged[k] for k in sorted(merged, key=lambda k: (k[0], order_key(k[1])))]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "manifest.csv", buf.getvalue())
+            merged[_key(row)] = {k: row.get(k, "") for k in MANIFEST_FIELDS}
+    times: dict[tuple[int, str], dict] = {}
+    for row in [*_read_csv(out / "manifest.csv"), *_read_csv(out / TIMINGS_FILE), *_read_parts(out)]:
+        if row.get("seconds") not in (None, ""):
+            times[_key(row)] = {"index": row["index"], "method": row["method"],
+                                **{k: row.get(k, "") for k in TIMING_FIELDS}}
+    keys = sorted(merged, key=lambda k: (k[0], order_key(k[1])))
+    rows = [merged[k] for k in keys]
+    timings = [times.get(k, {"index": k[0], "method": k[1], **dict.fromkeys(TIMING_FIELDS, "")}) for k in keys]
+    for path, fields, records in ((out / "manifest.csv", MANIFEST_FIELDS, rows),
+                                  (out / TIMINGS_FILE, ("index", "method", *TIMING_FIELDS), timings)):
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        atomic_write_text(path, buf.getvalue())
     parts = out / ".manifest_parts"
     if parts.is_dir():
         for part in parts.glob("*.jsonl"):
@@ -389,31 +439,44 @@ def merge_manifest(out: Path) -> list[dict]:
             parts.rmdir()
         except OSError:
             pass
-    return rows
+    return rows, timings
+
+
+def image_seconds(out: Path, method: str) -> list[float]:
+    """The recorded seconds (noise + sampling) of each image of `method` in a batch-runner folder: timings.csv, or
+    the seconds column of a manifest.csv written before timings had their own file."""
+    rows = _read_csv(out / TIMINGS_FILE) or _read_csv(out / "manifest.csv")
+    return [float(r["seconds"]) for r in rows if r.get("method") == method and r.get("seconds") not in (None, "")]
 
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(rows: Sequence[dict], stats: Sequence[dict], methods: Sequence[str], num_processes: int,
-              num_prompts: int, batch_size: int, num_gen_steps: int | None) -> dict:
-    """The run's summary: counts, and mean per-image time of the noise (RNN rollout / oracle) and the sampling."""
+def summarize(rows: Sequence[dict], num_prompts: int, batch_size: int, num_gen_steps: int | None) -> dict:
+    """summary.json: the images of every method the folder holds (also those a rerun with fewer --methods did not
+    make), and what they were made with. Nothing in it depends on the run (timings are in run.json)."""
+    methods = sorted({r["method"] for r in rows}, key=order_key)
+    return {"num_prompts": num_prompts, "batch_size": batch_size, "num_gen_steps": num_gen_steps,
+            "methods": {m: {"images": sum(1 for r in rows if r["method"] == m)} for m in methods}}
+
+
+def run_record(timings: Sequence[dict], stats: Sequence[dict], methods: Sequence[str], settings: dict) -> dict:
+    """run.json: what differs from run to run: where and how it ran, what it made and skipped, and the mean
+    per-image noise (RNN rollout / oracle) and sampling times of each method's images (as each was made)."""
     per_method = {}
     for method in methods:
-        noise = [t for s in stats for t in s["noise_seconds"].get(method, [])]
-        sampling = [t for s in stats for t in s["sampling_seconds"].get(method, [])]
-        mean_noise, mean_sampling = _mean(noise), _mean(sampling)
+        mine = [r for r in timings if r["method"] == method and r["sampling_seconds"] != ""]
+        mean_noise = _mean([float(r["noise_seconds"]) for r in mine])
+        mean_sampling = _mean([float(r["sampling_seconds"]) for r in mine])
         per_method[method] = {
-            "images": sum(1 for r in rows if r["method"] == method),
             "generated_this_run": sum(s["generated"].get(method, 0) for s in stats),
             "skipped_existing": sum(s["skipped"].get(method, 0) for s in stats),
             "mean_noise_seconds_per_image": mean_noise,
             "mean_sampling_seconds_per_image": mean_sampling,
             "noise_over_sampling": (mean_noise / mean_sampling) if mean_noise is not None and mean_sampling else None,
         }
-    return {"num_prompts": num_prompts, "num_processes": num_processes, "batch_size": batch_size,
-            "num_gen_steps": num_gen_steps, "methods": per_method}
+    return {**{k: settings.get(k) for k in RUN_KEYS}, "methods": per_method}
 
 
 def log_summary(summary: dict, out: Path) -> None:
@@ -425,5 +488,5 @@ def log_summary(summary: dict, out: Path) -> None:
             timing += f" (noise = {100 * s['noise_over_sampling']:.1f}% of sampling)"
         logger.info("%s: %d images (%d new, %d already there)%s", method, s["images"], s["generated_this_run"],
                     s["skipped_existing"], timing)
-    logger.info("manifest %s, summary %s (%d process(es))", out / "manifest.csv", out / "summary.json",
-                summary["num_processes"])
+    logger.info("manifest %s, summary %s, timings %s and %s (%d process(es))", out / "manifest.csv",
+                out / "summary.json", out / TIMINGS_FILE, out / RUN_FILE, summary["num_processes"])

@@ -28,7 +28,8 @@ class SingleJob:
     output_dir: str = field(default="./inference_output",
                             metadata={"help": "folder for the images, noises and settings"})
     output_name: str | None = field(default=None, metadata={
-        "help": "file-name stem of the outputs (default: a slug of the prompt plus the seed)"})
+        "help": "file-name stem of the outputs, a plain name without / or \\ (default: a slug of the prompt plus "
+                "the seed)"})
     seed: int = field(default=42, metadata={"help": "seed of the initial noise x_T", **SEED_RULES})
     num_gen_steps: int | None = field(default=None, metadata={
         "help": "RNN rollout length n (default: num_steps of the training data; another value warns)", "min": 1})
@@ -61,6 +62,10 @@ def check_single(job: SingleJob) -> str:
     text = normalize_prompt(job.prompt)
     if not text:
         raise UserError("--prompt is empty: pass a text prompt")
+    name = job.output_name
+    if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
+        raise UserError(f"--output_name {name!r} is not a plain file name: it names the outputs inside --output_dir "
+                        "and may not hold / or \\ or be empty, '.' or '..'; choose the folder with --output_dir")
     check_fields(job)
     job.sampling.check()
     return text

@@ -1,5 +1,6 @@
 """The sweep's plots (matplotlib, Agg), one set per metric: reward vs guidance scale per method with 95% CI bands
-(and the gain vs standard below it), reward vs cost with the frontier, and the gain vs the rollout length n."""
+(and the gain vs standard below it; with a single guidance scale, reward vs the sampling step count instead),
+reward vs cost with the frontier, and the gain vs the rollout length n."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,6 +70,40 @@ def plot_guidance(rows: Sequence[dict], metric: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_steps(rows: Sequence[dict], metric: str, path: Path) -> Path:
+    """A grid with one guidance scale (e.g. a few-step student at w = 1): mean reward (top) and gain vs standard
+    (bottom) per series against the sampling step count, with 95% CI bars; the steps are evenly spaced categories
+    and the series side by side within each, so no point or label hides another."""
+    plt = pyplot()
+    steps = sorted({r["num_inference_steps"] for r in rows})
+    series = _series(sorted(rows, key=lambda r: r["num_inference_steps"]))
+    styles = _styles(series)
+    width = 0.8 / max(1, len(series))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 1.4 * len(steps) * max(1, len(series)) ** 0.5), 7),
+                                      sharex=True)
+    for k, (label, rs) in enumerate(series.items()):
+        st = {key: v for key, v in styles[label].items() if key != "linestyle"}
+        x = [steps.index(r["num_inference_steps"]) - 0.4 + width * (k + 0.5) for r in rs]
+        means = [r["mean"] for r in rs]
+        top.errorbar(x, means, yerr=[[m - r["mean_ci_low"] for m, r in zip(means, rs)],
+                                     [r["mean_ci_high"] - m for m, r in zip(means, rs)]],
+                     ls="none", capsize=3, label=label, **st)
+        if rs[0]["diff"] is not None:
+            diffs = [r["diff"] for r in rs]
+            bottom.errorbar(x, diffs, yerr=[[d - r["ci_low"] for d, r in zip(diffs, rs)],
+                                            [r["ci_high"] - d for d, r in zip(diffs, rs)]],
+                            ls="none", capsize=3, label=label, **st)
+    bottom.axhline(0, color="gray", lw=1, ls="--")
+    bottom.set_xticks(range(len(steps)), [str(s) for s in steps])
+    bottom.set_xlim(-0.6, len(steps) - 0.4)
+    bottom.set_xlabel("sampling steps")
+    top.set_ylabel(f"mean {metric} (95% CI)")
+    bottom.set_ylabel(f"{metric}: method - standard (95% CI)")
+    top.legend(fontsize=7, ncol=2, loc="best")
+    fig.suptitle(f"{metric} vs sampling steps at guidance scale {rows[0]['guidance_scale']:g}", fontsize=11)
+    return save_figure(fig, path)
+
+
 def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """The frontier: points no cheaper-or-equal point beats, by increasing cost."""
     front, best = [], float("-inf")
@@ -135,11 +170,15 @@ def plot_rollout(rows: Sequence[dict], metric: str, path: Path) -> Path | None:
 
 
 def write_plots(rows: Sequence[dict], out: Path) -> list[Path]:
-    """Every plot, per metric: reward_vs_guidance_{m}.png, reward_vs_cost_{m}.png, gain_vs_rollout_{m}.png."""
+    """Every plot, per metric: reward_vs_guidance_{m}.png (reward_vs_steps_{m}.png when the grid has one guidance
+    scale), reward_vs_cost_{m}.png, gain_vs_rollout_{m}.png."""
     paths = []
     for metric in dict.fromkeys(r["metric"] for r in rows):
         rs = [r for r in rows if r["metric"] == metric]
-        paths.append(plot_guidance(rs, metric, out / f"reward_vs_guidance_{metric}.png"))
+        if len({r["guidance_scale"] for r in rs}) > 1:
+            paths.append(plot_guidance(rs, metric, out / f"reward_vs_guidance_{metric}.png"))
+        else:
+            paths.append(plot_steps(rs, metric, out / f"reward_vs_steps_{metric}.png"))
         paths.append(plot_cost(rs, metric, out / f"reward_vs_cost_{metric}.png"))
         rollout = plot_rollout(rs, metric, out / f"gain_vs_rollout_{metric}.png")
         if rollout is not None:

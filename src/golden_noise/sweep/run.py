@@ -54,6 +54,7 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     from ..prompts import prompt_fingerprint, read_prompts
     from ..runs import check_writable_dir, read_settings, refuse_mixed_rerun
     from ..runtime import resolve_device
+    from .scores import check_rewards
 
     check_job(job)
     prompts = read_prompts(job.prompt_file, job.prompt_column)[: job.max_prompts]
@@ -85,6 +86,7 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     path = out / SETTINGS_FILE
     refuse_mixed_rerun(path, settings, EARLY_KEYS, "--output_dir", "a sweep", lenient=KEPT_WHEN_UNUSED)
     refuse_changed_metrics(path, read_settings(path, "--output_dir"), job.metrics)
+    on_main(state, lambda: check_rewards(job.metrics))  # before anything is written or any pipeline loads
     cells = grid_cells(job.guidance_scales, job.num_inference_steps, job.methods, ns)
     return SweepPlan(job, state, out, prompts, cells, grid_units(cells), settings, gn=gn)
 
@@ -226,25 +228,28 @@ def resolved_sizes(plan: SweepPlan) -> None:
 
 
 def run_sweep(job: SweepJob, state=None) -> dict | None:
-    """Make, score and tabulate every cell of `job`'s grid; returns the results on the main process."""
+    """Make, score and tabulate every cell of `job`'s grid; returns the results on the main process. Every unit runs
+    stage 5's checks, so a warning or note about a flag (e.g. an n the RNN was not trained on) is said once, by the
+    main process, not once per cell and process."""
     from ..runs import RunLock
-    from ..runtime import distributed_state
+    from ..runtime import distributed_state, each_message_once
 
     state = state if state is not None else distributed_state()
-    plan = prepare_sweep(job, state)
-    lock = RunLock(plan.out, "--output_dir")
-    on_main(state, lock.acquire)
-    result: dict = {}
-    try:
-        started = time.perf_counter()
-        load_models(plan)
-        plan.timings["load_seconds"] = time.perf_counter() - started
-        resolved_sizes(plan)
-        on_main(state, lambda: record_settings(plan))
-        make_images(plan)
-        state.wait_for_everyone()
-        on_main(state, lambda: result.update(analyse(plan)))
-        state.wait_for_everyone()
-    finally:
-        lock.release()
+    with each_message_once(state.is_main_process):
+        plan = prepare_sweep(job, state)
+        lock = RunLock(plan.out, "--output_dir")
+        on_main(state, lock.acquire)
+        result: dict = {}
+        try:
+            started = time.perf_counter()
+            load_models(plan)
+            plan.timings["load_seconds"] = time.perf_counter() - started
+            resolved_sizes(plan)
+            on_main(state, lambda: record_settings(plan))
+            make_images(plan)
+            state.wait_for_everyone()
+            on_main(state, lambda: result.update(analyse(plan)))
+            state.wait_for_everyone()
+        finally:
+            lock.release()
     return result or None

@@ -48,6 +48,20 @@ def read_unit_scores(path: Path, metric: Metric, indices: Sequence[int]) -> Unit
     return UnitScores(np.asarray(record["scores"], dtype=np.float64), float(record["seconds"]))
 
 
+def check_rewards(metrics: Sequence[Metric]) -> None:
+    """Load every metric's reward once and let it go (one in memory at a time): a bad --reward_path, or a reward
+    that cannot be built, fails now, before the sweep writes anything, not after its images, when the settings it
+    recorded would refuse the corrected rerun."""
+    import gc
+
+    from ..rewards.base import load_reward
+
+    for metric in metrics:
+        reward = load_reward(metric.reward, **metric.options)
+        del reward
+        gc.collect()
+
+
 def score_units(units: Sequence[Unit], metrics: Sequence[Metric], out: Path, indices: Sequence[int],
                 texts: Sequence[str], progress: bool = True) -> dict[tuple[Unit, str], UnitScores]:
     """{(unit, metric name): scores} for every unit and metric; each metric's reward is loaded once, and only
@@ -84,25 +98,27 @@ def score_units(units: Sequence[Unit], metrics: Sequence[Metric], out: Path, ind
 
 @dataclass
 class UnitCost:
-    """Per image of a unit, from its batch-runner manifest: denoiser rows (noise + sampling) and seconds."""
+    """Per image of a unit, from its batch-runner folder: denoiser rows (noise + sampling) and seconds."""
 
     unet_evals: float
     seconds: float
 
 
 def unit_cost(unit: Unit, out: Path) -> UnitCost:
-    """Mean denoiser rows and seconds per image of the unit's method, from its manifest.csv (recorded when each
-    image was made, so a resumed unit reports what its images cost)."""
+    """Mean denoiser rows (manifest.csv) and seconds (timings.csv) per image of the unit's method, recorded when
+    each image was made, so a resumed unit reports what its images cost."""
+    from ..inference.batch import image_seconds
+
     path = unit.folder(out) / "manifest.csv"
     try:
         with open(path, encoding="utf-8", newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("method") == unit.method]
         evals = [float(r["unet_evals"]) for r in rows]
-        seconds = [float(r["seconds"]) for r in rows]
+        seconds = image_seconds(unit.folder(out), unit.method)
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"cannot read the costs of {unit.label()} from {path} ({e}): delete "
                         f"{unit.folder(out)} and rerun to make the cell again") from None
-    if not rows:
+    if not rows or not seconds:
         raise UserError(f"{path} lists no {unit.method} image: delete {unit.folder(out)} and rerun")
     return UnitCost(float(np.mean(evals)), float(np.mean(seconds)))
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from ..io import atomic_write_text
 from ..methods import best_of_k
-from ..stats import bootstrap_ci, describe, paired_comparison
+from ..stats import bootstrap_ci, describe, paired_comparison, share_of_gain
 from ..tables import format_table
 from .grid import Cell, Unit
 from .scores import UnitCost, UnitScores, cell_scores
@@ -27,8 +27,9 @@ NOTES = ("n = evaluated (prompt, seed) pairs; mean with its 95% bootstrap CI; di
          "guidance scale and steps, paired by prompt and seed, with its 95% percentile bootstrap CI "
          "(golden_noise.stats) and the win rate (ties count half); *_vs_tuned: the same against standard at "
          "tuned_guidance_scale, the grid's best standard guidance at those steps for that metric; gnsnet's "
-         "share_of_oracle_gain = its diff / the oracle's at the same guidance, steps and n, and *_vs_oracle its "
-         "paired difference to the oracle's images; "
+         "share_of_oracle_gain = its diff / the oracle's at the same guidance, steps and n (empty, or — in the "
+         "report, where the oracle's gain CI contains 0: a share of a gain that may be nothing means nothing), and "
+         "*_vs_oracle its paired difference to the oracle's images; "
          "unet_evals_per_image = unet_rows_per_image (denoiser rows counted by a forward hook: 2 per sampling step "
          "with CFG, 1 without, 3 per golden step when w_w is 0 or 1; best_of_K: its K samplings) + "
          "rollout_unet_fraction (gnsnet: the RNN rollout's FLOPs / one denoiser evaluation's); seconds_per_image: "
@@ -131,13 +132,13 @@ def _oracle_of(cell: Cell, inputs: TableInputs) -> Cell | None:
 
 
 def _oracle_shares(rows: list[dict]) -> None:
-    """gnsnet's share_of_oracle_gain: its diff / the oracle's at the same guidance, steps, n and metric."""
+    """gnsnet's share_of_oracle_gain: its diff / the oracle's at the same guidance, steps, n and metric; None
+    (an empty cell) where the oracle's gain CI contains 0 (stats.share_of_gain)."""
     key = lambda r: (r["guidance_scale"], r["num_inference_steps"], r["num_gen_steps"], r["metric"])  # noqa: E731
-    oracle = {key(r): r["diff"] for r in rows if r["method"] == "oracle"}
+    oracle = {key(r): r for r in rows if r["method"] == "oracle"}
     for r in rows:
-        gain = oracle.get(key(r)) if r["method"] == "gnsnet" else None
-        if gain:
-            r["share_of_oracle_gain"] = r["diff"] / gain
+        if r["method"] == "gnsnet" and (o := oracle.get(key(r))) is not None:
+            r["share_of_oracle_gain"] = share_of_gain(r["diff"], o["diff"], (o["ci_low"], o["ci_high"]))
 
 
 def _cell(value) -> str:
