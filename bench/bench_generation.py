@@ -3,8 +3,8 @@
 UNet evaluations per golden step (counted), the share of wall time inside UNet forwards, throughput at each
 batch size relative to batch 1, and channels_last vs the default memory format; all measured side by side.
 
-Also times the resume scan (every sample file of a finished dataset checked for truncation, as a rerun does)
-on a dataset of the quickstart's size.
+Also times a rerun's checks on a dataset of the quickstart's size: the staging files' sha256 (a resumed unsealed
+range), sealing them into a shard, and the sealed shard's sha256.
 
     python bench/bench_generation.py            # full: batch 1, 2, 4, 8; 3 interleaved rounds; 26,400-sample scan
     python bench/bench_generation.py --quick    # seconds: a smaller UNet, one round, a 2,000-sample scan
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--channels_last_batch", type=int, default=4,
                    help="batch size of the channels_last and w_w=2 (both CFG branches) comparisons (0: skip)")
     p.add_argument("--scan_samples", type=int, default=None,
-                   help="samples of the dataset whose resume scan is timed (default 26400, the quickstart's; "
+                   help="samples of the dataset whose resume checks are timed (default 26400, the quickstart's; "
                         "quick 2000; 0: skip)")
     args = p.parse_args(argv)
     q = args.quick
@@ -51,11 +51,13 @@ def parse_args(argv=None):
 
 def run_generation(pipe, prompts, settings, batch_size: int) -> dict:
     """One timed `generate_dataset` run into a fresh directory, with UNet forwards timed inside it."""
-    from golden_noise.npd import generate_dataset
+    from dataclasses import replace
+
+    from golden_noise.dataset.generate import generate_dataset
 
     with tempfile.TemporaryDirectory() as out, common.UNetTimer(pipe.unet) as timer:
         t0 = time.perf_counter()
-        stats = generate_dataset(pipe, prompts, out, settings, batch_size=batch_size, progress=False)
+        stats = generate_dataset(pipe, prompts, out, replace(settings, batch_size=batch_size), progress=False)
         total = time.perf_counter() - t0
     steps = len(prompts) * settings.num_steps
     return {"seconds": total, "unet_seconds": timer.seconds, "unet_share": timer.seconds / total,
@@ -64,36 +66,61 @@ def run_generation(pipe, prompts, settings, batch_size: int) -> dict:
 
 
 def measure_resume_scan(pipe, settings, num_samples: int) -> dict:
-    """Seconds of stage 2's resume scan (npd.plan_work) and of its metadata scan over a finished dataset of
-    `num_samples` samples, and whether the scan finds one truncated file among them."""
-    from golden_noise import layout
-    from golden_noise.npd import generate_dataset, plan_work, write_metadata
+    """Seconds of a rerun's checks over a dataset of `num_samples` samples in batches of 64 (the quickstart's): every
+    staging file's sha256 (dataset.generate.plan_work, what a resumed unsealed range costs), sealing them into one
+    shard, and that shard's sha256 (check_sealed, what a rerun of a sealed range costs); and whether one flipped
+    byte in a staging file is found."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from golden_noise.dataset import format as F
+    from golden_noise.dataset.generate import Sealer, check_sealed, generate_dataset, plan_work
+    from golden_noise.dataset.shards import ShardFile
+    from golden_noise.dataset.writer import SampleSpec, batch_bytes
+    from golden_noise.io import atomic_write_bytes
     from golden_noise.prompts import Prompt
 
+    batch = 64
     prompts = [Prompt(i, f"a shape number {i}") for i in range(num_samples)]
+    settings = replace(settings, batch_size=batch)
     with tempfile.TemporaryDirectory() as out:
         root = Path(out)
-        generate_dataset(pipe, prompts[:4], root, settings, batch_size=4, progress=False)
-        # the 4 real samples' bytes under every id: the scan reads each file's size and last bytes only
-        blobs = {(i, c): (root / rel).read_bytes() for i in range(4) for c, rel in layout.sample_files(i).items()}
-        for sid in range(4, num_samples):
-            for c, rel in layout.sample_files(sid).items():
-                (root / rel).write_bytes(blobs[(sid % 4, c)])
+        generate_dataset(pipe, prompts[:batch], root, settings, progress=False)  # the real arrays of one batch
+        shard = ShardFile(F.shard_path(root, 0))
+        groups = [shard.read_row_group(g, ("source", "golden", "text")) for g in range(shard.num_row_groups)]
+        arrays = {k: torch.from_numpy(np.concatenate([g[k] for g in groups])) for k in groups[0]}
+        run_config = {**F.read_run_config_json(root), "num_prompts": num_samples}  # the whole list's
+        (root / F.INDEX).unlink()
+        for b in range(-(-num_samples // batch)):  # the batch's arrays under every batch's ids
+            ids = [p.index for p in prompts[b * batch:(b + 1) * batch]]
+            atomic_write_bytes(F.batch_path(root, b), batch_bytes(ids, {k: v[:len(ids)] for k, v in arrays.items()}))
+        spec, per_shard = SampleSpec.of(run_config), run_config["sharding"]["samples_per_shard"]
+        staging = sum(p.stat().st_size for p in (root / F.STAGING).glob("batch-*.safetensors"))
         t0 = time.perf_counter()
-        clean = plan_work(root, prompts, 8, 0, 1, False)
+        clean = plan_work(root, prompts, batch, [0], per_shard, spec, 0, 1)
         scan = time.perf_counter() - t0
+        victim = F.batch_path(root, num_samples // batch // 2)
+        data = bytearray(victim.read_bytes())
+        data[-7] ^= 0x40
+        victim.write_bytes(bytes(data))
+        found = len(plan_work(root, prompts, batch, [0], per_shard, spec, 0, 1).batches) == 1
+        atomic_write_bytes(victim, batch_bytes([p.index for p in prompts[num_samples // batch // 2 * batch:][:batch]],
+                                               arrays))
         t0 = time.perf_counter()
-        rows = write_metadata(root, prompts, settings)
-        metadata = time.perf_counter() - t0
-        victim = layout.sample_files(num_samples // 2)["golden_sequence_file"]
-        (root / victim).write_bytes((root / victim).read_bytes()[:300])
-        truncated_found = plan_work(root, prompts, 8, 0, 1, False).damaged == [victim]
-    files = 3 * num_samples
-    print(f"resume scan of {num_samples} samples ({files} files): {scan:.2f}s ({1e6 * scan / files:.1f} us per "
-          f"file); metadata scan {metadata:.2f}s; the one truncated file found: {truncated_found}")
-    return {"samples": num_samples, "files": files, "scan_seconds": scan, "metadata_seconds": metadata,
-            "complete_found": len(clean.ids) == num_samples and clean.to_write == 0 and rows == num_samples,
-            "truncated_found": truncated_found}
+        Sealer(root, prompts, run_config, [0]).finish()
+        seal = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assert check_sealed(root, [0], 0, 1) == []
+        sha = time.perf_counter() - t0
+        size = F.shard_path(root, 0).stat().st_size
+    files = -(-num_samples // batch)
+    print(f"resume checks of {num_samples} samples ({files} staging files): staging sha256 {scan:.2f}s, seal "
+          f"{seal:.2f}s ({num_samples / seal:.0f} samples/s), shard sha256 {sha:.3f}s ({size / 1e6:.1f} MB); the one "
+          f"flipped byte found: {found}")
+    return {"samples": num_samples, "files": files, "scan_seconds": scan, "seal_seconds": seal,
+            "shard_sha256_seconds": sha, "complete_found": clean.to_write == 0, "flipped_byte_found": found,
+            "staging_bytes": staging, "shard_bytes": size}
 
 
 def main(args) -> int:
@@ -101,7 +128,7 @@ def main(args) -> int:
     from golden_noise.diffusion import optimize_unet
     from golden_noise.golden import GoldenConfig
     from golden_noise.prompts import Prompt
-    from golden_noise.npd import GenerationSettings
+    from golden_noise.dataset.generate import GenerationSettings
 
     size = args.latent_size
     pipe = common.tiny_pipeline(seed=0, sample_size=size, block_out_channels=args.block_out_channels)
@@ -168,8 +195,11 @@ def main(args) -> int:
     if args.scan_samples:
         scan = measure_resume_scan(pipe, settings(1), args.scan_samples)
         ratios[f"resume_scan_seconds[{scan['samples']} samples]"] = scan["scan_seconds"]
-        checks[f"resume scan of {scan['samples']} samples under 3 s, one truncated file found"] = \
-            scan["scan_seconds"] < 3 and scan["truncated_found"] and scan["complete_found"]
+        ratios[f"seal_seconds[{scan['samples']} samples]"] = scan["seal_seconds"]
+        ratios["staging_check_GB_s"] = scan["staging_bytes"] / 1e9 / scan["scan_seconds"]
+        ratios["shard_sha256_GB_s"] = scan["shard_bytes"] / 1e9 / scan["shard_sha256_seconds"]
+        checks[f"resume checks of {scan['samples']} samples: every staging file intact, one flipped byte found"] = \
+            scan["flipped_byte_found"] and scan["complete_found"]
     results = {"bench": "generation", "quick": args.quick, "unet": {
         "block_out_channels": list(args.block_out_channels), "latent_size": size, "gflops_per_sample": gflops},
         "num_prompts": args.num_prompts, "num_steps": args.num_steps, "rounds": args.rounds, "rows": rows,

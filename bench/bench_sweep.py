@@ -52,7 +52,7 @@ def random_export(world: str, folder: Path) -> Path:
     from golden_noise.diffusion import load_pipeline
     from golden_noise.golden import GoldenConfig, golden_step
     from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
-    from golden_noise.npd import GenerationSettings, build_run_config
+    from golden_noise.dataset.generate import GenerationSettings, build_run_config
 
     pipe = load_pipeline(world, dtype="float32", device="cpu")
     settings = GenerationSettings(base_model_id=world, num_steps=2, text_embedding="pooled+mean_token")

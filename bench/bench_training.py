@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Bench stage 3 (training): training samples/s and data-loader headroom (loader samples/s / model samples/s)
-measured side by side on CPU, on stage 2's file layout; and the default SDXL-size model's parameters and FLOPs
-(per step, per training sample, and a 10-step rollout as a fraction of a 30-step SDXL sampling with CFG).
+measured side by side on CPU, on the sharded dataset stage 2 writes; and the default SDXL-size model's parameters
+and FLOPs (per step, per training sample, and a 10-step rollout as a fraction of a 30-step SDXL sampling with CFG).
+bench_dataset.py measures the loader at SDXL size against the GPU's measured training rate.
 
     python bench/bench_training.py            # tiny-size and SDXL-size datasets, one SDXL-size CPU step
     python bench/bench_training.py --quick    # seconds: tiny size only, FLOPs on the meta device
@@ -45,39 +46,6 @@ def tiny_config(**kw):
     base = dict(latent_channels=4, noise_resolution=16, text_embed_dim=32, text_proj_dim=32, cnn_base_filters=8,
                 cnn_num_blocks=[1, 1], cnn_feat_dim=32, gru_hidden_size=32, gru_num_layers=1, norm_groups=8)
     return NoiseSequenceRNNConfig(**{**base, **kw})
-
-
-def write_dataset(root: Path, n: int, steps: int, shape, dim: int, dtype=torch.float16) -> Path:
-    """Random tensors in stage 2's layout (golden_noise.layout) and storage dtype (what the loader really reads)."""
-    from golden_noise import layout
-
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        layout.write_sample(root, i, {"source_noise_file": torch.randn(shape, generator=g).to(dtype),
-                                      "golden_sequence_file": torch.randn(steps, *shape, generator=g).to(dtype),
-                                      "text_embedding_file": torch.randn(dim, generator=g).to(dtype)})
-    layout.write_metadata(root, [{"id": i, "prompt": "p", "seed": i, "num_steps": steps} for i in range(n)])
-    layout.write_run_config(root, {"format_version": layout.FORMAT_VERSION, "num_steps": steps,
-                                   "latent_shape": list(shape), "storage_dtype": str(dtype).replace("torch.", ""),
-                                   "text_embedding": {"kind": "pooled", "dim": dim}})
-    return root
-
-
-def loader_rate(dataset, batch_size: int, workers: int, min_samples: int) -> float:
-    """Samples/s of a full DataLoader pass (repeated until `min_samples`), workers started outside the timing."""
-    from torch.utils.data import DataLoader
-
-    from golden_noise.sequence_data import collate
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, num_workers=workers,
-                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
-    for _ in loader:  # warm-up: worker start, page cache
-        break
-    seen, t0 = 0, time.perf_counter()
-    while seen < min_samples:
-        for batch in loader:
-            seen += batch["source"].shape[0]
-    return seen / (time.perf_counter() - t0)
 
 
 def train_rate(config, batch: dict, steps: int) -> float:
@@ -131,7 +99,7 @@ def sdxl_flops(n: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.setup(args)
-    from golden_noise.sequence_data import collate, open_dataset
+    from golden_noise.dataset.reader import as_float, collate, open_dataset
     from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNNConfig
 
     results: dict = {"args": vars(args)}
@@ -145,10 +113,10 @@ def main(argv=None) -> int:
         if not args.quick:
             sizes.append(("sdxl", (4, 128, 128), args.sdxl_num_steps, 1280))
         for name, shape, n, dim in sizes:
-            root = write_dataset(Path(tmp) / name, args.num_samples, n, shape, dim)
-            data = open_dataset(root, validation_fraction=0.0).train
-            batch = collate([data[i] for i in range(args.batch_size)])
-            mb = sum(p.stat().st_size for p in (root / "sequences").iterdir()) / args.num_samples / 2**20
+            root = common.write_sharded_dataset(Path(tmp) / name, args.num_samples, n, shape, dim, args.batch_size)
+            data = open_dataset(root, validation_fraction=0.0, keep_dtype=True).train  # as the trainer reads
+            batch = as_float(collate([data[i] for i in range(args.batch_size)]))
+            mb = sum(p.stat().st_size for p in (root / "data").iterdir()) / args.num_samples / 2**20
             if name == "tiny":
                 model_sps = train_rate(tiny_config(predict_variance=True), batch, args.steps)
                 # the default-size architecture (35M params at SDXL size) on these small latents
@@ -161,7 +129,7 @@ def main(argv=None) -> int:
             else:
                 model_sps = None
             for w in args.num_workers:
-                sps = loader_rate(data, args.batch_size, w, min_samples=4 * args.num_samples)
+                sps = common.loader_rate(data, args.batch_size, w, min_samples=4 * args.num_samples)
                 row = {"size": name, "workers": w, "MiB/sample": mb, "loader_samples_s": sps,
                        "cpu_train_samples_s": model_sps, "headroom": sps / model_sps if model_sps else None}
                 rows.append(row)

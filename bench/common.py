@@ -152,6 +152,57 @@ def peak_rss_mib() -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
+def write_loose_dataset(root: Path, n: int, steps: int, shape, dim: int, batch_size: int = 8,
+                        dtype=torch.float16) -> Path:
+    """A format-1 sequence dataset (loose files per sample, what stage 2 wrote before the sharded format) of random
+    tensors in the storage dtype."""
+    from golden_noise.dataset import format as F
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        F.write_loose_sample(root, i, {"source_noise_file": torch.randn(shape, generator=g).to(dtype),
+                                       "golden_sequence_file": torch.randn(steps, *shape, generator=g).to(dtype),
+                                       "text_embedding_file": torch.randn(dim, generator=g).to(dtype)})
+    F.write_metadata(root, [{"id": i, "prompt": f"prompt {i}", "seed": i, "num_steps": steps} for i in range(n)])
+    F.write_run_config(root, {"format_version": F.LOOSE_FORMAT_VERSION, "base_model_id": "bench", "num_steps": steps,
+                              "latent_shape": list(shape), "storage_dtype": str(dtype).replace("torch.", ""),
+                              "start_seed": 0, "text_embedding": {"kind": "pooled", "dim": dim},
+                              "batch_size": batch_size, "num_prompts": n})
+    return root
+
+
+def write_sharded_dataset(root: Path, n: int, steps: int, shape, dim: int, batch_size: int = 8,
+                          dtype=torch.float16, samples_per_shard: int | None = None) -> Path:
+    """The same random dataset in the sharded format stage 2 writes (written loose, then converted)."""
+    from golden_noise.dataset.convert import convert_dataset
+
+    loose = write_loose_dataset(root.with_name(root.name + "-loose"), n, steps, shape, dim, batch_size, dtype)
+    convert_dataset(loose, root, samples_per_shard)
+    return root
+
+
+def loader_rate(dataset, batch_size: int, workers: int, min_samples: int) -> float:
+    """Samples/s of the trainer's training loader (its EpochSampler order, collate, persistent workers) over at
+    least `min_samples` samples, workers started and the first batch read outside the timing."""
+    from torch.utils.data import DataLoader
+
+    from golden_noise.dataset.reader import collate
+    from golden_noise.training.core import EpochSampler
+
+    sampler = EpochSampler(len(dataset), 42)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(42))
+    for _ in loader:  # warm-up: worker start, page cache
+        break
+    seen, epoch, t0 = 0, 0, time.perf_counter()
+    while seen < min_samples:
+        epoch += 1
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            seen += batch["source"].shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
 def median(values):
     v = sorted(values)
     return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])

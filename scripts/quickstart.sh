@@ -8,7 +8,7 @@
 #   SKIP_INSTALL=1 RUN=mine bash scripts/quickstart.sh # no install step; outputs in data/mine, output/mine, ...
 #   bash scripts/quickstart.sh --help                  # this text; runs and deletes nothing
 # A run first deletes data/$RUN, output/$RUN, inference_output/$RUN and results/$RUN (RUN=quickstart), then
-# writes them anew (about 330 MB and 80,000 files). The world (worlds/toy_shapes) is a diffusers
+# writes them anew (about 70 MB and 760 files). The world (worlds/toy_shapes) is a diffusers
 # StableDiffusionXLPipeline trained on 32x32 images of coloured shapes, with a reward model that scores prompt
 # adherence; every stage loads it with --base_model_id exactly as it would load SDXL. Every variable below can be
 # overridden from the environment.

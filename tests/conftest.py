@@ -140,3 +140,20 @@ def run_with_progress(command: list, say, timeout: int, env: dict | None = None,
         time.sleep(0.5)
     reader.join(30)
     return subprocess.CompletedProcess(command, proc.returncode, "".join(chunks), "")
+
+
+def dataset_samples(root: Path) -> dict[int, dict]:
+    """Every sample of a finished sharded dataset, {id: {column: tensor or value}} (small test datasets only)."""
+    import json
+
+    from golden_noise.dataset.shards import ShardFile
+
+    out = {}
+    for record in json.loads((Path(root) / "index.json").read_text())["shards"]:
+        shard = ShardFile(Path(root) / record["file"])
+        for g in range(shard.num_row_groups):
+            rows = shard.read_row_group(g, shard.file.schema_arrow.names)
+            for j, sample_id in enumerate(rows["id"].tolist()):
+                out[sample_id] = {k: torch.from_numpy(v[j].copy()) if v.ndim > 1 else v[j].item()
+                                  if hasattr(v[j], "item") else v[j] for k, v in rows.items()}
+    return out

@@ -14,17 +14,24 @@ import pytest
 import torch
 from PIL import Image
 
+from golden_noise.dataset.reader import collate, open_dataset
+from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise, text_embedding
 from golden_noise.errors import UserError
 from golden_noise.export import load_export
+from golden_noise.inference import GoldenNoise
 from golden_noise.model import model_type_of
 from golden_noise.model.direct import DirectNoiseModel
 from golden_noise.model.npnet import CHECKPOINT_PARTS, NPNet, NPNetConfig, config_from_released, load_released
 from golden_noise.model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
+from golden_noise.stats import paired_comparison
+from golden_noise.sweep.cost import count_flops, rollout_flops, svd_flops
 from golden_noise.testing.weights import key_filled, reference_input
+from golden_noise.training.config import architecture
+from golden_noise.training.core import keep_fraction
 from tests.conftest import ROOT, load_cli
 from tests.test_generate import run_main
 from tests.test_inference import TRAIN_STEPS, make_export
-from tests.test_training import fresh_process_state, npd_dataset, train  # noqa: F401  (fixtures)
+from tests.test_training import fresh_process_state, npd_dataset, train, write_synthetic_dataset  # noqa: F401
 
 FIXTURE = ROOT / "tests" / "fixtures" / "npnet" / "npnet_reference.safetensors"
 # a toy NPNet (Swin at 16 px, patch 2, two stages) for 16 x 16 latents: seconds to train on CPU
@@ -72,7 +79,8 @@ def test_npnet_forward_equals_the_public_code(case):
     tensors, meta = fixture()
     if case == "sdxl":
         config = NPNetConfig()  # the released SDXL model's sizes
-        inputs = (reference_input("sdxl.latent", (1, 4, 128, 128)), reference_input("sdxl.prompt_embeds", (1, 77, 2048)))
+        inputs = (reference_input("sdxl.latent", (1, 4, 128, 128)),
+                  reference_input("sdxl.prompt_embeds", (1, 77, 2048)))
     else:
         config = NPNetConfig(noise_resolution=8, text_embed_dim=77 * 16)
         inputs = (tensors["small.latent"], tensors["small.prompt_embeds"])
@@ -117,8 +125,6 @@ def test_released_checkpoint_loads_with_weights_only(tmp_path):
     assert export.meta["model_type"] == "NPNet" and export.meta["run_config"]["num_steps"] == 1
     assert export.meta["run_config"]["text_embedding"] == {"kind": "prompt_embeds", "dim": 96}
     assert export.identity["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    from golden_noise.inference import GoldenNoise
-
     gn = GoldenNoise.from_pretrained(path, model_type="NPNet", flag="--npnet_weights")
     assert (gn.model_type, gn.predicts_step) == ("NPNet", 1)
 
@@ -134,9 +140,6 @@ def test_released_checkpoint_loads_with_weights_only(tmp_path):
 # ---- training, export and load -----------------------------------------------------------------------------------
 
 def test_train_fraction_is_a_nested_deterministic_subset(npd_dataset):
-    from golden_noise.sequence_data import open_dataset
-    from golden_noise.training.core import keep_fraction
-
     train_set = open_dataset(npd_dataset, 0.25).train
     small, large = keep_fraction(train_set, 0.1), keep_fraction(train_set, 0.5)
     assert (len(small), len(large)) == (5, 24) and set(small.ids) <= set(large.ids) <= set(train_set.ids)
@@ -145,14 +148,26 @@ def test_train_fraction_is_a_nested_deterministic_subset(npd_dataset):
         keep_fraction(train_set, 0.0)
 
 
+def test_train_fraction_is_the_same_subset_in_either_format(tmp_path, capsys):
+    """Loose files (format 1) and their conversion to shards (format 2) give the same nested subsets, which read the
+    same tensors: a subset is a choice of ids, not of files."""
+    loose = write_synthetic_dataset(tmp_path / "loose", n=40, dtype=torch.float16)
+    assert run_main(capsys, "scripts/convert_dataset.py", loose, tmp_path / "sharded", "--samples_per_shard", 8)[0] == 0
+    a, b = (open_dataset(root, 0.25).train for root in (loose, tmp_path / "sharded"))
+    assert type(a) is not type(b) and a.ids == b.ids
+    for fraction in (0.1, 0.3, 1.0):
+        x, y = keep_fraction(a, fraction), keep_fraction(b, fraction)
+        assert x.ids == y.ids and len(x) == max(1, round(fraction * len(a)))
+        for i in range(len(x)):
+            assert all(torch.equal(x[i][k], y[i][k]) for k in ("source", "golden", "text"))
+    assert set(keep_fraction(b, 0.1).ids) <= set(keep_fraction(b, 0.3).ids)
+
+
 @pytest.mark.parametrize("model_type", ["DirectNoiseModel", "NPNet"])
 def test_one_step_models_train_export_and_load(model_type, npd_dataset, tmp_path, capsys):
     """The same trainer, another --model_type: the one-step model learns x'_n from x_T on held-out sequences (an
     untrained direct model is the identity and explains 0), exports with its model_type and the step it predicts,
     and loads back through the registry into the same predictions; gnsnet's flag refuses it."""
-    from golden_noise.inference import GoldenNoise
-    from golden_noise.sequence_data import collate, open_dataset
-
     out = tmp_path / model_type
     extra = NPNET_FLAGS if model_type == "NPNet" else []
     summary = train("--dataset_dir", npd_dataset, "--output_dir", out, "--model_type", model_type, "--max_train_steps",
@@ -204,8 +219,6 @@ def test_direct_is_the_rnn_network_for_one_step():
 
 
 def test_model_type_flags(tmp_path, capsys):
-    from golden_noise.training.config import architecture
-
     cli = load_cli("src/train_rnn_model_v3.py")
     args = cli.parse_args(["--model_type", "NPNet", "--swin_depths", "1", "1", "--swin_num_heads", "1", "2"])
     assert isinstance(args.arch, NPNetConfig) and args.arch.swin_depths == [1, 1]
@@ -248,14 +261,13 @@ def exports(tiny_pipeline, tiny_pipeline_dir, tmp_path_factory) -> dict:
             "rnn": make_export(root / "rnn" / FINAL_STEM, tiny_pipeline, tiny_pipeline_dir).parent,
             "direct": make_one_step_export(root / "direct" / FINAL_STEM, "DirectNoiseModel", tiny_pipeline,
                                            tiny_pipeline_dir).parent,
-            "npnet": make_one_step_export(root / "npnet" / FINAL_STEM, "NPNet", tiny_pipeline, tiny_pipeline_dir).parent}
+            "npnet": make_one_step_export(root / "npnet" / FINAL_STEM, "NPNet", tiny_pipeline,
+                                          tiny_pipeline_dir).parent}
 
 
 def test_batch_inference_direct_and_npnet(exports, tiny_pipeline, tiny_pipeline_dir, tmp_path, capsys):
     """Stage 5's direct and npnet images are the pipeline's images from the model's prediction for each seed's x_T;
     the settings name each export; missing flags, a wrong export type and another n are one-line errors."""
-    from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise, text_embedding
-
     out = tmp_path / "images"
     base = ["scripts/batch_inference.py", "--prompt_file", exports["prompts"], "--output_base_dir", out,
             "--base_model_id", tiny_pipeline_dir, "--num_inference_steps", 2, "--guidance_scale", 1, "--batch_size", 2,
@@ -265,7 +277,8 @@ def test_batch_inference_direct_and_npnet(exports, tiny_pipeline, tiny_pipeline_
     assert code == 0, err
     settings = json.loads((out / "batch_settings.json").read_text())
     assert settings["num_gen_steps_used"] == TRAIN_STEPS and settings["rnn_sha256"] is None
-    assert settings["direct_sha256"] and settings["npnet_sha256"] and settings["npnet_model_config"]["swin_img_size"] == 16
+    assert settings["direct_sha256"] and settings["npnet_sha256"]
+    assert settings["npnet_model_config"]["swin_img_size"] == 16
     cond = encode_prompts(tiny_pipeline, PROMPTS, with_uncond=False)
     text = text_embedding(tiny_pipeline, PROMPTS, cond, "pooled")
     x_T = seeded_noise([10 + i for i in range(len(PROMPTS))], (4, 16, 16))
@@ -294,9 +307,6 @@ def test_batch_inference_direct_and_npnet(exports, tiny_pipeline, tiny_pipeline_
 def test_costs_of_the_learned_noises(exports):
     """FLOPs per rollout, counted on the meta device: the direct model is the RNN's first step; NPNet's count
     includes its SVD (counted by formula, since FlopCounterMode does not count it)."""
-    from golden_noise.inference import GoldenNoise
-    from golden_noise.sweep.cost import count_flops, rollout_flops, svd_flops
-
     direct, rnn = (GoldenNoise.from_pretrained(exports[m]) for m in ("direct", "rnn"))
     assert rollout_flops(direct, 3) == rollout_flops(rnn, 1) < rollout_flops(rnn, 3)
     npnet = GoldenNoise.from_pretrained(exports["npnet"])
@@ -308,8 +318,6 @@ def test_sweep_compares_every_noise_at_matched_compute(exports, tiny_pipeline_di
     """scripts/sweep.py --methods standard gnsnet direct npnet oracle best_of_2 end to end: direct and npnet cells at
     the n they predict, their FLOPs in the cost, the oracle share, and every non-standard cell compared with the
     cheapest standard cells costing at least as much (the best of them), standard-only step counts included."""
-    from golden_noise.stats import paired_comparison
-
     out = tmp_path / "sweep"
     rewards = tmp_path / "rewards.py"
     rewards.write_text("import numpy as np\n\nclass Brightness:\n    def score(self, images, prompts):\n"
@@ -336,8 +344,10 @@ def test_sweep_compares_every_noise_at_matched_compute(exports, tiny_pipeline_di
                           == ("oracle", r["guidance_scale"], "3"))
             no_gain = float(oracle["ci_low"]) <= 0 <= float(oracle["ci_high"])
             assert float(r["rollout_unet_fraction"]) > 0 and (r["share_of_oracle_gain"] == "") == no_gain
-            assert (out / "cells" / f"w{float(r['guidance_scale'])!r}_s2_n3" / f"{r['method']}_output" / "0.png").is_file()
-    standard = {(float(r["guidance_scale"]), int(r["num_inference_steps"])): r for r in rows if r["method"] == "standard"}
+            cell_dir = out / "cells" / f"w{float(r['guidance_scale'])!r}_s2_n3"
+            assert (cell_dir / f"{r['method']}_output" / "0.png").is_file()
+    standard = {(float(r["guidance_scale"]), int(r["num_inference_steps"])): r
+                for r in rows if r["method"] == "standard"}
     for r in rows:
         if r["method"] == "standard":
             assert r["diff_vs_matched"] == ""

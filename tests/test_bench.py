@@ -142,8 +142,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 def test_channels_last_flag_leaves_the_dataset_unchanged(tmp_path, tiny_pipeline, tiny_pipeline_dir):
+    from golden_noise.dataset.generate import GenerationSettings, generate_dataset
     from golden_noise.prompts import read_prompts
-    from golden_noise.npd import GenerationSettings, generate_dataset
+    from tests.conftest import dataset_samples
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\na green shape\n", encoding="utf-8")
@@ -154,13 +155,12 @@ def test_channels_last_flag_leaves_the_dataset_unchanged(tmp_path, tiny_pipeline
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the default (contiguous) UNet in this process, same batches and settings
     settings = GenerationSettings(base_model_id=str(tiny_pipeline_dir), num_steps=2, dtype="float32",
-                                  storage_dtype="float32")
+                                  storage_dtype="float32", batch_size=2)
     with one_thread():
-        generate_dataset(tiny_pipeline, read_prompts(prompts), ref, settings, batch_size=2, progress=False)
+        generate_dataset(tiny_pipeline, read_prompts(prompts), ref, settings, progress=False)
+    a, b = dataset_samples(ref), dataset_samples(cl)
     for i in range(3):
-        a = torch.load(ref / f"sequences/{i}_golden_sequence.pt", weights_only=True)
-        b = torch.load(cl / f"sequences/{i}_golden_sequence.pt", weights_only=True)
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b[i]["golden"], a[i]["golden"], atol=1e-5, rtol=1e-5)
     # the speed options do not shape the data: run_config.json does not record them
     config = json.loads((cl / "run_config.json").read_text())
     assert not {"channels_last", "compile"} & set(config)

@@ -17,7 +17,7 @@ from golden_noise.diffusion import encode_prompts, family_of, load_pipeline, see
 from golden_noise.errors import UserError
 from golden_noise.golden import GoldenConfig, golden_step
 from golden_noise.io import load_tensor
-from tests.conftest import load_cli
+from tests.conftest import dataset_samples, load_cli
 from tests.test_inference import pixels
 
 FAMILIES = {  # id: (builder family, builder kwargs, expected family name, prediction type, latent shape, size)
@@ -222,7 +222,7 @@ def test_two_step_dataset_trains_and_rolls_out(fam, e2e):
     assert run_config["family"]["name"] == spec[2] and run_config["family"]["prediction_type"] == spec[3]
     assert run_config["latent_space"] == family_of(pipe).latent_space()
     assert run_config["latent_shape"] == list(spec[4])
-    assert load_tensor(e2e["root"] / "ds" / "sequences" / "0_golden_sequence.pt").shape == (2, *spec[4])
+    assert dataset_samples(e2e["root"] / "ds")[0]["golden"].shape == (2, *spec[4])
     assert all(m["images"] == 4 for m in e2e["summary"]["methods"].values())
     gn = GoldenNoise.from_pretrained(e2e["root"] / "run", pipe=pipe)
     latents = gn(PROMPTS[0], seed=100)  # prompt 0 has seed start_seed + 0

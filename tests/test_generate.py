@@ -1,9 +1,9 @@
-"""Stage 2 end to end: the sequence dataset, determinism, multi-process, resume, refused reruns, repair of damaged
-files, guidance flags and bad inputs. Most runs call the CLI in this process (`run_main`); the kill -9 and
-two-process tests need real processes."""
+"""Stage 2 end to end: the sharded dataset, determinism, multi-process and multi-machine runs, resume, refused
+reruns, repair of damaged files and shards, guidance flags, non-finite values, the run lock and bad inputs. Most runs
+call the CLI in this process (`run_main`); the kill -9, lock, multi-machine and two-process tests need real
+processes."""
 from __future__ import annotations
 
-import csv
 import filecmp
 import json
 import logging
@@ -12,15 +12,20 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from golden_noise import layout
+from golden_noise.dataset import format as F
+from golden_noise.dataset.generate import EARLY_KEYS, SIGNATURE_KEYS, GenerationSettings, Task
+from golden_noise.dataset.writer import SampleSpec, read_batch
+from golden_noise.errors import UserError
+from golden_noise.io import tensor_bytes, tensor_file_intact, tensor_file_problem
 from golden_noise.prompts import prompt_fingerprint, read_prompts
 from golden_noise.runtime import run_cli as run_in_process
-from tests.conftest import ROOT, load_cli
+from tests.conftest import ROOT, dataset_samples, load_cli
 
 SCRIPT = "src/generate_npd_series.py"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what `accelerate launch` gives each process: same float reductions
@@ -61,12 +66,15 @@ def generate_subprocess(pipe_dir, prompt_file, out, *extra):
     return list(map(str, cmd)), {**os.environ, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
 
 
+def files_of(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name != ".lock")
+
+
 def same_tree(a: Path, b: Path) -> bool:
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    if files_a != files_b:
+    """The same files with the same bytes (the run lock's file aside)."""
+    if files_of(a) != files_of(b):
         return False
-    match, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files_a], shallow=False)
+    match, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files_of(a)], shallow=False)
     return not mismatch and not errors
 
 
@@ -88,29 +96,43 @@ def test_dataset_contents(tmp_path, tiny_pipeline_dir, capsys):
     out = tmp_path / "ds"
     code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, out, "--batch_size", 2)
     assert code == 0, stderr
-    assert "UNet evaluations per golden step: 3.0" in stdout
-    rows = list(csv.DictReader(open(out / "metadata.csv", encoding="utf-8")))
-    assert [int(r["id"]) for r in rows] == [0, 1, 3, 4, 6]  # ids are line numbers; blanks skipped
-    assert rows[2]["prompt"] == "a big red shape number 3" and rows[2]["seed"] == "3"
-    assert rows[0]["golden_sequence_file"] == layout.sample_files(0)["golden_sequence_file"]
+    assert "UNet evaluations per golden step: 3.0" in stdout and "index.json written" in stdout
+    # the finished dataset: run_config, the index, the card and the shards; the staging area is gone
+    assert files_of(out) == [Path("README.md"), Path("data/shard-00000.parquet"), Path("index.json"),
+                             Path("run_config.json")]
+    samples = dataset_samples(out)
+    assert sorted(samples) == [0, 1, 3, 4, 6]  # ids are line numbers; blanks skipped
+    assert samples[3]["prompt"] == "a big red shape number 3" and samples[3]["seed"] == 3
     config = json.loads((out / "run_config.json").read_text())
-    assert config["latent_shape"] == [4, 16, 16] and config["num_steps"] == 3
+    assert config["format_version"] == 2 and config["latent_shape"] == [4, 16, 16] and config["num_steps"] == 3
     assert config["golden"]["t0"] == 901 and config["golden"]["denoise_guidance_scale"] == 5.5
     assert config["text_embedding"] == {"kind": "pooled", "dim": 32, "source": "text_encoder_2"}
-    # what a rerun must match: the prompt list itself, the batch size and the device
+    # what a rerun must match: the prompt list itself, the batch size, the device and the sharding
     assert config["prompt_fingerprint"] == prompt_fingerprint(read_prompts(pf)) and config["num_prompts"] == 5
     assert config["batch_size"] == 2 and config["device_type"] == "cpu"
-    src = torch.load(out / rows[0]["source_noise_file"], weights_only=True)
-    seq = torch.load(out / rows[0]["golden_sequence_file"], weights_only=True)
-    text = torch.load(out / rows[0]["text_embedding_file"], weights_only=True)
+    per_sample = 2 * (4 * 16 * 16 * 4 + 32)  # x_T and 3 steps, 16-bit, and the text embedding
+    assert config["sharding"]["samples_per_shard"] == F.SHARD_BYTES // per_sample // 2 * 2
+    assert config["sharding"]["rows_per_group"] == F.ROW_GROUP_BYTES // per_sample
+    index = json.loads((out / "index.json").read_text())
+    shard = out / "data/shard-00000.parquet"
+    assert index["num_samples"] == 5 and index["shards"] == [{
+        "file": "data/shard-00000.parquet", "shard": 0, "first_id": 0, "last_id": 6, "rows": 5,
+        "bytes": shard.stat().st_size, "sha256": __import__("hashlib").sha256(shard.read_bytes()).hexdigest()}]
+    assert set(SIGNATURE_KEYS) - {"scoring"} <= set(config) and set(EARLY_KEYS) <= set(SIGNATURE_KEYS)  # unscored
+    src, seq, text = samples[0]["source"], samples[0]["golden"], samples[0]["text"]
     assert src.shape == (4, 16, 16) and seq.shape == (3, 4, 16, 16) and text.shape == (32,)
-    assert src.dtype == seq.dtype == torch.float16
+    assert src.dtype == seq.dtype == text.dtype == torch.float16
     # x_T is the seed's noise; the sequence moves away from it by a few percent per step
     torch.testing.assert_close(src.float(), torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(0)),
                                atol=2e-3, rtol=1e-3)
     rel = ((seq[0].float() - src.float()).norm() / src.float().norm()).item()
     assert 1e-3 < rel < 0.5
-    assert not list(out.rglob("*.tmp"))
+    # 🤗 datasets reads the folder (its card says where the data are) with the arrays in their shapes
+    import datasets
+
+    row = next(iter(datasets.load_dataset(str(out), split="train", streaming=True).with_format("torch")))
+    assert row["id"] == 0 and row["prompt"] == samples[0]["prompt"]
+    assert torch.equal(row["golden"], seq.float()) and torch.equal(row["text"], text.float())
 
 
 def test_batch_size_does_not_change_samples(tmp_path, tiny_pipeline_dir, capsys):
@@ -118,49 +140,111 @@ def test_batch_size_does_not_change_samples(tmp_path, tiny_pipeline_dir, capsys)
     a, b = tmp_path / "b1", tmp_path / "b4"
     assert generate(capsys, tiny_pipeline_dir, pf, a, "--batch_size", 1, "--storage_dtype", "float32")[0] == 0
     assert generate(capsys, tiny_pipeline_dir, pf, b, "--batch_size", 4, "--storage_dtype", "float32")[0] == 0
+    sa, sb = dataset_samples(a), dataset_samples(b)
     for i in range(6):
         # the noise depends on the seed only: bit-identical
-        assert torch.equal(torch.load(a / f"sequences/{i}_source.pt"), torch.load(b / f"sequences/{i}_source.pt"))
-        torch.testing.assert_close(torch.load(a / f"sequences/{i}_golden_sequence.pt"),
-                                   torch.load(b / f"sequences/{i}_golden_sequence.pt"), atol=1e-5, rtol=1e-5)
-    assert (a / "metadata.csv").read_text() == (b / "metadata.csv").read_text()
+        assert torch.equal(sa[i]["source"], sb[i]["source"])
+        torch.testing.assert_close(sa[i]["golden"], sb[i]["golden"], atol=1e-5, rtol=1e-5)
+        assert sa[i]["prompt"] == sb[i]["prompt"] and sa[i]["seed"] == sb[i]["seed"]
 
 
 @pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_two_processes_give_the_same_dataset_byte_for_byte(tmp_path, tiny_pipeline_dir, capsys):
+    """accelerate launch with 2 processes composes with --num_shards: run 0 of 2 on two processes (they deal its
+    shards' batches and seal its shards), run 1 of 2 on one; together the dataset of one single-process run."""
     pf = prompts_file(tmp_path, 10)
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert generate(capsys, tiny_pipeline_dir, pf, single, "--batch_size", 2)[0] == 0
+    flags = ["--batch_size", 2, "--samples_per_shard", 4]  # shards [0, 4), [4, 8), [8, 10): runs make 0, 2 and 1
+    assert generate(capsys, tiny_pipeline_dir, pf, single, *flags)[0] == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / SCRIPT),
            "--prompt_file", pf, "--output_dir", multi, "--base_model_id", tiny_pipeline_dir, "--num_steps", 3,
-           "--device", "cpu", "--batch_size", 2]
+           "--device", "cpu", *flags, "--num_shards", 2, "--shard_index", 0]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", **ONE_THREAD}
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "process 0 of 2" in proc.stdout  # really two processes, each with its own share
+    assert "run 0 of 2: 2 shard(s) sealed now, 2 of 3 sealed" in proc.stdout and not (multi / "index.json").exists()
+    code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, multi, *flags, "--num_shards", 2,
+                                    "--shard_index", 1)
+    assert code == 0, stderr
+    assert "3 of 3 sealed, index.json written" in stdout
     assert same_tree(single, multi)
 
 
 @pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
 def test_resume_after_kill_is_byte_identical(tmp_path, tiny_pipeline_dir, capsys):
-    pf = prompts_file(tmp_path, 120)
+    pf = prompts_file(tmp_path, 60)
+    flags = ["--batch_size", 2, "--samples_per_shard", 6]
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
-    assert generate(capsys, tiny_pipeline_dir, pf, fresh, "--batch_size", 2)[0] == 0
-    cmd, env = generate_subprocess(tiny_pipeline_dir, pf, resumed, "--batch_size", 2)
+    assert generate(capsys, tiny_pipeline_dir, pf, fresh, *flags)[0] == 0
+    cmd, env = generate_subprocess(tiny_pipeline_dir, pf, resumed, *flags)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(list((resumed / "sequences").glob("*_golden_sequence.pt"))) < 10 and time.time() < deadline:
-        time.sleep(0.05)
+    # killed with some shards sealed and the next one's samples half-written in staging
+    while not (len(list(resumed.glob("data/shard-*.parquet"))) >= 2 and
+               len(list(resumed.glob("staging/batch-*.safetensors"))) >= 2) and time.time() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list((resumed / "sequences").glob("*_golden_sequence.pt")))
-    assert 10 <= done_before < 120, "the run must be killed mid-way"
-    assert not (resumed / "metadata.csv").exists()
-    code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, resumed, "--batch_size", 2)
+    sealed = len(list(resumed.glob("data/shard-*.parquet")))
+    assert 2 <= sealed < 10, "the run must be killed mid-way"
+    assert not (resumed / "index.json").exists()
+    code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, resumed, *flags)
     assert code == 0, stderr
-    assert "already complete" in stdout
+    assert "already complete" in stdout and f"{10 - sealed} shard(s) sealed now" in stdout
     assert same_tree(fresh, resumed)
+
+
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
+def test_runs_on_three_machines_equal_one_run(tmp_path, tiny_pipeline_dir, capsys):
+    """K = 3 separate runs (processes with no communication) into one folder, one of them killed with -9 and rerun
+    alone, equal one run byte for byte; the run that seals the last shard writes the index, and --finalize says
+    what is missing before that."""
+    pf = prompts_file(tmp_path, 20)
+    flags = ["--batch_size", 2, "--samples_per_shard", 4]  # 5 shards: tasks 0, 1, 2 make 2, 2 and 1 of them
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert generate(capsys, tiny_pipeline_dir, pf, single, *flags)[0] == 0
+    procs = {}
+    for i in range(3):
+        cmd, env = generate_subprocess(tiny_pipeline_dir, pf, multi, *flags, "--num_shards", 3, "--shard_index", i)
+        procs[i] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180  # task 1 is killed once its first shard is sealed (shard 1), mid-way
+    while not (multi / "data/shard-00001.parquet").exists() and procs[1].poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGKILL)
+    for i in (0, 2):
+        out, err = procs[i].communicate(timeout=300)
+        assert procs[i].returncode == 0, err[-3000:]
+    procs[1].wait()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert not (multi / "data/shard-00004.parquet").exists() and not (multi / "index.json").exists()
+    code, _, stderr = run_main(capsys, SCRIPT, "--output_dir", multi, "--finalize")
+    assert code == 2 and "1 of 5 shards of" in error_line(stderr) and "(shard(s) 4)" in error_line(stderr)
+    # the failed task reruns alone (Slurm's variables give it its place) and completes the dataset
+    env = {**os.environ, "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": "1"}
+    cmd, _ = generate_subprocess(tiny_pipeline_dir, pf, multi, *flags)
+    proc = subprocess.run(cmd, env={**env, "HF_HUB_OFFLINE": "1", **ONE_THREAD}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run 1 of 3" in proc.stdout and "5 of 5 sealed, index.json written" in proc.stdout
+    assert same_tree(single, multi)
+    code, stdout, _ = run_main(capsys, SCRIPT, "--output_dir", multi, "--finalize")
+    assert code == 0 and "lists 20 samples in 5 shards" in stdout and same_tree(single, multi)
+
+
+def test_task_from_flags_and_slurm():
+    assert Task.resolve(None, None, {}) == Task(1, 0)
+    assert Task.resolve(4, 2, {}) == Task(4, 2)
+    assert Task.resolve(None, None, {"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "3"}) == Task(8, 3)
+    # arrays numbered from 1 (--array=1-8): the index counts from the array's first id
+    assert Task.resolve(None, None, {"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "8",
+                                     "SLURM_ARRAY_TASK_MIN": "1"}) == Task(8, 7)
+    assert Task.resolve(2, 1, {"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "3"}) == Task(2, 1)
+    assert Task(3, 1).shards(8) == [1, 4, 7]
+    for count, index, message in ((None, 1, "needs --num_shards"), (3, 3, r"must be in \[0, 3\)")):
+        with pytest.raises(UserError, match=message):
+            Task.resolve(count, index, {})
 
 
 @pytest.fixture()
@@ -173,14 +257,15 @@ def finished(tmp_path, tiny_pipeline_dir, capsys):
     return pf, out, snapshot(out)
 
 
-@pytest.mark.parametrize("case", ["other_prompts", "fewer_prompts", "batch_size", "seed_and_guidance", "dtype"])
+@pytest.mark.parametrize("case", ["other_prompts", "fewer_prompts", "batch_size", "seed_and_guidance", "dtype",
+                                  "sharding"])
 def test_rerun_with_other_prompts_or_settings_is_refused_and_changes_nothing(case, finished, tiny_pipeline_dir,
                                                                             tmp_path, capsys, monkeypatch):
     pf, out, before = finished
     flags = ["--batch_size", 2, "--storage_dtype", "float32"]
     named = {"other_prompts": ["prompt_fingerprint"], "fewer_prompts": ["num_prompts: 5 -> 3"],
              "batch_size": ["batch_size: 2 -> 3"], "seed_and_guidance": ["denoise_guidance_scale", "start_seed"],
-             "dtype": ["storage_dtype: 'float32' -> 'float16'"]}[case]
+             "dtype": ["storage_dtype: 'float32' -> 'float16'"], "sharding": ["'samples_per_shard': 4"]}[case]
     if case == "other_prompts":  # same count and indices, other text: what the prompt fingerprint is for
         pf = prompts_file(tmp_path, 5, name="other.txt", word="circle")
     elif case == "fewer_prompts":
@@ -189,10 +274,12 @@ def test_rerun_with_other_prompts_or_settings_is_refused_and_changes_nothing(cas
         flags[1] = 3
     elif case == "seed_and_guidance":
         flags += ["--denoise_guidance_scale", 7, "--start_seed", 5]
+    elif case == "sharding":
+        flags += ["--samples_per_shard", 4]
     else:
         flags[3] = "float16"
     # found before the model loads, so a refused rerun costs no model load
-    monkeypatch.setattr("golden_noise.npd.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("golden_noise.dataset.generate.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     code, _, stderr = generate(capsys, tiny_pipeline_dir, pf, out, *flags)
     assert code == 2
     line = error_line(stderr)
@@ -201,71 +288,146 @@ def test_rerun_with_other_prompts_or_settings_is_refused_and_changes_nothing(cas
     assert snapshot(out) == before  # every file untouched: same bytes, same mtime, same inode
 
 
+def test_rerun_of_a_finished_dataset_changes_nothing(finished, tiny_pipeline_dir, capsys):
+    pf, out, before = finished
+    code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, out, "--batch_size", 2, "--storage_dtype",
+                                    "float32")
+    assert code == 0, stderr
+    assert "0 generated" in stdout and "5 already complete" in stdout and "0 shard(s) sealed now" in stdout
+    assert snapshot(out) == before
+
+
 def test_longer_prompt_list_extends_the_dataset_exactly(tmp_path, tiny_pipeline_dir, capsys):
-    """--max_prompts 7 then 10 (batch 4) equals a fresh 10-prompt run byte for byte: samples 4-6, computed in the
-    partial batch [4, 7), are recomputed in their new batch [4, 8); samples 0-3 are kept as they are."""
+    """--max_prompts 7 then 10 (batch 2, 4 samples per shard) equals a fresh 10-prompt run byte for byte: shard 0
+    ([0, 4)) is kept as it is; the partial shard [4, 7) is rebuilt: samples 4 and 5 go back to staging unchanged,
+    sample 6, computed in the partial batch [6, 7), is recomputed in its new batch [6, 8)."""
     pf = prompts_file(tmp_path, 10)
-    flags = ["--batch_size", 4, "--storage_dtype", "float32"]
+    flags = ["--batch_size", 2, "--storage_dtype", "float32", "--samples_per_shard", 4]
     fresh, grown = tmp_path / "fresh", tmp_path / "grown"
     assert generate(capsys, tiny_pipeline_dir, pf, fresh, *flags)[0] == 0
     assert generate(capsys, tiny_pipeline_dir, pf, grown, *flags, "--max_prompts", 7)[0] == 0
     old = snapshot(grown)
-    tail = [f"sequences/{i}_golden_sequence.pt" for i in (4, 5, 6)]
-    # the point of recomputing: in the partial batch these sequences differ in the last bits
-    assert any(old[f][0] != (fresh / f).read_bytes() for f in tail)
+    # the point of recomputing: in the partial batch sample 6's sequence differs in the last bits
+    assert not torch.equal(dataset_samples(grown)[6]["golden"], dataset_samples(fresh)[6]["golden"])
     code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, grown, *flags)
     assert code == 0, stderr
-    assert "extends the dataset's 7 prompts to 10; 3 samples of the old last batch are recomputed" in stderr
-    assert "10 complete samples" in stdout and "6 generated" in stdout and "4 already complete" in stdout
+    assert "extends the dataset's 7 prompts to 10; 1 samples of the old last batch are recomputed" in stderr
+    assert "10 complete samples" in stdout and "4 generated" in stdout and "6 already complete" in stdout
     assert same_tree(fresh, grown)
-    now = snapshot(grown)
-    assert all(now[f] == old[f] for f in old if f.startswith(("sequences/0_", "sequences/3_")))  # untouched
+    assert snapshot(grown)["data/shard-00000.parquet"] == old["data/shard-00000.parquet"]  # untouched
     # the recorded list is now the long one: going back to the short one is refused
     code, _, stderr = generate(capsys, tiny_pipeline_dir, pf, grown, *flags, "--max_prompts", 7)
     assert code == 2 and "num_prompts: 10 -> 7" in error_line(stderr)
 
 
-def test_truncated_and_unreadable_files_are_regenerated_and_nothing_else_changes(finished, tiny_pipeline_dir,
-                                                                                 capsys):
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def payload_offset(path: Path) -> int:
+    """The file offset of the first tensor byte of a torch.save file."""
+    import struct
+
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename)
+    header = path.read_bytes()[info.header_offset:info.header_offset + 30]
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def foreign_pickle_zip() -> bytes:
+    """A torch zip (written by torch.save itself, so its zip structure is what a tensor file's is) whose pickle
+    names a callable instead of a tensor: loading it without weights_only would call code."""
+    return tensor_bytes(os.getcwd)
+
+
+def test_damaged_staging_files_are_regenerated_and_nothing_else_changes(tmp_path, tiny_pipeline_dir, capsys,
+                                                                        monkeypatch):
+    """A run killed before sealing leaves its staging files (one per global batch, safetensors with the sha256 of
+    their tensors); a flipped byte, a truncated file, a foreign file (a pickle) and a missing one are found on
+    resume (the checksum: every byte read), regenerated alone, and the dataset equals a fresh run's."""
+    import pickle
+
+    pf = prompts_file(tmp_path, 10)
+    flags = ["--batch_size", 2, "--storage_dtype", "float32"]
+    fresh, out = tmp_path / "fresh", tmp_path / "ds"
+    assert generate(capsys, tiny_pipeline_dir, pf, fresh, *flags)[0] == 0
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the run died after writing every batch, before sealing
+
+    monkeypatch.setattr("golden_noise.dataset.generate.seal_shard", killed)
+    assert generate(capsys, tiny_pipeline_dir, pf, out, *flags)[0] == 130
+    monkeypatch.undo()
+    batches = [F.batch_path(out, b) for b in range(5)]
+    assert all(p.is_file() for p in batches) and not (out / "data").exists()
+    spec = SampleSpec.of(json.loads((out / F.RUN_CONFIG).read_text()))
+    flip_byte(batches[1], batches[1].stat().st_size - 100)  # a tensor byte
+    assert "fails its sha256 check" in read_batch(batches[1], [2, 3], spec)[1]
+    batches[2].write_bytes(batches[2].read_bytes()[:500])
+    batches[3].write_bytes(pickle.dumps(torch.zeros(3)))
+    batches[4].unlink()
+    kept = batches[0].stat().st_mtime_ns
+    written = []
+    import golden_noise.dataset.writer as writer_module
+    real_write = writer_module.atomic_write_bytes
+    monkeypatch.setattr(writer_module, "atomic_write_bytes", lambda p, data: (written.append(Path(p).name),
+                                                                              real_write(p, data)))
+    code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, out, *flags)
+    assert code == 0, stderr
+    assert "3 staging files are damaged" in stderr and "3 damaged files regenerated" in stdout
+    assert "8 generated" in stdout and "2 already complete" in stdout
+    assert sorted(written) == [p.name for p in batches[1:]]  # nothing else rewritten
+    assert same_tree(fresh, out) and kept  # (batch 0's file was read when sealing, then removed with the rest)
+
+
+def test_a_damaged_shard_is_found_and_remade(finished, tiny_pipeline_dir, capsys):
     pf, out, before = finished
-    golden, text = "sequences/3_golden_sequence.pt", "sequences/1_text.pt"
-    (out / golden).write_bytes(before[golden][0][:300])  # truncated: it counted as complete before
-    (out / text).write_bytes(b"not a tensor file")       # unreadable
-    assert not layout.tensor_file_intact(out / golden) and layout.tensor_file_intact(out / "sequences/3_source.pt")
-    damaged = snapshot(out)
+    shard = out / "data/shard-00000.parquet"
+    flip_byte(shard, shard.stat().st_size // 2)
     code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, out, "--batch_size", 2, "--storage_dtype",
                                     "float32")
     assert code == 0, stderr
-    assert "2 sample files are truncated or unreadable and are regenerated" in stderr
-    assert "2 generated" in stdout and "2 damaged files regenerated" in stdout
-    after = snapshot(out)
-    assert after.keys() == before.keys()
-    for f in (golden, text):  # regenerated byte for byte
-        assert after[f][0] == before[f][0]
-    for f in set(before) - {golden, text}:  # every other file, metadata.csv and run_config.json too, untouched
-        assert after[f] == damaged[f], f
+    assert "shard-00000.parquet fails its sha256 check (a damaged byte): it is made again" in stderr
+    assert "5 generated" in stdout
+    assert {k: v[0] for k, v in snapshot(out).items()} == {k: v[0] for k, v in before.items()}
 
 
-def test_guidance_scales(tmp_path, tiny_pipeline_dir, capsys):
-    pf = prompts_file(tmp_path, 2)
-    for flag in ("--denoise_guidance_scale", "--inversion_guidance_scale"):
-        code, _, stderr = generate(capsys, tiny_pipeline_dir, pf, tmp_path / "neg", flag, -0.5)
-        assert code == 2 and f"{flag} must not be negative, got -0.5" in error_line(stderr)
-    assert not (tmp_path / "neg").exists()
+def test_non_finite_sequences_are_refused(tmp_path, tiny_pipeline_dir, capsys):
+    """A guidance scale so large that the golden sequence overflows: one error line, nothing written."""
     out = tmp_path / "ds"
-    code, stdout, stderr = generate(capsys, tiny_pipeline_dir, pf, out, "--denoise_guidance_scale", 0.5,
-                                    "--inversion_guidance_scale", 0)
-    assert code == 0, stderr
-    # w_l = 0.5 runs both branches (2 evaluations), w_w = 0 the unconditional one alone (1): 3 per step
-    assert "UNet evaluations per golden step: 3.0" in stdout
-    assert ("--denoise_guidance_scale 0.5: the golden step uses eps = eps_u + 0.5 (eps_c - eps_u) (UNet branches: "
-            "uncond + cond)") in stderr
-    assert "--inversion_guidance_scale 0: the golden step uses eps = eps_u (UNet branches: uncond)" in stderr
-    assert stderr.count("unlike diffusers' sampling, where w <= 1 means 'no guidance'") == 2
-    effective = json.loads((out / "run_config.json").read_text())["effective_guidance"]
-    assert effective["denoise"] == {"scale": 0.5, "eps": "eps_u + 0.5 (eps_c - eps_u)", "branches": ["uncond", "cond"]}
-    assert effective["inversion"] == {"scale": 0.0, "eps": "eps_u", "branches": ["uncond"]}
-    assert "does not apply here" in effective["rule"]
+    code, _, stderr = generate(capsys, tiny_pipeline_dir, prompts_file(tmp_path, 4), out, "--batch_size", 2,
+                               "--denoise_guidance_scale", 1e38)
+    assert code == 2
+    line = error_line(stderr)
+    assert "sample 0 (2 of its batch of 2): its golden sequence holds NaN or inf values in float16" in line
+    assert "nothing of the batch was written" in line and "--denoise_guidance_scale 1e+38" in line
+    assert not list(out.rglob("*.pt")) and not (out / "data").exists()
+
+
+@pytest.mark.slow  # over 30 s on 2 busy cores: bash scripts/test.sh --all (CI) runs it
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, tiny_pipeline_dir, capsys):
+    """Stage 2 takes the run lock of stages 3 and 5 (on the shards it makes): a second run is refused while the first
+    runs, changes nothing, and runs once the first is gone; another task's shards are not locked."""
+    pf = prompts_file(tmp_path, 400)
+    out = tmp_path / "ds"
+    cmd, env = generate_subprocess(tiny_pipeline_dir, pf, out, "--batch_size", 2)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("staging/batch-*.safetensors")) and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        assert proc.poll() is None
+        code, _, stderr = generate(capsys, tiny_pipeline_dir, pf, out, "--batch_size", 2)
+        assert code == 2
+        line = error_line(stderr)
+        assert f"{out} is in use by a running job (pid {proc.pid}, shard 0)" in line and "--output_dir" in line
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("case", ["proc", "below_a_file"])
@@ -286,6 +448,9 @@ def test_unwritable_output_dir_is_refused_before_reading_prompts_or_loading_the_
     ("non_utf8", "line 2 is not valid UTF-8"),
     ("size", "--height 20 must be a positive multiple of 8"),
     ("model", "cannot load --base_model_id"),
+    ("shard_size", "--samples_per_shard 3 must be a multiple of --batch_size 2"),
+    ("task", "--shard_index 2 must be in [0, 2)"),
+    ("no_prompts", "the following arguments are required: --prompt_file (unless --finalize)"),
 ])
 def test_bad_inputs(tmp_path, tiny_pipeline_dir, case, pattern, capsys):
     pf = prompts_file(tmp_path, 2)
@@ -300,12 +465,16 @@ def test_bad_inputs(tmp_path, tiny_pipeline_dir, case, pattern, capsys):
         extra = ["--height", 20]
     elif case == "model":
         model = "no-such-org/no-such-model"
+    elif case == "shard_size":
+        extra = ["--batch_size", 2, "--samples_per_shard", 3]
+    elif case == "task":
+        extra = ["--num_shards", 2, "--shard_index", 2]
     out = tmp_path / "ds"
-    code, _, stderr = run_main(capsys, SCRIPT, "--prompt_file", pf, "--output_dir", out, "--base_model_id", model,
-                               "--device", "cpu", *extra)
+    args = ["--output_dir", out, "--base_model_id", model, "--device", "cpu", *extra]
+    code, _, stderr = run_main(capsys, SCRIPT, *([] if case == "no_prompts" else ["--prompt_file", pf]), *args)
     assert code == 2
     assert pattern in error_line(stderr)
-    assert not (out / "metadata.csv").exists() and not list(out.rglob("*.pt"))
+    assert not (out / F.RUN_CONFIG).exists() and not list(out.rglob("*.pt")) and not (out / F.DATA).exists()
 
 
 def test_long_prompts_warn_once_with_a_count(tmp_path, tiny_pipeline_dir, capsys):
@@ -329,15 +498,21 @@ def test_full_disk_is_a_clear_error_and_leaves_complete_samples(tmp_path, tiny_p
         assert code == 2
         assert "no space left on device while writing" in error_line(stderr)
         assert not list(out.rglob(".*.tmp"))
-        for seq in (out / "sequences").glob("*_golden_sequence.pt"):  # every visible file loads
-            assert torch.load(seq, weights_only=True).shape == (3, 4, 16, 16)
+        spec = SampleSpec.of(json.loads((out / F.RUN_CONFIG).read_text()))
+        files = sorted((out / F.STAGING).glob("batch-*.safetensors"))
+        assert files
+        for path in files:  # every visible staging file is whole
+            b = int(path.stem.split("-")[1])
+            assert read_batch(path, [2 * b, 2 * b + 1], spec)[1] is None
     finally:
         subprocess.run(["umount", str(mount)])
 
 
-def test_tensor_file_check_finds_every_truncation(tmp_path):
-    """layout.tensor_file_intact, the resume scan's check: every proper prefix of a tensor file, a foreign pickle,
-    an empty file and a folder fail; whole files of every size (zip64 end records included) pass."""
+def test_tensor_file_checks_find_every_truncation_and_flipped_byte(tmp_path):
+    """io.tensor_file_intact (the fast structure check): every proper prefix of a tensor file, a foreign pickle,
+    an empty file and a folder fail; whole files of every size (zip64 end records included) pass.
+    io.tensor_file_problem (stage 2's resume and seal check): also every flipped byte that changes what loads."""
+    import io
     import pickle
 
     from golden_noise.io import atomic_torch_save
@@ -346,13 +521,65 @@ def test_tensor_file_check_finds_every_truncation(tmp_path):
         path = tmp_path / f"{len(shape)}.pt"
         atomic_torch_save(torch.randn(shape).half(), path)
         whole = path.read_bytes()
-        assert layout.tensor_file_intact(path)
+        assert tensor_file_intact(path) and tensor_file_problem(path) is None
         step = max(1, len(whole) // 500)  # about 500 prefixes, always including the last few bytes
         for n in list(range(0, len(whole), step)) + list(range(len(whole) - 120, len(whole))):
             path.write_bytes(whole[:n])
-            assert not layout.tensor_file_intact(path), (shape, n)
+            assert not tensor_file_intact(path), (shape, n)
+    t = torch.randn(4, 8, 8).half()
+    whole = tensor_bytes(t)
+    for i in range(len(whole)):  # every single flipped byte: caught, or harmless (padding, unused header fields)
+        damaged = bytearray(whole)
+        damaged[i] ^= 0x10
+        if tensor_file_problem(bytes(damaged)) is None:
+            try:
+                loaded = torch.load(io.BytesIO(bytes(damaged)), weights_only=True)
+            except Exception:
+                continue  # torch refuses it (and stage 2's check loads every file after this one)
+            assert torch.equal(loaded, t), i
     (tmp_path / "pickle.pt").write_bytes(pickle.dumps(torch.zeros(3)))
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "folder.pt").mkdir()
     for bad in ("pickle.pt", "empty.pt", "missing.pt", "folder.pt"):
-        assert not layout.tensor_file_intact(tmp_path / bad)
+        assert not tensor_file_intact(tmp_path / bad) and tensor_file_problem(tmp_path / bad)
+
+
+def test_flags_are_generated_from_the_dataclasses(capsys):
+    """Every stage-2 flag comes from a dataclass field (or the shared pipeline flags) with its default; the
+    rerun keys come from the fields' metadata."""
+    cli = load_cli(SCRIPT)
+    args = cli.parse_args(["--prompt_file", "p.txt"])
+    settings, defaults = cli.dataclass_from_args(GenerationSettings, args), GenerationSettings()
+    for name in ("start_seed", "storage_dtype", "save_prompt_embeds", "text_embedding", "height", "width",
+                 "num_steps", "batch_size", "samples_per_shard"):
+        assert getattr(settings, name) == getattr(defaults, name), name
+    assert (args.output_dir, args.max_prompts, args.num_shards, args.shard_index, args.finalize) == \
+        ("./data/npd_sequence_dataset_sdxl/", None, None, None, False)
+    assert {"golden", "num_steps", "batch_size", "start_seed", "storage_dtype", "scoring"} <= set(EARLY_KEYS)
+    assert {"height", "width", "text_embedding", "latent_shape", "sharding"} <= set(SIGNATURE_KEYS) - set(EARLY_KEYS)
+    # a field's rules are its flag's: one line naming the flag
+    for argv, message in ((["--num_steps", "0"], "--num_steps must be at least 1, got 0"),
+                          (["--denoise_guidance_scale", "nan"], "--denoise_guidance_scale"),
+                          (["--start_seed", str(2 ** 63)], "--start_seed must be in [0, 9223372036854775807]"),
+                          (["--shard_index", "-1"], "--shard_index must not be negative, got -1"),
+                          (["--samples_per_shard", "0"], "--samples_per_shard must be at least 1, got 0")):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--prompt_file", "p.txt", *argv])
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_stage_2_imports_nothing_of_stages_5_and_6():
+    """Pipeline order: stage 2 (its CLI, the generator, scoring with its reward plumbing) and the dataset package
+    import no module of stage 5 (inference) or 6 (evaluation, report, sweep)."""
+    code = ("import sys, runpy; sys.argv = ['x', '--help']\n"
+            "import golden_noise.dataset.generate, golden_noise.dataset.convert, golden_noise.dataset.hub\n"
+            "import golden_noise.scoring, golden_noise.rewards.base, golden_noise.training.trainer\n"
+            "try:\n    runpy.run_path('src/generate_npd_series.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('golden_noise'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = proc.stdout.strip().splitlines()[-1].split()
+    assert "golden_noise.dataset.generate" in loaded and "golden_noise.scoring" in loaded
+    later = [m for m in loaded if m.split(".")[1:2] in (["inference"], ["evaluation"], ["report"], ["sweep"])]
+    assert later == [], later

@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from golden_noise import hub, layout
+from golden_noise import hub
+from golden_noise.dataset import format as layout
 from golden_noise.errors import UserError
 from golden_noise.export import (FINAL_STEM, HUB_CONFIG, HUB_WEIGHTS, config_sha256, file_sha256, load_export,
                                  sealed_weights, stage_for_hub)
@@ -53,13 +54,14 @@ def dataset(tiny_pipeline, tiny_pipeline_dir, tmp_path_factory) -> Path:
     """8 samples in stage 2's layout (random tensors, n = 3, latents 4x16x16) with the run_config stage 2 writes for
     the tiny pipeline (family, latent space, golden step, text embedding, base model)."""
     from golden_noise.golden import GoldenStep
-    from golden_noise.npd import GenerationSettings, build_run_config
+    from golden_noise.dataset.generate import GenerationSettings, build_run_config
 
     root = write_synthetic_dataset(tmp_path_factory.mktemp("hubdata") / "ds", n=8, steps=3, shape=(4, 16, 16), dim=32)
     settings = GenerationSettings(base_model_id=str(tiny_pipeline_dir), num_steps=3, golden=TRAIN_GOLDEN,
                                   storage_dtype="float32")
     step = GoldenStep(tiny_pipeline.unet, tiny_pipeline.scheduler.config, TRAIN_GOLDEN)
-    layout.write_run_config(root, build_run_config(tiny_pipeline, settings, step))
+    layout.write_run_config(root, {**build_run_config(tiny_pipeline, settings, step),
+                                   "format_version": layout.LOOSE_FORMAT_VERSION})  # the loose files of format 1
     return root
 
 
@@ -168,7 +170,7 @@ def test_push_to_hub_then_load_by_id_offline(export, tiny_pipeline, hub_cache, o
 def test_model_card_states_what_it_was_trained_on(export, dataset, tmp_path):
     """The card's YAML (library, tags, what ties the model to a pipeline, the validation's explained fraction, the
     data fingerprint, the identity) and its body (training data, golden step, validation) come from the export."""
-    from golden_noise.sequence_data import dataset_fingerprint
+    from golden_noise.dataset.reader import dataset_fingerprint
 
     files = repo_files(export, tmp_path)
     meta, body = card_parts(files["README.md"].decode())

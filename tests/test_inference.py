@@ -13,7 +13,7 @@ from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise
 from golden_noise.golden import GoldenConfig, golden_step
 from golden_noise.errors import UserError
 from golden_noise.io import load_tensor
-from tests.conftest import load_cli, run_cli
+from tests.conftest import dataset_samples, load_cli, run_cli
 
 PROMPT = "A futuristic cityscape at sunset, synthwave style"
 TRAIN_GOLDEN = GoldenConfig(schedule_steps=10, denoise_guidance_scale=4.0, inversion_guidance_scale=1.0)
@@ -27,7 +27,7 @@ def make_export(stem: Path, pipe, pipe_dir: Path, noise_resolution: int = 16, pr
     Its change head gets random weights, so unlike a fresh model it is not the identity."""
     from golden_noise.model.rnn_seq_model_v3 import NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 
-    from golden_noise.npd import GenerationSettings, build_run_config
+    from golden_noise.dataset.generate import GenerationSettings, build_run_config
 
     res = noise_resolution * pipe.vae_scale_factor
     settings = GenerationSettings(base_model_id=str(pipe_dir), num_steps=TRAIN_STEPS, golden=TRAIN_GOLDEN,
@@ -98,10 +98,11 @@ def test_text_embedding_kinds_agree_between_stage_2_and_inference(tiny_pipeline,
     assert config["text_embedding"] == {"kind": "pooled+mean_token", "dim": 32 + 64,
                                         "source": "text_encoder_2+prompt_embeds"}
     pooled = encode_prompts(tiny_pipeline, prompts, with_uncond=False).cond_pooled
-    stored = torch.stack([load_tensor(out / f"sequences/{i}_text.pt") for i in range(3)])
+    samples = dataset_samples(out)
+    stored = torch.stack([samples[i]["text"] for i in range(3)])
     for i, prompt in enumerate(prompts):
         tokens = len(tiny_pipeline.tokenizer(prompt).input_ids)  # with BOS and EOS, no padding
-        embeds = load_tensor(out / f"sequences/{i}_prompt_embeds.pt")  # (77, 64)
+        embeds = samples[i]["prompt_embeds"]  # (77, 64)
         torch.testing.assert_close(stored[i, :32], pooled[i], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stored[i, 32:], embeds[:tokens].mean(0), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(stored[0, 32:], stored[1, 32:])

@@ -1,9 +1,9 @@
-"""NPNet's data recipe, measured: stage 2 scores each sample (--score_metric), records the rewards in metadata.csv,
-refuses a rerun with other scoring settings, and training keeps only the samples whose gain reaches
---min_reward_gain. On the tiny offline pipeline with a user reward from a temporary file."""
+"""NPNet's data recipe, measured: stage 2 scores each sample (--score_metric), records the rewards in the shards,
+refuses a rerun with other scoring settings, loads the reward before it writes anything, and training keeps only
+the samples whose gain reaches --min_reward_gain. On the tiny offline pipeline with a user reward from a temporary
+file."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from golden_noise import layout
+from golden_noise.dataset import format as F
 from golden_noise.diffusion import encode_prompts, sample_images, seeded_noise
 from golden_noise.golden import GoldenConfig, golden_step
-from golden_noise.io import load_tensor
-from tests.test_generate import SCRIPT, prompts_file, run_main, same_tree
+from tests.conftest import dataset_samples
+from tests.test_generate import SCRIPT, flip_byte, prompts_file, run_main, same_tree
 from tests.test_training import ARCH, train_cli
 
 REWARD = '''
@@ -73,19 +73,21 @@ class _Quiet:
 
 
 def metadata(root):
-    with open(root / layout.METADATA, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    """The samples in id order (dicts of their columns)."""
+    samples = dataset_samples(root)
+    return [samples[i] for i in sorted(samples)]
 
 
 def test_scored_dataset_records_both_rewards_and_keeps_every_sample(scored, tiny_pipeline, reward_file):
     rows = metadata(scored["scored"])
     assert [int(r["id"]) for r in rows] == list(range(N))  # no sample dropped
-    assert list(rows[0])[-4:] == ["scores_file", "reward_standard", "reward_golden", "reward_gain"]
-    config = json.loads((scored["scored"] / layout.RUN_CONFIG).read_text())
+    assert list(rows[0])[-3:] == ["reward_standard", "reward_golden", "reward_gain"]
+    config = json.loads((scored["scored"] / F.RUN_CONFIG).read_text())
     assert config["scoring"] == {"metric": "Brightness", "reward": f"{reward_file}:Brightness", "reward_path": None,
                                  "guidance_scale": SCORE_W, "num_inference_steps": SCORE_STEPS,
                                  "images": ["x_T", "x'_n"]}
-    assert "scoring" not in json.loads((scored["plain"] / layout.RUN_CONFIG).read_text())
+    assert "scoring" not in json.loads((scored["plain"] / F.RUN_CONFIG).read_text())
+    assert "reward_gain" not in metadata(scored["plain"])[0]
     # the rewards are those of the images sampled from x_T and from x'_n (float32, as computed), batch by batch
     texts = scored["prompts"].read_text().splitlines()
     pipe = tiny_pipeline
@@ -104,23 +106,25 @@ def test_scored_dataset_records_both_rewards_and_keeps_every_sample(scored, tiny
             bright = [float(np.asarray(im.convert("L"), dtype=np.float64).mean() / 255) for im in images]
             for j, i in enumerate(ids):
                 r = rows[i]
-                assert float(r["reward_standard"]) == bright[j]
-                assert float(r["reward_golden"]) == bright[len(ids) + j]
-                stored = load_tensor(scored["scored"] / f"sequences/{i}_scores.pt")
-                assert stored.dtype == torch.float64 and stored.shape == (2,)
-                assert float(r["reward_gain"]) == float(stored[1] - stored[0])
+                assert r["reward_standard"] == bright[j]  # float64 columns: the reward's floats exactly
+                assert r["reward_golden"] == bright[len(ids) + j]
+                assert r["reward_gain"] == r["reward_golden"] - r["reward_standard"]
     finally:
         torch.set_num_threads(threads)
     gains = [float(r["reward_gain"]) for r in rows]
     assert any(g != 0 for g in gains)
-    # scoring reads no random numbers: the dataset's tensors equal the unscored dataset's, byte for byte
+    # scoring reads no random numbers: the dataset's tensors equal the unscored dataset's
+    plain = metadata(scored["plain"])
     for i in range(N):
-        for column, rel in layout.sample_files(i).items():
-            assert (scored["scored"] / rel).read_bytes() == (scored["plain"] / rel).read_bytes(), (i, column)
+        for column in ("source", "golden", "text"):
+            assert torch.equal(rows[i][column], plain[i][column]), (i, column)
+    # the card reports the scores
+    card = (scored["scored"] / "README.md").read_text()
+    assert "| scores | Brightness of the image sampled from x_T" in card and "gain > 0 for" in card
 
 
-def test_rerun_with_other_scoring_is_refused_and_a_lost_score_is_remade(scored, tiny_pipeline_dir, reward_file,
-                                                                         tmp_path, capsys):
+def test_rerun_with_other_scoring_is_refused_and_a_damaged_scored_shard_is_remade(scored, tiny_pipeline_dir,
+                                                                                 reward_file, tmp_path, capsys):
     import shutil
 
     work = tmp_path / "ds"
@@ -129,11 +133,12 @@ def test_rerun_with_other_scoring_is_refused_and_a_lost_score_is_remade(scored, 
         code, _, err = generate(capsys, tiny_pipeline_dir, scored["prompts"], work, *extra)
         assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and diff in err, err
         assert same_tree(work, scored["scored"])  # refused: nothing changed
-    # a sample whose scores file is lost is recomputed (its whole batch), and only that file is written
-    (work / "sequences/5_scores.pt").unlink()
+    # a damaged shard is made again, its scores the same
+    shard = work / "data/shard-00000.parquet"
+    flip_byte(shard, shard.stat().st_size // 3)
     code, out, err = generate(capsys, tiny_pipeline_dir, scored["prompts"], work, *score_flags(reward_file))
     assert code == 0, err
-    assert "1 generated" in out
+    assert f"{N} generated" in out and "fails its sha256 check" in err
     assert same_tree(work, scored["scored"])
 
 
@@ -144,7 +149,47 @@ def test_score_flags_need_a_metric(tiny_pipeline_dir, tmp_path, capsys):
     code, _, err = generate(capsys, tiny_pipeline_dir, prompts_file(tmp_path, 2), tmp_path / "out",
                             "--score_metric", "nope")
     assert code == 2 and "unknown metric 'nope'" in err.strip().splitlines()[-1]
-    assert not (tmp_path / "out" / layout.RUN_CONFIG).exists()
+    assert not (tmp_path / "out" / F.RUN_CONFIG).exists()
+
+
+NEEDS_PATH = '''
+from pathlib import Path
+
+
+class NeedsWeights:
+    def __init__(self, path=None, batch_size=8):
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(f"no weights at {path}")
+
+    def score(self, images, prompts):
+        return [0.5 for _ in images]
+'''
+
+
+def test_a_bad_reward_path_fails_before_anything_is_written(tiny_pipeline_dir, tmp_path, capsys):
+    """The reward is loaded (and its --score_reward_path checked) before run_config.json or any sample is written,
+    so the corrected rerun is not refused as a rerun with other settings."""
+    plugin = tmp_path / "needs.py"
+    plugin.write_text(NEEDS_PATH, encoding="utf-8")
+    prompts, out = prompts_file(tmp_path, 4), tmp_path / "out"
+    flags = ["--score_metric", f"{plugin}:NeedsWeights", "--score_num_inference_steps", 1]
+    code, _, err = generate(capsys, tiny_pipeline_dir, prompts, out, *flags, "--score_reward_path",
+                            tmp_path / "missing.bin")
+    assert code == 2 and "no weights at" in err.strip().splitlines()[-1]
+    assert not out.exists() or [p.name for p in out.iterdir()] in ([], [".lock"])
+    (tmp_path / "weights.bin").write_bytes(b"w")
+    code, stdout, err = generate(capsys, tiny_pipeline_dir, prompts, out, *flags, "--score_reward_path",
+                                 tmp_path / "weights.bin")
+    assert code == 0, err
+    assert "4 complete samples" in stdout
+
+
+def test_scoring_defaults_are_stage_5_sampling_defaults():
+    from golden_noise.inference.config import SamplingConfig
+    from golden_noise.scoring import ScoringConfig
+
+    assert (ScoringConfig().score_guidance_scale, ScoringConfig().score_num_inference_steps) == \
+        (SamplingConfig().guidance_scale, SamplingConfig().num_inference_steps)
 
 
 def train(dataset, out, *extra):
@@ -168,10 +213,10 @@ def fresh_accelerate():
 
 
 def test_min_reward_gain_keeps_the_samples_whose_gain_reaches_it(scored, tmp_path, capsys, fresh_accelerate):
-    from golden_noise.sequence_data import split_ids
+    from golden_noise.dataset.reader import split_ids
     from golden_noise.training.trainer import Trainer
 
-    gains = {int(r["id"]): float(r["reward_gain"]) for r in metadata(scored["scored"])}
+    gains = {r["id"]: r["reward_gain"] for r in metadata(scored["scored"])}
     train_ids, val_ids = split_ids(sorted(gains), 0.2)
     threshold = sorted(gains[i] for i in train_ids)[len(train_ids) // 2]  # the median: about half are kept
     expected = sorted(i for i in train_ids if gains[i] >= threshold)

@@ -1,5 +1,5 @@
 """Stage 3: the sequence dataset reader, the Trainer and train_rnn_model_v3.py on real stage-2 data from the tiny
-pipeline (and on small synthetic datasets written through golden_noise.layout).
+pipeline (and on small synthetic datasets of loose files, format 1: golden_noise.dataset.format).
 
 Most runs call the CLI's main() in this process (the Trainer does the work); subprocesses only where a process
 matters: kill -9, a second process holding the output dir, accelerate launch with 2 processes, scripts/train.sh.
@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from golden_noise import layout
+from golden_noise.dataset import format as F
 from golden_noise.errors import UserError
 from golden_noise.model.rnn_seq_model_v3 import FINAL_STEM, NoiseSequenceRNN_v3, NoiseSequenceRNNConfig
 from golden_noise.runtime import run_cli as cli_main
-from golden_noise.sequence_data import collate, golden_change_rms, open_dataset, split_ids
+from golden_noise.dataset.reader import collate, golden_change_rms, open_dataset, split_ids
 from golden_noise.training.config import ARCH_FIELDS, TrainingConfig
 from golden_noise.training.core import warmup_cosine
 from tests.conftest import ROOT, run_cli
@@ -84,7 +84,8 @@ def train_subprocess(*args, env=None, check=True):
 
 def write_synthetic_dataset(root: Path, n: int = 8, steps: int = 3, shape=(4, 8, 8), dim: int = 16,
                             dtype=torch.float32) -> Path:
-    """A dataset in stage 2's layout (golden_noise.layout) with random tensors (a small smooth change per step)."""
+    """A format-1 dataset (loose files: golden_noise.dataset.format) with random tensors (a small smooth change per
+    step)."""
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(n):
@@ -93,20 +94,20 @@ def write_synthetic_dataset(root: Path, n: int = 8, steps: int = 3, shape=(4, 8,
         for _ in range(steps):
             cur = 0.97 * cur + 0.05 * torch.tanh(cur.roll(1, dims=-1))
             seq.append(cur)
-        layout.write_sample(root, i, {"source_noise_file": x.to(dtype),
+        F.write_loose_sample(root, i, {"source_noise_file": x.to(dtype),
                                       "golden_sequence_file": torch.stack(seq).to(dtype),
                                       "text_embedding_file": torch.randn(dim, generator=g).to(dtype)})
         rows.append({"id": i, "prompt": f"prompt {i}", "seed": i, "num_steps": steps})
-    layout.write_metadata(root, rows)
-    layout.write_run_config(root, {
-        "format_version": layout.FORMAT_VERSION, "base_model_id": "synthetic", "num_steps": steps,
+    F.write_metadata(root, rows)
+    F.write_run_config(root, {
+        "format_version": F.LOOSE_FORMAT_VERSION, "base_model_id": "synthetic", "num_steps": steps,
         "latent_shape": list(shape), "storage_dtype": str(dtype).replace("torch.", ""),
         "text_embedding": {"kind": "pooled", "dim": dim}})
     return root
 
 
 def sample_file(root: Path, sample_id: int, column: str) -> Path:
-    return root / layout.sample_files(sample_id)[column]
+    return root / F.sample_files(sample_id)[column]
 
 
 @pytest.fixture(scope="session")

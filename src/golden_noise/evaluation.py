@@ -446,11 +446,3 @@ def build_metrics(metrics: Sequence[str], reward_paths: Sequence[str] | None, de
                                   "batch_size": batch_size}) for metric, name in zip(metrics, names)]
 
 
-def score_loaded_images(reward, images: Sequence, prompts: Sequence[str], batch_size: int,
-                        metric: str = "reward") -> list[float]:
-    """Score in-memory PIL images against their prompts, `batch_size` at a time; one finite float per image."""
-    scores: list[float] = []
-    for start in range(0, len(images), max(1, batch_size)):
-        chunk = list(images[start:start + batch_size])
-        scores.extend(check_scores(reward.score(chunk, list(prompts[start:start + len(chunk)])), len(chunk), metric))
-    return scores

@@ -85,16 +85,32 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
 class RunLock:
     """An exclusive lock on an output folder (`<folder>/.lock`, flock): a second run into it is refused.
 
-    The lock dies with its process (also on kill -9), so a stale lock file never blocks a rerun."""
+    With `ranges`, the lock covers only those parts of the folder's work (POSIX record locks on those bytes of the
+    same file): runs that share a folder but own disjoint parts (stage 2's shards made on several machines) go
+    together, a second run of any part is refused. The lock dies with its process (also on kill -9), so a stale
+    lock file never blocks a rerun."""
 
-    def __init__(self, folder: str | os.PathLike, flag: str):
+    def __init__(self, folder: str | os.PathLike, flag: str, ranges: Sequence[int] | None = None,
+                 what: str = "part"):
         self.path, self.flag, self.fd = Path(folder) / ".lock", flag, None
+        self.ranges, self.what = (sorted(set(ranges)) if ranges is not None else None), what
 
     def acquire(self) -> "RunLock":
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.ranges is not None:
+            for k in self.ranges:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, k)
+                except OSError:  # EAGAIN / EACCES: another process holds it
+                    holder = _record_lock_holder(fd, k)
+                    os.close(fd)  # releases the record locks taken so far
+                    raise UserError(f"{self.path.parent} is in use by a running job ({holder}, {self.what} {k}): "
+                                    f"wait for it to finish or choose another {self.flag}") from None
+            self.fd = fd
+            return self
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,6 +123,19 @@ class RunLock:
         self.fd = fd
         return self
 
+    def add(self, ranges: Sequence[int]) -> None:
+        """Also lock `ranges` (a held range lock; the same file descriptor: closing another one on this file would
+        drop every record lock of the process)."""
+        import fcntl
+
+        for k in sorted(set(ranges) - set(self.ranges or ())):
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, k)
+            except OSError:
+                raise UserError(f"{self.path.parent} is in use by a running job ({_record_lock_holder(self.fd, k)}, "
+                                f"{self.what} {k}): wait for it to finish or choose another {self.flag}") from None
+            self.ranges.append(k)
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -117,3 +146,17 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _record_lock_holder(fd: int, offset: int) -> str:
+    """'pid N' of the process holding a POSIX record lock on byte `offset` of `fd` (Linux's struct flock)."""
+    import fcntl
+    import struct
+
+    try:
+        probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        result = fcntl.fcntl(fd, fcntl.F_GETLK, probe + b"\0" * 8)
+        pid = struct.unpack("hhqqi", result[:struct.calcsize("hhqqi")])[4]
+        return f"pid {pid}" if pid > 0 else "another process"
+    except (OSError, struct.error, ValueError):
+        return "another process"

@@ -194,6 +194,19 @@ def run_cli(main: Callable, parse_args: Callable, argv: Sequence[str] | None = N
     return 0
 
 
+def package_versions(*extra: str) -> dict[str, str]:
+    """{package: installed version} of torch, diffusers, transformers, accelerate and `extra` (those installed)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", *extra):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def global_batches(items: Sequence, batch_size: int) -> list[list]:
     """Fixed batches items[kB:(k+1)B] over the whole list: a sample is always computed in the same batch, whatever
     the process count or resume point, so outputs do not depend on either."""

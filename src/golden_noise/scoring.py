@@ -2,10 +2,12 @@
 golden noise helped (train_rnn_model_v3.py --min_reward_gain).
 
 For a batch of samples, the image sampled from x_T (what `standard` makes) and the one sampled from x'_n (the
-oracle's image) are made with the given sampling settings (golden_noise.diffusion.sample_images, stage 5's
-sampling) and scored by a reward (stage 6's scoring: one finite float per image). The scores are stored per
-sample (layout.SCORES_COLUMN) and listed in metadata.csv as reward_standard, reward_golden, reward_gain; no
-sample is dropped. Sampling reads no random numbers, so a scored dataset's tensors equal an unscored one's."""
+oracle's image) are made with the given sampling settings (golden_noise.diffusion.sample_images, the sampling
+stage 5 runs) and scored by a reward (golden_noise.rewards: one finite float per image). The scores are stored
+per sample (the shards' reward_standard, reward_golden, reward_gain columns); no sample is dropped. Sampling reads
+no random numbers, so a scored dataset's tensors equal an unscored one's.
+
+Pipeline order: this module uses the shared core only (diffusion, rewards), never stage 5 or 6 code."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from .cli import check_fields, dataclass_defaults, setting
-from .inference.config import SamplingConfig
+from .cli import check_fields, setting
 
-_SAMPLING = dataclass_defaults(SamplingConfig)
+# stage 5's sampling defaults (inference.config.SamplingConfig; tests/test_scoring.py checks that they agree)
+SAMPLING_GUIDANCE_SCALE, SAMPLING_STEPS = 5.5, 30
 
 
 @dataclass
@@ -24,15 +26,14 @@ class ScoringConfig:
     """How stage 2 scores its samples (the --score_* flags, with their ranges); part of the dataset's settings."""
 
     score_metric: str | None = setting(None, "score each sample: the images sampled from x_T and from x'_n, scored by "
-                                       "this reward (a built-in name or FILE.py:NAME), recorded in metadata.csv as "
-                                       "reward_standard, reward_golden, reward_gain (no sample is dropped; train with "
+                                       "this reward (a built-in name or FILE.py:NAME), recorded as reward_standard, "
+                                       "reward_golden, reward_gain (no sample is dropped; train with "
                                        "--min_reward_gain to filter)")
     score_reward_path: str | None = setting(None, "model file/folder (or hub id) of --score_metric, e.g. "
                                             "worlds/toy_shapes for toy_attributes")
-    score_guidance_scale: float = setting(_SAMPLING["guidance_scale"], "sampling CFG scale of the scored images "
+    score_guidance_scale: float = setting(SAMPLING_GUIDANCE_SCALE, "sampling CFG scale of the scored images "
                                           "(diffusers applies none for a scale <= 1)", min=0)
-    score_num_inference_steps: int = setting(_SAMPLING["num_inference_steps"], "sampling steps of the scored images",
-                                             min=1)
+    score_num_inference_steps: int = setting(SAMPLING_STEPS, "sampling steps of the scored images", min=1)
     score_batch_size: int = setting(32, "images per reward forward pass", min=1)
 
     def check(self) -> None:
@@ -66,7 +67,7 @@ class SampleScorer:
     def __call__(self, prompts: Sequence[str], x_T: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
         """x_T, golden: (B, C, H, W) -> (B, 2): both sampled in one pipeline call of 2B, then scored."""
         from .diffusion import sample_images
-        from .evaluation import score_loaded_images
+        from .rewards.base import score_loaded_images
 
         prompts = list(prompts)
         latents = torch.cat([x_T.float(), golden.float()])  # (2B, C, H, W)

@@ -33,7 +33,7 @@ from ..diffusion.base import ModelRows
 from ..errors import UserError
 from ..golden import GoldenConfig
 from ..io import BackgroundWriter, atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
-from ..layout import tensor_file_intact
+from ..io import tensor_file_intact
 from ..methods import LEARNED, METHODS, ONE_STEP, folder, order_key
 from ..prompts import Prompt
 from ..runtime import get_logger
@@ -202,7 +202,7 @@ def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None, others: d
 def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
     """Load the pipeline and its sampler (or take `pipe` and `sampler`, loaded from the same spec), refuse a rerun
     whose resolved sizes differ, then (main process) remove stale temporary files and record the settings."""
-    from ..npd import package_versions
+    from ..runtime import package_versions
     from ..runs import keep_unused, read_settings, refuse_mixed_rerun
     from .config import load_job_pipelines, sampling_record
     from .sampler import build_sampler
@@ -329,8 +329,7 @@ def generate_batch(run: BatchRun, batch: list[Prompt], writer: ImageWriter, stat
                    recorded: set[tuple[int, str]]) -> None:
     """Every method's missing images of one global batch (the whole batch is computed, so pixels never depend
     on which of its images were missing). Missing: not an intact PNG (`intact_png`: decoded, every CRC checked), no
-    manifest row, or (with --save_noise) no intact noise file (layout.tensor_file_intact: the check stage 2 resumes
-    with)."""
+    manifest row, or (with --save_noise) no intact noise file (io.tensor_file_intact: a fast zip-structure check)."""
     job, out, s = run.job, run.out, run.settings
     texts = [p.text for p in batch]
     seeds = [job.start_seed + p.index for p in batch]

@@ -92,7 +92,7 @@ def run_single(job: SingleJob) -> dict:
     latents, timings, golden = golden_latents(job, text, gn, pipe, resolved)
     stem = job.output_name or f"{prompt_slug(text)}_seed{job.seed}"
     files = save_outputs(job, text, sampler, latents, timings, resolved, out, stem)
-    from ..npd import package_versions
+    from ..runtime import package_versions
 
     settings = {**flat_record(job), **resolved, "oracle_golden": golden.to_dict() if golden else None,
                 "files": files, "timings": timings, **rnn_record(gn),

@@ -209,6 +209,16 @@ def check_scores(scores, n: int, metric: str) -> list[float]:
     return values
 
 
+def score_loaded_images(reward, images: Sequence, prompts: Sequence[str], batch_size: int,
+                        metric: str = "reward") -> list[float]:
+    """Score in-memory PIL images against their prompts, `batch_size` at a time; one finite float per image."""
+    scores: list[float] = []
+    for start in range(0, len(images), max(1, batch_size)):
+        chunk = list(images[start:start + batch_size])
+        scores.extend(check_scores(reward.score(chunk, list(prompts[start:start + len(chunk)])), len(chunk), metric))
+    return scores
+
+
 def reward_factory(name: str) -> Callable[..., "RewardModel"]:
     """The factory registered as `name` (importing its module on first use), or a user's `FILE.py:NAME`."""
     if name not in _REGISTRY and name in BUILTIN_REWARDS:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ..cli import check_fields, rerun_keys, setting
-
-from ..model import DEFAULT_MODEL_TYPE, MODEL_TYPES
+from ..model import DEFAULT_MODEL_TYPE, MODEL_TYPES, model_class
+from ..model.npnet import DATA_FIELDS as NPNET_DATA_FIELDS, NPNetConfig
 from ..model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNConfig
 
 # the architecture: every model config field that does not describe the data
@@ -35,7 +35,8 @@ class TrainingConfig:
     --max_train_steps), checkpointing, logging and the loader's worker count may change."""
 
     dataset_dir: str = _f("./data/npd_sequence_dataset_sdxl/", "data",
-                          "dataset written by generate_npd_series.py (metadata.csv, run_config.json, sequences/)",
+                          "dataset written by generate_npd_series.py (run_config.json, index.json, data/*.parquet; "
+                          "an older one of loose files too), or a hub dataset id owner/name (scripts/push_dataset.py)",
                           rerun=True)
     output_dir: str = _f("./output/rnn_v3_seq_model_output/", "data",
                          "checkpoints, tensorboard logs, validation.json and the final export")
@@ -139,8 +140,6 @@ def field_groups(cls=TrainingConfig) -> dict[str, list[str]]:
 
 def data_fields(cls) -> tuple[str, ...]:
     """The fields of a model config dataclass that the trainer sets from the dataset."""
-    from ..model.npnet import DATA_FIELDS as NPNET_DATA_FIELDS, NPNetConfig
-
     return NPNET_DATA_FIELDS if cls is NPNetConfig else DATA_FIELDS
 
 
@@ -153,8 +152,6 @@ def architecture(model_type: str = DEFAULT_MODEL_TYPE, **values):
     """The model config of `model_type` from its architecture fields (`arch_fields`) only; the trainer sets the data
     fields from the dataset. For the CNN models, noise_resolution stands in until then: the smallest one the encoder
     stages accept."""
-    from ..model import model_class
-
     cls = model_class(model_type).config_class
     unknown = sorted(set(values) - set(arch_fields(cls)))
     if unknown:

@@ -1,6 +1,7 @@
 """Training helpers for the noise models (stage 3): data order, subsets, losses, LR schedule, validation summaries."""
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
 
 from ..errors import UserError
+from ..runtime import get_logger
 
 
 class EpochSampler(Sampler[int]):
@@ -29,53 +31,42 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def keep_reward_gain(train, dataset_dir: str | Path, minimum: float):
-    """The training samples whose metadata.csv reward_gain is >= `minimum` (NPNet's filter: keep a pair only when
-    the golden image scores higher), as a copy of the `SequenceDataset`; logs how many are kept."""
-    import copy
-
-    from .. import layout
-    from ..runtime import get_logger
-
-    path = Path(dataset_dir) / layout.METADATA
-    gains = layout.read_reward_gains(dataset_dir)
+def keep_reward_gain(data, minimum: float):
+    """The training samples of `data` (a dataset.reader.SequenceData) whose recorded reward_gain is >= `minimum`
+    (NPNet's filter: keep a pair only when the golden image scores higher), as a subset of `data.train`; logs how
+    many are kept."""
+    train = data.train
+    gains = data.reward_gains()
     if gains is None:
-        raise UserError(f"--min_reward_gain needs reward scores, but {path} has no reward_gain column: generate the "
-                        "dataset with generate_npd_series.py --score_metric METRIC (a new --output_dir), or drop "
-                        "--min_reward_gain")
+        raise UserError(f"--min_reward_gain needs reward scores, but the dataset {data.root} has no reward_gain "
+                        "column: generate the dataset with generate_npd_series.py --score_metric METRIC (a new "
+                        "--output_dir), or drop --min_reward_gain")
     missing = [i for i in train.ids if i not in gains]
     if missing:
-        raise UserError(f"{path} has no reward_gain for sample {missing[0]} ({len(missing)} in all): rerun "
+        raise UserError(f"{data.root} has no reward_gain for sample {missing[0]} ({len(missing)} in all): rerun "
                         "generate_npd_series.py into that dataset to finish it")
-    kept = copy.copy(train)
-    kept.rows = [r for r in train.rows if gains[r.id] >= minimum]
     values = [gains[i] for i in train.ids]
-    if not kept.rows:
+    kept = train.subset([i for i in train.ids if gains[i] >= minimum])
+    if not len(kept):
         raise UserError(f"--min_reward_gain {minimum:g} keeps none of the {len(values)} training samples (their "
                         f"reward_gain lies in [{min(values):.4g}, {max(values):.4g}]): lower it")
     get_logger("train_rnn_model_v3").info(
-        "--min_reward_gain %g keeps %d of %d training samples (reward_gain from %s; the validation split is "
-        "unchanged)", minimum, len(kept.rows), len(values), path)
+        "--min_reward_gain %g keeps %d of %d training samples (reward_gain recorded in %s; the validation split is "
+        "unchanged)", minimum, len(kept), len(values), data.root)
     return kept
 
 
 def keep_fraction(train, fraction: float):
     """The training samples whose id ranks in the first round(fraction * N) by a hash of the id (at least one), as a
     copy of the `SequenceDataset`: deterministic, independent of order and process count, and nested (a smaller
-    fraction's samples are in every larger one's); logs how many are kept."""
-    import copy
-    import hashlib
-
-    from ..runtime import get_logger
-
+    fraction's samples are in every larger one's), for either format (`SequenceDataset.subset`); logs how many are
+    kept."""
     if not 0.0 < fraction <= 1.0:
         raise UserError(f"--train_fraction must be in (0, 1], got {fraction}")
     ranked = sorted(train.ids, key=lambda i: hashlib.sha256(f"golden-noise-subset:{i}".encode()).hexdigest())
-    keep = set(ranked[:max(1, round(fraction * len(ranked)))])
-    kept = copy.copy(train)
-    kept.rows = [r for r in train.rows if r.id in keep]
+    kept = train.subset(ranked[:max(1, round(fraction * len(ranked)))])
     get_logger("train_rnn_model_v3").info("--train_fraction %g keeps %d of %d training samples (the validation split "
-                                          "is unchanged)", fraction, len(kept.rows), len(train.rows))
+                                          "is unchanged)", fraction, len(kept), len(train))
     return kept
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .. import layout
+from ..dataset import format as dataset_format
+from ..dataset.reader import as_float, collate, dataset_fingerprint, golden_change_rms, open_dataset
 from ..errors import UserError, one_line
 from ..io import atomic_write_json
 from ..model import is_one_step, model_class
@@ -82,7 +83,7 @@ class Trainer:
         self.accelerator = None
         self.lock: RunLock | None = None
         self.resume_dir: Path | None = None
-        self.data = None  # sequence_data's opened dataset: train and validation splits, run_config
+        self.data = None  # dataset.reader's opened dataset: train and validation splits, run_config
         # build(): the model and what trains it (prepared by accelerate), and the run's length
         self.model_config = None  # the arch with the data's shapes (and delta_scale), or a checkpoint's
         self.model = self.optimizer = self.lr_scheduler = None
@@ -244,9 +245,9 @@ class Trainer:
             where, old = export, C.read_export_args(export)
         else:
             return
-        refuse_other_settings(where, old, cfg.record(self.arch), resume_keys(self.arch), "resume with the same settings (only "
-                              "the run's length, checkpointing and logging may change), or choose a new "
-                              "--output_dir", what="a training")
+        refuse_other_settings(where, old, cfg.record(self.arch), resume_keys(self.arch), "resume with the same "
+                              "settings (only the run's length, checkpointing and logging may change), or choose a "
+                              "new --output_dir", what="a training")
 
     def _note_compatibility_flags(self) -> None:
         """The seed's flags that this model does not use: said once, recorded only."""
@@ -261,11 +262,9 @@ class Trainer:
         """Shapes from run_config.json, architecture from `arch`, delta_scale from the data (the RMS of the per-step
         change for the RNN, of the whole change x'_n - x_T for the direct model; NPNet has none) or, when resuming,
         the checkpoint's config, whose shapes the data must match."""
-        from ..sequence_data import golden_change_rms
-
         cfg, data = self.config, self.data
         c, h, w = data.latent_shape
-        path = Path(cfg.dataset_dir) / layout.RUN_CONFIG
+        path = Path(cfg.dataset_dir) / dataset_format.RUN_CONFIG
         if h != w:
             raise UserError(f"{path}: latent_shape {[c, h, w]} is not square; NoiseSequenceRNN_v3 needs H == W")
         if cfg.noise_resolution is not None and cfg.noise_resolution != h:
@@ -299,8 +298,6 @@ class Trainer:
         """(training loader, validation loader or None); the training order comes from `self.sampler`, and the
         training loader draws from its own generator (see the module docstring)."""
         from torch.utils.data import DataLoader
-
-        from ..sequence_data import collate
 
         cfg, acc = self.config, self.accelerator
         self.sampler = T.EpochSampler(len(self.data.train), cfg.seed)
@@ -401,6 +398,7 @@ class Trainer:
         """Forward, loss and backward of one micro-batch (an optimizer step when gradients sync); returns every
         process's loss terms (P, 4): loss, recon, mse, kl."""
         acc, cfg, model = self.accelerator, self.config, self.model
+        batch = as_float(batch)  # the loader moves the storage dtype (half the bytes); the same values in float32
         if batch["errors"] and cfg.skip_bad_samples:
             if not set(batch["bad_ids"]) <= self.bad_ids:
                 logger.warning("skipping bad sample: %s", batch["errors"][0])
@@ -449,7 +447,7 @@ class Trainer:
         acc = self.accelerator
         net = acc.unwrap_model(self.model)
         parts: dict[str, list] = {}
-        for batch in self.val_loader:
+        for batch in map(as_float, self.val_loader):
             if batch["errors"] and not self.config.skip_bad_samples:
                 raise UserError(batch["errors"][0])
             with acc.autocast():
@@ -531,12 +529,10 @@ class Trainer:
                    "model_type": cfg.model_type, "golden_change_rms": self.delta_scale, "parameters": self.n_params,
                    "mixed_precision": acc.mixed_precision, "validation": report}
         if self.is_main:
-            from ..sequence_data import dataset_fingerprint
-
             net = acc.unwrap_model(self.model)
             training = {"args": self.config.record(self.arch),
                         **{k: v for k, v in summary.items() if k != "validation_ids"},
-                        "data_fingerprint": dataset_fingerprint(self.config.dataset_dir)}
+                        "data_fingerprint": dataset_fingerprint(data.root)}
             self.export_paths = net.save_pretrained(self.output_dir / FINAL_STEM,
                                                     {"run_config": data.run_config, "training": training})
             atomic_write_json(self.output_dir / "validation.json", summary)
@@ -581,12 +577,10 @@ def _close_inherited_fd(fd: int | None, worker_id: int) -> None:
 def _open_data(cfg: TrainingConfig):
     """The dataset, every file of both splits verified before the first step; with --min_reward_gain, the training
     samples whose recorded reward gain reaches it; with --train_fraction, that share of them (nested by id hash)."""
-    from ..sequence_data import open_dataset
-
     data = open_dataset(cfg.dataset_dir, cfg.validation_fraction, cfg.max_seq_len, cfg.skip_bad_samples,
-                        return_errors=True)
+                        return_errors=True, keep_dtype=True)
     if cfg.min_reward_gain is not None:
-        data.train = T.keep_reward_gain(data.train, cfg.dataset_dir, cfg.min_reward_gain)
+        data.train = T.keep_reward_gain(data, cfg.min_reward_gain)
     if cfg.train_fraction < 1.0:
         data.train = T.keep_fraction(data.train, cfg.train_fraction)
     return data
