@@ -16,9 +16,10 @@
 #    7, 21 and 23 steps for the matched-compute comparison -> results/baselines/sweep/
 # 4. the data-efficiency sweeps (w = 1, 4 and 20 steps, at n) with the 30% and 10% models -> results/baselines/data_f*/
 # 5. the README's tables: scripts/baselines_summary.py
-# Rerun to resume: stage 2 and the sweeps resume, a finished training is skipped. One process throughout; measured:
-# about 2.5 hours on a busy 2-core machine (load average 5-11; each training 17-47 min). Variables: WORLD, QUICK_DATA,
-# QUICK_RNN, NUM_STEPS, DATA, OUT, RESULTS, FRACTIONS.
+# Rerun to resume: stage 2 and the sweeps resume, a finished training is skipped. One process throughout; measured
+# in pieces on a 2-core machine busy with other jobs: each training 5-54 min (238 min for the eight), the sweeps 72,
+# 7 and 1 min; 2 h 15 min with two or three pieces side by side (README, "Does the sequence matter?"). Variables:
+# WORLD, QUICK_DATA, QUICK_RNN, NUM_STEPS, DATA, OUT, RESULTS, FRACTIONS.
 source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
