@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from golden_noise.diffusion import (Conditioning, SDXLFamily, UNetCounter, encode_prompts, family_of, latent_shape,
+from golden_noise.diffusion import (Conditioning, ModelCounter, SDXLFamily, encode_prompts, family_of, latent_shape,
                                     load_pipeline, seeded_noise)
 from golden_noise.golden import GoldenConfig, GoldenStep, golden_step
 from golden_noise.errors import UserError
@@ -114,13 +114,13 @@ def test_guided_prediction_branches_and_guidance(tiny_pipeline):
     predict = family_of(tiny_pipeline).predict
     cond = encode_prompts(tiny_pipeline, ["a red circle", "a blue square"])
     x = seeded_noise([0, 1], latent_shape(tiny_pipeline))
-    counter = UNetCounter()
+    counter = ModelCounter()
     eps_c = predict(x, 901, cond, 1.0, counter)
-    assert (counter.calls, counter.evaluations) == (1, 2)
+    assert (counter.calls, counter.rows) == (1, 2)
     eps_u = predict(x, 901, cond, 0.0, counter)
-    assert (counter.calls, counter.evaluations) == (2, 4)
+    assert (counter.calls, counter.rows) == (2, 4)
     eps = predict(x, 901, cond, 5.5, counter)
-    assert (counter.calls, counter.evaluations) == (3, 8)  # both branches in ONE call of batch 2B
+    assert (counter.calls, counter.rows) == (3, 8)  # both branches in ONE call of batch 2B
     torch.testing.assert_close(eps, eps_u + 5.5 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
 
 
@@ -146,7 +146,7 @@ def test_golden_step_matches_closed_form_with_the_real_unet(tiny_pipeline):
     c = math.sqrt(1 - a_t) - math.sqrt(a_t / a_p) * math.sqrt(1 - a_p)
     assert step.coefficient == pytest.approx(c, rel=1e-6)
     torch.testing.assert_close(step(x, cond), x - c * (eps_l - eps_w), atol=2e-5, rtol=1e-5)
-    assert step.counter.evaluations == 3 * 2  # w_w = 1: one branch for the inversion
+    assert step.counter.rows == 3 * 2  # w_w = 1: one branch for the inversion
 
 
 class ControlledUNet(torch.nn.Module):
@@ -180,7 +180,7 @@ def test_golden_step_closed_form_with_controlled_epsilon(w_l, w_w, evals):
     x_prev = math.sqrt(a_p) * (x - math.sqrt(1 - a_t) * e_l) / math.sqrt(a_t) + math.sqrt(1 - a_p) * e_l
     expected = x - step.coefficient * (e_l - eps(x_prev, w_w))
     torch.testing.assert_close(step(x, cond), expected, atol=1e-5, rtol=1e-5)
-    assert step.counter.evaluations == evals * 2
+    assert step.counter.rows == evals * 2
 
 
 def test_golden_perturbation_size_is_guarded(tiny_pipeline):

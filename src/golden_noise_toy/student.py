@@ -28,7 +28,8 @@ import torch
 from golden_noise.errors import UserError
 from golden_noise.io import atomic_write_json
 from golden_noise.runtime import get_logger
-from .training import EMA, cosine_lr, ema_step, progress_bar, reproducible_torch, seed_generator
+from golden_noise.training.core import warmup_cosine
+from .training import EMA, ema_step, progress_bar, reproducible_torch, seed_generator
 from .world import WORLD_CARD, load_world_card
 
 logger = get_logger(__name__)
@@ -164,7 +165,7 @@ def train_student(unet, data: LineData, alphas: torch.Tensor, timesteps: torch.T
     running = None
     for step in range(p.steps):
         for group in opt.param_groups:
-            group["lr"] = p.lr * cosine_lr(step, p.steps, max(1, p.steps // 20))
+            group["lr"] = p.lr * warmup_cosine(step, max(1, p.steps // 20), p.steps)
         idx = torch.randint(n, (p.batch,), generator=generator)
         t = timesteps[torch.randint(len(timesteps), (p.batch,), generator=generator)]
         a = alphas[t].view(-1, 1, 1, 1)
