@@ -19,6 +19,7 @@ from golden_noise.errors import UserError
 from golden_noise.io import atomic_path, atomic_torch_save
 from golden_noise.prompts import read_prompts
 from golden_noise.diffusion import sdxl_scheduler_config
+from tests.conftest import ROOT
 
 
 # ---------------------------------------------------------------- process exit
@@ -268,6 +269,44 @@ def test_the_import_drawing_has_no_circles():
                     todo.append((dep, path + [dep]))
     assert not circles, circles[:3]
 
+
+# docs/ARCHITECTURE.md's import layers, bottom first ("model" is golden_noise.model's registry, "model.*" its classes)
+IMPORT_LAYERS = [
+    {"errors", "io", "runtime", "runs", "cli", "prompts", "hub", "methods", "tables", "stats", "model"},
+    {"diffusion", "rewards"},
+    {"golden", "export", "model_card", "testing"},
+    {"prompts_extract"},
+    {"dataset", "scoring"},
+    {"training", "model.*"},
+    {"inference"},
+    {"evaluation", "report"},
+    {"sweep"},
+    {"golden_noise_toy"},
+]
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if module == "golden_noise":
+        return None  # the package's lazy __getattr__ (GoldenNoise), not a layer
+    key = ("golden_noise_toy" if parts[0] == "golden_noise_toy" else
+           "model.*" if parts[1] == "model" and len(parts) > 2 else parts[1])
+    found = [i for i, layer in enumerate(IMPORT_LAYERS) if key in layer]
+    assert found, f"{module}: place it in IMPORT_LAYERS and in docs/ARCHITECTURE.md's drawing"
+    return found[0]
+
+
+def test_no_import_runs_back_up_the_layers():
+    """Every import (in-function ones included) goes to the same layer or one below: stages in pipeline order."""
+    upward = [f"{module} -> {dep}" for module, deps in _project_imports().items() for dep in deps
+              if _layer(module) is not None and _layer(dep) is not None and _layer(dep) > _layer(module)]
+    assert not upward, upward
+    drawing = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8").split("## Import layers", 1)[1]
+    rows = drawing.split("```", 2)[1].strip().splitlines()[::-1]
+    assert len(rows) == len(IMPORT_LAYERS)
+    for row, layer in zip(rows, IMPORT_LAYERS):
+        names = {n.strip(" ,/") for n in row[15:].split("(")[0].split() if n.strip(" ,/")}
+        assert {n for n in layer if n != "model.*"} <= names | {"model"}, (row, layer)
 
 # Files another branch (baselines) is editing while the in-function imports of the rest of the tree moved to the
 # module top; their in-function imports of the project's modules are allowed until the lead clears this set after
