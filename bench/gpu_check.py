@@ -192,7 +192,7 @@ def golden_step_figures(check: Check, unet, batch: int, n: int, share: bool = Tr
     check.reset_peak()
     t_step = check.seconds_per_call(lambda: step(x, cond))
     peak = check.peak_gib()
-    evals = step.counter.evaluations / ((a.repeats + 1) * batch)
+    evals = step.counter.rows / ((a.repeats + 1) * batch)
     t_unet = None
     if share:  # (not under torch.compile: the recording wrapper would force a recompilation)
         calls = record_unet_calls(unet, lambda: step(x, cond))

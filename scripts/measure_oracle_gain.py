@@ -8,8 +8,13 @@ from pathlib import Path
 
 from golden_noise.cli import (SEED_RULES, add_dataclass_arguments, add_list_argument, argument, check_seeds,
                               dataclass_from_args, parser)
+from golden_noise.diffusion import load_pipeline
 from golden_noise.golden import GoldenConfig
+from golden_noise.io import atomic_write_json
+from golden_noise.prompts import read_prompts
+from golden_noise.rewards.base import load_reward
 from golden_noise.runtime import DEVICE_HELP, get_logger, run_cli, setup_logging
+from golden_noise_toy.oracle import format_table, measure_oracle_gain
 
 logger = get_logger("measure_oracle_gain")
 
@@ -39,12 +44,6 @@ def parse_args(argv=None):
 
 def main(args):
     import torch
-
-    from golden_noise.diffusion import load_pipeline
-    from golden_noise.io import atomic_write_json
-    from golden_noise.prompts import read_prompts
-    from golden_noise.rewards.base import load_reward
-    from golden_noise_toy.oracle import format_table, measure_oracle_gain
 
     setup_logging()
     torch.set_num_threads(args.threads)

@@ -7,7 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from golden_noise.diffusion import load_pipeline
+from golden_noise.errors import UserError
+from golden_noise.prompts import read_prompts
 from golden_noise.runtime import DEVICE_HELP, run_cli, setup_logging
+from golden_noise.tables import format_table
+from golden_noise_toy import WorldSpec, load_world_card
+from golden_noise_toy.probe import probe_text_embeddings
 
 
 def parse_args(argv=None):
@@ -24,13 +30,6 @@ def parse_args(argv=None):
 
 def main(args):
     import torch
-
-    from golden_noise.diffusion import load_pipeline
-    from golden_noise.errors import UserError
-    from golden_noise.prompts import read_prompts
-    from golden_noise.tables import format_table
-    from golden_noise_toy import WorldSpec, load_world_card
-    from golden_noise_toy.probe import probe_text_embeddings
 
     setup_logging()
     world = Path(args.world)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from golden_noise import hub
 from golden_noise.cli import parser as make_parser
-from golden_noise.runtime import run_cli
+from golden_noise.export import load_export, push_export, stage_for_hub
+from golden_noise.runtime import run_cli, setup_logging
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,10 +42,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> str:
     from pathlib import Path
-
-    from golden_noise import hub
-    from golden_noise.export import load_export, push_export, stage_for_hub
-    from golden_noise.runtime import setup_logging
 
     setup_logging()
     if args.local_dir:

@@ -13,8 +13,8 @@ from golden_noise.cli import add_dataclass_arguments, add_pipeline_arguments, da
 from golden_noise.cli import parser as make_parser
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.inference.config import PipelineSpec, add_sampling_arguments, sampling_from_args
-from golden_noise.inference.single import SingleJob
-from golden_noise.runtime import run_cli
+from golden_noise.inference.single import SingleJob, run_single
+from golden_noise.runtime import run_cli, setup_logging
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,9 +39,6 @@ def job_from_args(args: argparse.Namespace) -> SingleJob:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from golden_noise.inference.single import run_single
-    from golden_noise.runtime import setup_logging
-
     setup_logging()
     return run_single(job_from_args(args))
 

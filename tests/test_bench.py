@@ -186,4 +186,4 @@ def test_compiled_unet_gives_the_same_golden_step():
             torch.testing.assert_close(step(x, cond), eager, atol=1e-5, rtol=1e-5)
         finally:
             torch._dynamo.reset()
-        assert step.counter.evaluations == 2 * 3 * 2  # two calls, 3 evaluations per sample, 2 samples
+        assert step.counter.rows == 2 * 3 * 2  # two calls, 3 evaluations per sample, 2 samples

@@ -9,7 +9,7 @@ __all__ = ["GoldenNoise"]
 
 def __getattr__(name: str):
     if name == "GoldenNoise":
-        from .inference import GoldenNoise
+        from .inference import GoldenNoise  # lazy: `import golden_noise` stays free of torch and of stage 5
 
         return GoldenNoise
     raise AttributeError(f"module 'golden_noise' has no attribute {name!r}")

@@ -18,6 +18,7 @@ import typing
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import UserError
+from .runtime import DEVICE_HELP, DTYPE_CHOICES
 
 # torch.Generator().manual_seed takes a signed 64-bit seed: every seed flag and every start_seed + index stays in
 # [0, SEED_MAX]
@@ -355,8 +356,6 @@ def add_pipeline_arguments(group, base_model_id: str | None, base_model_help: st
     """The flags that say which diffusers pipeline to load and how (shared by stages 2, 4 and 5 and the sweep):
     --base_model_id --revision --variant --dtype --device, and the memory savers --enable_model_cpu_offload
     --enable_vae_slicing --enable_vae_tiling."""
-    from .runtime import DEVICE_HELP, DTYPE_CHOICES
-
     group.add_argument("--base_model_id", default=base_model_id, help=base_model_help)
     group.add_argument("--revision", default=None, help="hub revision of --base_model_id (branch, tag or commit)")
     group.add_argument("--variant", default=None, help="weights variant of --base_model_id, e.g. fp16")

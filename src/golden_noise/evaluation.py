@@ -21,7 +21,9 @@ from .errors import UserError, one_line
 from .io import atomic_write_json
 from .prompts import Prompt, normalize_prompt, read_prompts
 from .cli import SEED_RULES, setting
-from .rewards.base import PLUGIN_HELP, available_rewards, check_scores, is_reward_name, load_reward, reward_factory
+from .report import NOTES, csv_name, write_html, write_plots, write_scores_csv
+from .rewards.base import (PLUGIN_HELP, available_rewards, check_scores, is_reward_name, load_reward, metric_names,
+                           reward_factory)
 from .rewards.hpsv2 import ARCHITECTURE, CHECKPOINTS
 from .runs import check_writable_dir
 from .runtime import DEVICE_HELP, DTYPE_CHOICES, get_logger, resolve_device
@@ -378,8 +380,6 @@ def gather_images(job: EvaluationJob, prompts: dict[int, str]) -> tuple[list[Met
 def run_evaluation(job: EvaluationJob) -> dict:
     """Check every input and the results folder, score, and write the CSV, plots, report.html and summary.json
     (returned). Nothing is loaded or scored before the inputs and the results folder are known to be good."""
-    from .report import NOTES, csv_name, write_html, write_plots, write_scores_csv
-
     device = resolve_device(job.rewards.device)
     metrics, settings = job.rewards.build(device), job.rewards.record(device)
     for metric in metrics:  # an unknown name or a bad FILE.py:NAME fails now, not after the checks below
@@ -436,8 +436,6 @@ def build_metrics(metrics: Sequence[str], reward_paths: Sequence[str] | None, de
                   batch_size: int) -> list[Metric]:
     """The `Metric`s of `--metrics` names (built-in or FILE.py:NAME) with their `--reward_path METRIC=PATH` items
     and the common options (device, dtype: None = auto, batch_size)."""
-    from .rewards.base import metric_names
-
     if len(set(metrics)) != len(metrics):
         raise UserError(f"--metrics {' '.join(metrics)} names a metric twice: choose distinct metrics")
     names = metric_names(metrics)

@@ -25,7 +25,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hub
+from .diffusion import TEXT_EMBEDDINGS, family_names
+from .diffusion.base import fingerprint
 from .errors import UserError, one_line
+from .io import atomic_path, atomic_write_json, atomic_write_text
+from .model import DEFAULT_MODEL_TYPE, model_class
+from .model_card import model_card
+from .runs import jsonable
 from .runtime import get_logger
 
 logger = get_logger(__name__)
@@ -119,8 +126,6 @@ def resolve_export(source: str | os.PathLike, revision: str | None = None, token
     seed's spelling `.../rnn_v3_model_final.pth` (= the safetensors export beside it; a pickle is never loaded), a
     folder holding model.safetensors + config.json, or a hub repo id `owner/name` (downloaded, or from the cache
     when offline; `revision`: a branch, tag or commit). A local path wins over a hub id of the same spelling."""
-    from . import hub
-
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.suffix == ".pth":
@@ -149,8 +154,6 @@ def resolve_export(source: str | os.PathLike, revision: str | None = None, token
 def _folder_export(folder: Path, where: str, hub_only: bool = False) -> ExportFiles:
     """The export in a folder: the training run's {FINAL_STEM}.* or a hub layout (model.safetensors + config.json;
     refused when the folder holds pickles)."""
-    from . import hub
-
     stem = folder / FINAL_STEM
     if not hub_only and (stem.with_suffix(".safetensors").exists() or stem.with_suffix(".json").exists()):
         return resolve_export(stem)
@@ -178,8 +181,6 @@ def read_config(files: ExportFiles) -> dict:
 def check_config(doc, where, require_pipeline: bool = False) -> None:
     """Refuse a config document with unknown or missing keys, an unknown model type, or (with `require_pipeline`,
     as on the hub) without the run_config keys that tie the model to a pipeline."""
-    from .model import model_class
-
     if not isinstance(doc, dict):
         raise UserError(f"invalid model config {where}: a JSON object is expected, got {type(doc).__name__}")
     unknown = sorted(set(doc) - set(CONFIG_KEYS))
@@ -206,9 +207,6 @@ def check_config(doc, where, require_pipeline: bool = False) -> None:
 def check_pipeline_keys(run_config, where, required: bool = True) -> None:
     """The run_config keys that tie a model to a pipeline: present (when `required`) and consistent (a known family,
     the latent space's fingerprint matching its fields, a known text-embedding kind)."""
-    from .diffusion import TEXT_EMBEDDINGS, family_names
-    from .diffusion.base import fingerprint
-
     if not isinstance(run_config, dict):
         if required:
             raise UserError(f"invalid model config {where}: no run_config, so nothing ties the model to a pipeline "
@@ -238,8 +236,6 @@ def check_pipeline_keys(run_config, where, required: bool = True) -> None:
 def check_seal(doc: dict, files: ExportFiles) -> None:
     """The config must be the one the weights were exported with: its sha256 equals the weights' `config_sha256`
     (an export made before the seal: its model_config equals the copy in the weights' metadata)."""
-    from .model import model_class
-
     meta = weights_metadata(files.weights)
     cls = model_class(doc.get("model_type"))
     if meta.get("model") not in (None, cls.model_type):
@@ -265,9 +261,6 @@ def check_seal(doc: dict, files: ExportFiles) -> None:
 # ---- save and load ------------------------------------------------------------------------------------------------
 def config_document(model, extra: dict | None = None) -> dict:
     """The config document of `model` with `extra` (run_config, training), as it reads back from JSON."""
-    from .model import DEFAULT_MODEL_TYPE
-    from .runs import jsonable
-
     extra = dict(extra or {})
     unknown = sorted(set(extra) - set(CONFIG_KEYS[2:]))
     if unknown:
@@ -285,8 +278,6 @@ def sealed_weights(state: dict, model_type: str, doc: dict) -> bytes:
 def save_export(model, stem_path: str | os.PathLike, extra: dict | None = None) -> tuple[Path, Path]:
     """Write `{stem}.safetensors` (weights, sealed) and `{stem}.json` (the config document); both atomically, the
     same bytes for the same weights and config."""
-    from .io import atomic_path, atomic_write_json
-
     stem = Path(stem_path)
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
@@ -322,8 +313,6 @@ def load_export(source: str | os.PathLike, device=None, dtype=None, revision: st
     """Load an export (any spelling `resolve_export` takes): the config checked strictly and against its seal, the
     model built by its model_type's class, the weights loaded strictly (no missing or unexpected tensor)."""
     from safetensors.torch import load_file
-
-    from .model import model_class
 
     files = resolve_export(source, revision=revision, token=token, what=what)
     doc = read_config(files)
@@ -383,9 +372,6 @@ def stage_for_hub(export: Export, folder: Path, repo_id: str, evaluation: str | 
     """Write the hub layout of `export` into `folder`: model.safetensors (the export's file, byte for byte; an export
     made before the seal is sealed here, same tensors), config.json (the config document) and README.md (the
     model card)."""
-    from .io import atomic_write_json, atomic_write_text
-    from .model_card import model_card
-
     check_pipeline_keys(export.meta.get("run_config"), export.files.config, required=True)
     folder.mkdir(parents=True, exist_ok=True)
     if SEAL in weights_metadata(export.files.weights):
@@ -408,8 +394,6 @@ def push_export(export: Export | str | os.PathLike, repo_id: str, token: str | N
     config.json and a model card README.md in one commit (pickles and other weights files left in the repo are
     removed by it). `evaluation`: a stage-6 results folder (or its summary.json) or a sweep folder (or its
     sweep.csv), summarised in the card. Returns the commit URL."""
-    from . import hub
-
     hub.check_repo_id(repo_id, what)
     if not isinstance(export, Export):
         export = load_export(export)

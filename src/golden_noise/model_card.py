@@ -10,14 +10,13 @@ from pathlib import Path
 
 from .errors import UserError
 from .hub import card_text, is_repo_id, markdown_table
+from .model import DEFAULT_MODEL_TYPE
 
 LIBRARY = "golden-noise-rnn"
 
 
 def model_card(meta: dict, identity: dict, repo_id: str, evaluation: str | os.PathLike | None = None) -> str:
     """The card of an export (`meta`: its config document; `identity`: weights and config sha256)."""
-    from .model import DEFAULT_MODEL_TYPE
-
     model_type = meta.get("model_type") or DEFAULT_MODEL_TYPE
     rc, training = meta.get("run_config") or {}, meta.get("training") or {}
     family = (rc.get("family") or {}).get("name")

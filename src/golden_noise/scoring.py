@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 
 from .cli import check_fields, setting
+from .diffusion import sample_images
+from .rewards.base import load_reward, metric_names, reward_factory, score_loaded_images
 
 # stage 5's sampling defaults (inference.config.SamplingConfig; tests/test_scoring.py checks that they agree)
 SAMPLING_GUIDANCE_SCALE, SAMPLING_STEPS = 5.5, 30
@@ -38,15 +40,11 @@ class ScoringConfig:
 
     def check(self) -> None:
         """Flag errors before any model loads (a value out of range, an unknown metric or a bad FILE.py:NAME)."""
-        from .rewards.base import reward_factory
-
         check_fields(self)
         reward_factory(self.score_metric)
 
     def record(self) -> dict:
         """run_config.json's `scoring`: what the scores mean (a rerun with another one is refused)."""
-        from .rewards.base import metric_names
-
         return {"metric": metric_names([self.score_metric])[0], "reward": self.score_metric,
                 "reward_path": self.score_reward_path, "guidance_scale": self.score_guidance_scale,
                 "num_inference_steps": self.score_num_inference_steps, "images": ["x_T", "x'_n"]}
@@ -56,8 +54,6 @@ class SampleScorer:
     """Scores a batch of samples: (prompts, x_T, x'_n) -> (B, 2) float64 [reward_standard, reward_golden]."""
 
     def __init__(self, pipe, config: ScoringConfig, height: int | None = None, width: int | None = None):
-        from .rewards.base import load_reward
-
         self.pipe, self.config, self.height, self.width = pipe, config, height, width
         self.name = config.record()["metric"]
         self.reward = load_reward(config.score_metric, path=config.score_reward_path, device=pipe.device,
@@ -66,9 +62,6 @@ class SampleScorer:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], x_T: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
         """x_T, golden: (B, C, H, W) -> (B, 2): both sampled in one pipeline call of 2B, then scored."""
-        from .diffusion import sample_images
-        from .rewards.base import score_loaded_images
-
         prompts = list(prompts)
         latents = torch.cat([x_T.float(), golden.float()])  # (2B, C, H, W)
         images = sample_images(self.pipe, prompts + prompts, latents, self.config.score_num_inference_steps,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from golden_noise.diffusion import (latent_shape, load_pipeline, sample_images, sdxl_scheduler_config, sdxl_time_ids,
+                                    seeded_noise)
 from golden_noise.errors import UserError
 
 from golden_noise.io import atomic_write_json, atomic_write_text
@@ -19,6 +21,7 @@ from .components import (AttributeClassifier, ClassifierConfig, NetworkConfig, b
                          build_vae)
 from .grammar import WorldSpec
 from .render import render, sample_scenes
+from .reward import ToyAttributeReward
 from .student import STUDENT_PRESETS, build_student
 from .training import (UNetData, classifier_accuracy, decode_latents, encode_images, reproducible_torch,
                        seed_generator, train_classifier, train_unet, train_vae)
@@ -115,8 +118,6 @@ def build_world(output_dir: str | Path, preset: str | Preset = "default", seed: 
 def _build(out: Path, p: Preset, name: str, seed: int, quiet: bool) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from safetensors.torch import save_file
-
-    from golden_noise.diffusion import sdxl_scheduler_config, sdxl_time_ids
 
     spec, net = p.spec, p.net
     timings, t_all = {}, time.perf_counter()
@@ -221,9 +222,6 @@ def sample_check(world: Path, captions: list[str], per_caption: int, steps: int,
     """Sample `per_caption` images per caption through the saved pipeline at each guidance scale and score
     them with the saved reward: mean reward and the fraction with every attribute right."""
     from tqdm.auto import tqdm
-
-    from golden_noise.diffusion import latent_shape, load_pipeline, sample_images, seeded_noise
-    from .reward import ToyAttributeReward
 
     if per_caption <= 0:
         return {}

@@ -25,10 +25,15 @@ from typing import Sequence
 
 import torch
 
+from golden_noise.diffusion import encode_prompts, latent_shape, load_pipeline, sample_images, seeded_noise
 from golden_noise.errors import UserError
 from golden_noise.io import atomic_write_json
+from golden_noise.prompts import read_prompts
 from golden_noise.runtime import get_logger
-from .training import EMA, cosine_lr, ema_step, progress_bar, reproducible_torch, seed_generator
+from golden_noise.tables import format_table
+from golden_noise.training.core import warmup_cosine
+from .reward import ToyAttributeReward
+from .training import EMA, ema_step, progress_bar, reproducible_torch, seed_generator
 from .world import WORLD_CARD, load_world_card
 
 logger = get_logger(__name__)
@@ -128,8 +133,6 @@ def load_student(pipe, path: str | Path):
 def sample_latents(pipe, prompts: Sequence[str], x_T: torch.Tensor, steps: int, guidance: float, batch: int,
                    output_type: str = "latent", quiet: bool = True, desc: str = "teacher"):
     """`pipe`'s samples from `x_T` (B, C, h, w) in batches: latents (B, C, h, w) or a list of PIL images."""
-    from golden_noise.diffusion import sample_images
-
     out, bar = [], progress_bar(len(prompts), desc, quiet)
     for i in range(0, len(prompts), batch):
         out.append(sample_images(pipe, prompts[i:i + batch], x_T[i:i + batch], num_inference_steps=steps,
@@ -164,7 +167,7 @@ def train_student(unet, data: LineData, alphas: torch.Tensor, timesteps: torch.T
     running = None
     for step in range(p.steps):
         for group in opt.param_groups:
-            group["lr"] = p.lr * cosine_lr(step, p.steps, max(1, p.steps // 20))
+            group["lr"] = p.lr * warmup_cosine(step, max(1, p.steps // 20), p.steps)
         idx = torch.randint(n, (p.batch,), generator=generator)
         t = timesteps[torch.randint(len(timesteps), (p.batch,), generator=generator)]
         a = alphas[t].view(-1, 1, 1, 1)
@@ -202,8 +205,6 @@ def evaluate_student(pipe, student_pipe, reward, prompts: Sequence[str], seeds: 
     """Per sampler ("target": the teacher's own sampler that the student learns; the teacher with the student's
     scheduler at CFG 1 and at the teacher's CFG; the student at CFG 1): mean reward, accuracy (every attribute
     right) and pixel MSE to the target image."""
-    from golden_noise.diffusion import latent_shape, seeded_noise
-
     x_T = seeded_noise(seeds, latent_shape(pipe))  # (B, 4, h, w)
     fast = sampler(pipe, scheduler=student_scheduler(pipe.scheduler.config))
     k = max(p.eval_steps)
@@ -263,10 +264,6 @@ def build_student(world: str | Path, preset: str | StudentPreset = "default", se
 def _build_student(world: Path, out: Path, p: StudentPreset, name: str, seed: int, quiet: bool) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from golden_noise.diffusion import encode_prompts, latent_shape, load_pipeline, seeded_noise
-    from golden_noise.prompts import read_prompts
-    from .reward import ToyAttributeReward
-
     timings, t_all = {}, time.perf_counter()
     pipe = load_pipeline(str(world), dtype="float32", device="cpu")
     captions = [q.text for q in read_prompts(world / "prompts.txt")]
@@ -320,8 +317,6 @@ def _build_student(world: Path, out: Path, p: StudentPreset, name: str, seed: in
 
 def format_student(card: dict) -> str:
     """The student's evaluation as a text table (one row per sampler)."""
-    from golden_noise.tables import format_table
-
     rows = [(key, r["scheduler"], r["steps"], f"{r['guidance_scale']:g}", r["unet_evals"], f"{r['mean_reward']:.4f}",
              f"{r['accuracy']:.3f}", f"{r['mse_to_teacher']:.5f}") for key, r in card["evaluation"].items()]
     head = (f"student: {card['unet']} + {card['scheduler']} ({card['unet_params']:,} params, {card['train_pairs']} "

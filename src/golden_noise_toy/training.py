@@ -17,11 +17,6 @@ from golden_noise.training.core import warmup_cosine
 from .components import AttributeClassifier, encode_token_ids
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Linear warmup then cosine decay to 0, as a multiplier of the peak learning rate (the core's rule)."""
-    return warmup_cosine(step, warmup, total)
-
-
 @contextmanager
 def reproducible_torch(threads: int | None = None):
     """The torch settings a byte-reproducible build runs under: deterministic algorithms (the text encoders'
@@ -64,7 +59,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     mse = kl = torch.zeros(())
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
+            group["lr"] = lr * warmup_cosine(step, max(1, steps // 20), steps)
         idx = torch.randint(n, (batch_size,), generator=generator)
         oy, ox = (torch.randint((h - crop) // f + 1, (2,), generator=generator) * f).tolist()
         x = images[idx, :, oy:oy + crop, ox:ox + crop] * 2 - 1  # (B, 3, crop, crop) in [-1, 1]
@@ -114,7 +109,7 @@ def train_classifier(classifier: AttributeClassifier, views: list[torch.Tensor],
     loss = torch.zeros(())
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
+            group["lr"] = lr * warmup_cosine(step, max(1, steps // 20), steps)
         idx = torch.randint(labels.shape[0], (batch_size,), generator=generator)
         view = torch.randint(len(views), (batch_size,), generator=generator)
         x = torch.stack([v[idx] for v in views])[view, torch.arange(batch_size)]  # (B, 3, H, W)
@@ -213,7 +208,7 @@ def train_unet(unet, te1, te2, data: UNetData, scheduler_config: dict, time_ids:
     running = None
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * cosine_lr(step, steps, max(1, steps // 20))
+            group["lr"] = lr * warmup_cosine(step, max(1, steps // 20), steps)
         idx = torch.randint(n, (batch_size,), generator=generator)
         z0 = data.mean[idx] + data.std[idx] * torch.randn(data.mean[idx].shape, generator=generator)
         noise = torch.randn(z0.shape, generator=generator)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..hub import card_text, markdown_table
 from . import format as F
+from .shards import ShardFile
 
 CARD = "README.md"
 
@@ -23,8 +25,6 @@ def score_summary(root: Path, index: dict) -> dict | None:
     the shards hold no scores); reads those columns only."""
     import numpy as np
 
-    from .shards import ShardFile
-
     columns = {k: [] for k in F.SCORE_FIELDS}
     for record in index["shards"]:
         shard = ShardFile(root / record["file"])
@@ -41,8 +41,6 @@ def dataset_card(root: Path, run_config: dict, index: dict, repo_id: str | None 
                  prompt_source: str | None = None) -> str:
     """The card's text (deterministic: the same run gives the same bytes on every machine), written with
     golden_noise.hub's card and table helpers."""
-    from ..hub import card_text, markdown_table
-
     n, golden = index["num_samples"], run_config.get("golden", {})
     scoring = run_config.get("scoring")
     scores = score_summary(root, index) if scoring else None

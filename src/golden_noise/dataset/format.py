@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..errors import UserError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 FORMAT_VERSION = 2          # what stage 2 writes
 LOOSE_FORMAT_VERSION = 1    # loose files per sample (still read)
@@ -102,8 +102,6 @@ def write_metadata(root: str | Path, rows: Iterable[dict], save_prompt_embeds: b
 def write_loose_sample(root: str | Path, sample_id: int, tensors: Mapping[str, object],
                        save_prompt_embeds: bool = False, scored: bool = False) -> None:
     """Save one format-1 sample's tensors ({column: tensor}) atomically, the golden sequence last."""
-    from ..io import atomic_torch_save
-
     for column, rel in sample_files(sample_id, save_prompt_embeds, scored).items():
         atomic_torch_save(tensors[column], Path(root) / rel)
 

@@ -530,7 +530,7 @@ def generate_dataset(pipe, prompts: Sequence[Prompt], output_dir: str | Path, se
         if lock is not None:
             lock.release()
     computed = plan.to_write * settings.num_steps  # golden steps, whole batches
-    evaluations = golden.counter.evaluations
+    evaluations = golden.counter.rows
     sealed_before = len(set(mine) - set(unsealed))
     return {"generated": plan.to_write, "already_complete": len(plan.ids) - plan.to_write + (
                 sum(int(r["rows"]) for k, r in records.items() if k in mine and k not in unsealed) if main else 0),

@@ -10,6 +10,9 @@ from .. import hub
 from ..errors import UserError
 from ..runtime import get_logger
 from . import format as F
+from .card import dataset_card
+from .reader import load_run_config, read_shard_index
+from .shards import verify_shards
 
 logger = get_logger(__name__)
 CARD = "README.md"
@@ -20,10 +23,6 @@ def push_dataset(dataset_dir: str | os.PathLike, repo_id: str, private: bool = F
     """Upload a finished sharded dataset to the hub dataset repo `repo_id` (created if needed): run_config.json,
     index.json, the shards (each checked against its sha256 first) and a dataset card naming the repo; shards the
     repo holds and the index no longer lists are removed. Returns {url, files, bytes, samples}."""
-    from .card import dataset_card
-    from .reader import load_run_config, read_shard_index
-    from .shards import verify_shards
-
     hub.check_can_push(repo_id, "REPO_ID", token)
     root = Path(dataset_dir)
     run_config = load_run_config(root)

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .. import hub
 from ..errors import UserError
+from ..export import canonical_json
 from ..io import load_tensor, tensor_file_problem
 from ..runtime import DTYPES, get_logger
 from . import format as F
@@ -538,8 +539,6 @@ def dataset_fingerprint(dataset_dir: str | Path) -> str:
     shard's sha256; canonical JSON) or format 1's metadata.csv (every sample's id, prompt, seed and files); the same
     for any process count or resume. A training export records it as the data it was trained on, and the model
     card shows it."""
-    from ..export import canonical_json
-
     root = Path(dataset_dir)
     run_config = F.read_run_config_json(root)
     digest = hashlib.sha256(canonical_json(run_config).encode("utf-8"))

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io import (BackgroundWriter, atomic_path, atomic_write_bytes, atomic_write_json, file_sha256, load_tensor,
-                  tensor_file_problem)
+from ..io import (BackgroundWriter, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256,
+                  load_tensor, tensor_file_problem)
 from ..runtime import get_logger, resolve_dtype
 from . import format as F
+from .card import CARD, dataset_card
 from .shards import ShardFile, sealed_records
 
 logger = get_logger(__name__)
@@ -323,9 +324,6 @@ def finalize(root: Path, run_config: dict, run_keys: Sequence[str]) -> list[int]
     """Write index.json and the dataset card (README.md, whose YAML lets `datasets.load_dataset` read the shards)
     when every shard is sealed, and remove the staging folder; returns the shards that are not sealed yet (nothing
     is written then). Files with the same content are left as they are."""
-    from ..io import atomic_write_text
-    from .card import CARD, dataset_card
-
     total = F.num_shards(int(run_config["num_prompts"]), int(run_config["sharding"]["samples_per_shard"]))
     records = sealed_records(root, range(total))
     missing = [k for k in range(total) if k not in records]

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .base import (FAMILIES, TEXT_EMBEDDINGS, Conditioning, DiffusionFamily, ModelCounter, UNetCounter, family_names,
+from .base import (FAMILIES, TEXT_EMBEDDINGS, Conditioning, DiffusionFamily, ModelCounter, family_names,
                    family_of, fingerprint, guidance_branches, guided_prediction, register_family, seeded_noise)
 from .loading import (DEFAULT_MODEL_ID, SCHEDULERS, TIMESTEP_SPACINGS, dtype_keyword, load_pipeline, optimize_unet,
                       place_pipeline, set_scheduler)
@@ -22,7 +22,7 @@ from .flux import FluxFamily
 
 __all__ = ["DEFAULT_MODEL_ID", "FAMILIES", "SCHEDULERS", "TEXT_EMBEDDINGS", "TIMESTEP_SPACINGS", "Conditioning",
            "DiffusionFamily", "FlowMatchingFamily", "FluxFamily", "ModelCounter", "SD3Family", "SDFamily",
-           "SDXLFamily", "UNetCounter", "count_long_prompts", "dtype_keyword", "encode_prompts", "family_names",
+           "SDXLFamily", "count_long_prompts", "dtype_keyword", "encode_prompts", "family_names",
            "family_of", "fingerprint", "guidance_branches", "guided_prediction", "image_size", "latent_shape",
            "load_pipeline", "optimize_unet", "place_pipeline", "register_family",
            "resolve_text_embedding", "sample_images", "sdxl_scheduler_config", "sdxl_time_ids", "seeded_noise",

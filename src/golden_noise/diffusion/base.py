@@ -71,17 +71,10 @@ class ModelCounter:
     rows: int = 0
     calls: int = 0
 
-    @property
-    def evaluations(self) -> int:
-        """The rows (the name the UNet-only code used)."""
-        return self.rows
-
     def add(self, rows: int) -> None:
         self.calls += 1
         self.rows += rows
 
-
-UNetCounter = ModelCounter
 
 
 class ModelRows:

@@ -11,6 +11,7 @@ import torch
 from ..errors import UserError, one_line
 from ..io import looks_local
 from ..runtime import model_dtype, resolve_device, resolve_dtype
+from .base import family_of
 
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 # sampling schedulers: the pipeline's own, and UNet-family alternatives (euler + trailing spacing for
@@ -100,8 +101,6 @@ def set_scheduler(pipe, name: str = "default", timestep_spacing: str | None = No
     stays in `pipe._default_scheduler` (the golden step always uses its config)."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                            EulerDiscreteScheduler, LCMScheduler, TCDScheduler)
-
-    from .base import family_of
 
     if name not in SCHEDULERS:
         raise UserError(f"unknown --scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")

@@ -11,7 +11,9 @@ from ..cli import SEED_RULES, check_fields
 from ..diffusion import family_of, sample_images
 from ..errors import UserError
 from ..io import atomic_save_image, atomic_torch_save, atomic_write_json
-from ..runtime import get_logger
+from ..prompts import normalize_prompt
+from ..runs import check_writable_dir
+from ..runtime import get_logger, package_versions, resolve_device
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
 from .config import (PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig, flat_record, load_golden_noise,
                      load_job_pipelines, pipeline_record, resolve_num_gen_steps, rnn_record, sampling_record)
@@ -57,8 +59,6 @@ def prompt_slug(prompt: str, limit: int = 48) -> str:
 
 def check_single(job: SingleJob) -> str:
     """Validate the job's flags before any work; returns the normalised prompt."""
-    from ..prompts import normalize_prompt
-
     text = normalize_prompt(job.prompt)
     if not text:
         raise UserError("--prompt is empty: pass a text prompt")
@@ -73,9 +73,6 @@ def check_single(job: SingleJob) -> str:
 
 def run_single(job: SingleJob) -> dict:
     """Stage 4: write the images, noises and `{stem}_settings.json` of `job`; returns the settings dict."""
-    from ..runs import check_writable_dir
-    from ..runtime import resolve_device
-
     text = check_single(job)
     out = check_writable_dir(job.output_dir, "--output_dir")  # before any model is loaded
     device = resolve_device(job.pipeline.device)
@@ -92,7 +89,6 @@ def run_single(job: SingleJob) -> dict:
     latents, timings, golden = golden_latents(job, text, gn, pipe, resolved)
     stem = job.output_name or f"{prompt_slug(text)}_seed{job.seed}"
     files = save_outputs(job, text, sampler, latents, timings, resolved, out, stem)
-    from ..runtime import package_versions
 
     settings = {**flat_record(job), **resolved, "oracle_golden": golden.to_dict() if golden else None,
                 "files": files, "timings": timings, **rnn_record(gn),

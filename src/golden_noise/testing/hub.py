@@ -116,7 +116,7 @@ def unseal_export(weights: str | os.PathLike) -> Path:
     same tensors): what a user's older exports look like."""
     from safetensors.torch import load_file
 
-    from ..export import SEAL, safetensors_bytes, weights_metadata
+    from ..export import SEAL, safetensors_bytes, weights_metadata  # heavy: torch; the hub stand-in stays light
 
     weights = Path(weights)
     meta = {k: v for k, v in weights_metadata(weights).items() if k != SEAL}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..diffusion import sdxl_scheduler_config
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -65,8 +67,6 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16, block_out_cha
     """A random tiny `StableDiffusionXLPipeline` (~0.7 MB): latents (4, sample_size, sample_size), and a
     one-level VAE (scale factor 1), so images are `sample_size` pixels square (default 16)."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    from ..diffusion import sdxl_scheduler_config
 
     tokenizer = byte_level_clip_tokenizer()
     te1, te2 = tiny_text_encoders(len(tokenizer), seed=seed)
@@ -140,8 +140,6 @@ def build_tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", samp
     """A random tiny `StableDiffusionPipeline` (SD 1.5: epsilon, SD 2.1: v_prediction): one CLIP text encoder, no
     pooled embedding, latents (4, sample_size, sample_size), images `sample_size` px, no safety checker."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    from ..diffusion import sdxl_scheduler_config
 
     tokenizer = byte_level_clip_tokenizer()
     text_encoder, _ = tiny_text_encoders(len(tokenizer), seed=seed)

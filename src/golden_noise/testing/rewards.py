@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ..rewards.aesthetic import MLP_FILES, AestheticMLP
+from .pipelines import byte_level_clip_tokenizer
+
 # An open_clip ViT CLIP with the real input size (224 px) and tokenizer (CLIP BPE, 77 tokens), but width 32.
 TINY_HPS_CONFIG = {
     "embed_dim": 16,
@@ -46,8 +49,6 @@ def tiny_clip(seed: int = 0, image_size: int = 32, projection_dim: int = 16):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, \
         CLIPVisionConfig
 
-    from .pipelines import byte_level_clip_tokenizer
-
     tokenizer = byte_level_clip_tokenizer()
     n = len(tokenizer)
     text = CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=37, num_attention_heads=4,
@@ -75,8 +76,6 @@ def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
 
 def save_tiny_aesthetic(folder: str | Path, seed: int = 0) -> Path:
     """A folder with a tiny CLIP and `sac+logos+ava1-l14-linearMSE.pth` sized to its embedding."""
-    from ..rewards.aesthetic import MLP_FILES, AestheticMLP
-
     folder = save_tiny_clip(folder, seed)
     torch.manual_seed(seed + 2)
     mlp = AestheticMLP(16)
