@@ -6,12 +6,15 @@ baselines' (direct, npnet) and/or the oracle (the real golden step applied n tim
     python scripts/batch_inference.py --prompt_file ./data/test_prompts.txt --output_base_dir ./inference_output/ \
         --rnn_weights_path ./output/rnn_v3_seq_model_output/rnn_v3_model_final --start_seed 1000
     accelerate launch --num_processes 8 scripts/batch_inference.py ...   # same files, 8 GPUs
+    ... --num_shards K --shard_index i      # run i of K separate runs (machines) into one folder: same files
 
 index = the prompt's 0-based line number, seed = --start_seed + index. Rerun the same command to resume:
 existing images are kept (a batch with some missing is recomputed whole, so with the same --batch_size the
 results depend neither on where a run stopped nor on the process count); a rerun may add --methods, but one
 with other prompts or settings (--batch_size included) is refused. With an RNN export the oracle's golden-step
 parameters come from its training data; a golden-step flag that contradicts them warns and wins.
+K separate runs (--num_shards K --shard_index i, defaults from a Slurm job array) each make global batches i, i + K,
+...; the one that finds every image there writes manifest.csv and summary.json (or --finalize, the same command).
 """
 from __future__ import annotations
 
@@ -59,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("golden noise")
     add_dataclass_arguments(g, BatchJob, include=("num_gen_steps",))
     add_golden_override_arguments(g, helps=golden_flag_helps())
+    add_dataclass_arguments(p.add_argument_group("shards and machines"), BatchJob,
+                            include=("num_shards", "shard_index", "finalize"))
     return p.parse_args(argv)  # the flags' ranges are their fields' (BatchJob, SamplingConfig, GoldenConfig)
 
 

@@ -489,14 +489,107 @@ def test_seed_spellings_memory_flags_and_guidance_record(setup, tiny_pipeline, t
                                  "--output_base_dir", str(tmp_path / "nv")]))
 
 
-def test_folder_in_use_is_refused(setup, tmp_path):
-    """A second run into a folder a running job holds is refused (and writes nothing there)."""
-    from golden_noise.runs import RunLock
-
+def test_folder_in_use_is_refused(setup, tiny_pipeline_dir, tmp_path):
+    """A second run of the same batches into a folder a running job holds (another process: the lock is a POSIX
+    record lock on the job's global batches) is refused and writes nothing there; a run of other batches (another
+    task of a K-run job) is not."""
     cli = load_cli("scripts/batch_inference.py")
     out = tmp_path / "busy"
-    with RunLock(out, "--output_base_dir"):
-        with pytest.raises(UserError, match=r"busy is in use by a running job \(pid \d+\)"):
-            cli.main(cli.parse_args(["--prompt_file", str(setup["prompt_file"]), "--output_base_dir", str(out),
-                                     "--methods", "standard", "--num_inference_steps", "2", "--device", "cpu"]))
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from golden_noise.runs import RunLock; "
+                               "RunLock(sys.argv[1], '--output_base_dir', [1], what='batch').acquire(); "
+                               "print('held', flush=True); time.sleep(120)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # it holds global batch 1 of 3
+        base = ["--prompt_file", str(setup["prompt_file"]), "--methods", "standard", "--num_inference_steps", "2",
+                "--device", "cpu", "--batch_size", "2", "--base_model_id", str(tiny_pipeline_dir)]
+        with pytest.raises(UserError, match=rf"busy is in use by a running job \(pid {holder.pid}, batch 1\)"):
+            cli.main(cli.parse_args([*base, "--output_base_dir", str(out)]))
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+        # task 0 of 2 makes batches 0 and 2 beside it (and leaves the folder's summary to the run that completes it)
+        summary = cli.main(cli.parse_args([*base, "--output_base_dir", str(out), "--num_shards", "2",
+                                           "--shard_index", "0"]))
+        assert sorted(p.name for p in (out / "standard_output").iterdir()) == ["0.png", "1.png", "5.png"]
+        assert [m["batch"] for m in summary["missing"]] == [1, 1] and not (out / "summary.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------- K separate runs (machines) into one folder
+def test_three_tasks_in_turn_equal_one_run(reference, setup, tmp_path, capsys, monkeypatch):
+    """--num_shards 3: tasks 0 and 2 make only their global batches (0 and 2) and write no summary; --finalize then
+    names what is missing (one line, exit 2); task 1, placed by Slurm's array variables, completes the folder and
+    writes manifest.csv and summary.json: every file as one run makes it. --finalize then rewrites the same files."""
+    from tests.test_inference import run_in_process
+
+    cli = load_cli("scripts/batch_inference.py")
+    out = tmp_path / "tasks"
+    args = [str(a) for a in batch_args(setup, out)] + ["--device", "cpu"]
+    for i in (0, 2):
+        summary = cli.main(cli.parse_args([*args, "--num_shards", "3", "--shard_index", str(i)]))
+        assert {m: s["generated_this_run"] for m, s in summary["methods"].items()} == dict.fromkeys(
+            METHODS, len(BATCHES[i]))
+        assert {m["batch"] for m in summary["missing"]} == {1, 2} - {i} and not (out / "summary.json").exists()
+    assert sorted(p.name for p in (out / "oracle_output").iterdir()) == ["0.png", "1.png", "5.png"]
+    assert len(list((out / ".manifest_parts").glob("task*-rank0-*.jsonl"))) == 2
+    code, err = run_in_process(cli, [*args, "--finalize"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: --finalize: 6 of 15 images are missing (global batch(es) 1; e.g. "
+                          f"standard_output/3.png) in {out}")
+    assert not (out / "manifest.csv").exists()
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    summary = cli.main(cli.parse_args(args))  # defaults from the Slurm array: task 1 of 3
+    assert (summary["num_shards"], summary["shard_index"]) == (3, 1) and "missing" not in summary
+    assert {m: s["generated_this_run"] for m, s in summary["methods"].items()} == dict.fromkeys(METHODS, 2)
+    assert results(out) == results(reference)  # images, noises, manifest, summary and settings, byte for byte
+    assert json.loads((out / "run.json").read_text())["num_shards"] == 3
+    (out / "summary.json").unlink()
+    code, err = run_in_process(cli, [*args, "--finalize"], capsys)
+    assert code == 0, err
+    assert results(out) == results(reference)
+
+
+@pytest.mark.slow  # three runs at once, a kill and a rerun, as separate processes: about a minute on 2 busy cores
+def test_three_machines_one_killed_equal_one_run(setup, tmp_path, capsys):
+    """K = 3 runs as separate processes (no launcher, no communication) into one folder under the default flags,
+    task 1 killed with -9 mid-run: the others finish and print their part; --finalize names the missing batch; task
+    1 rerun alone completes the folder, which then equals one single run byte for byte (images, manifest.csv,
+    summary.json, batch_settings.json)."""
+    from tests.test_inference import run_in_process
+
+    prompts = setup["root"] / "twelve.txt"  # 12 lines, line 2 blank: global batches of 4 hold 0-4, 5-8, 9-11
+    prompts.write_text("\n".join([*PROMPTS, "a fox", "an owl", "a boat", "a map", "a cup", "a key"]) + "\n",
+                       encoding="utf-8")
+    cli = load_cli("scripts/batch_inference.py")
+    required = ["--prompt_file", str(prompts), "--rnn_weights_path", str(setup["export"])]
+    single, out = tmp_path / "single", tmp_path / "machines"
+    cli.main(cli.parse_args([*required, "--output_base_dir", str(single)]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **ONE_THREAD}
+    procs = {i: subprocess.Popen([sys.executable, str(ROOT / "scripts" / "batch_inference.py"), *required,
+                                  "--output_base_dir", str(out), "--num_shards", "3", "--shard_index", str(i)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+             for i in range(3)}
+    deadline = time.monotonic() + 300  # task 1 (prompts 5-8) is killed once its first image is there
+    while procs[1].poll() is None and not any((out / "standard_output").glob("[5678].png")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+    procs[1].kill()
+    errs = {i: procs[i].communicate(timeout=300)[1] for i in (0, 2)}
+    procs[1].wait(timeout=60)
+    assert procs[1].returncode == -signal.SIGKILL
+    for i in (0, 2):
+        assert procs[i].returncode == 0, errs[i][-3000:]
+        assert f"task {i} of 3: gnsnet: {4 if i == 0 else 3} new, 0 already there" in errs[i]
+    assert "global batch(es) 1;" in errs[0] + errs[2] and not (out / "summary.json").exists()
+    made = [p for p in out.glob("*_output/*.png") if int(p.stem) in (5, 6, 7, 8)]
+    assert 1 <= len(made) < 8  # mid-run
+    code, err = run_in_process(cli, [*required, "--output_base_dir", str(out), "--finalize"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "(global batch(es) 1;" in err, err
+    rerun = subprocess.run([sys.executable, str(ROOT / "scripts" / "batch_inference.py"), *required,
+                            "--output_base_dir", str(out), "--num_shards", "3", "--shard_index", "1"],
+                           capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert results(out) == results(single)
+    assert not list(out.rglob(".*.tmp")) and not (out / ".manifest_parts").exists()

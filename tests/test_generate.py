@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from golden_noise.dataset import format as F
-from golden_noise.dataset.generate import EARLY_KEYS, SIGNATURE_KEYS, GenerationSettings, Task
+from golden_noise.dataset.generate import EARLY_KEYS, SIGNATURE_KEYS, GenerationSettings
+from golden_noise.runs import Task
 from golden_noise.dataset.writer import SampleSpec, read_batch
 from golden_noise.errors import UserError
 from golden_noise.io import tensor_bytes, tensor_file_intact, tensor_file_problem

@@ -1,9 +1,11 @@
 """Rules for a stage's output folder: what may be added to it (a rerun with the same inputs and settings),
-what is refused (anything else, with every difference named), and a lock so two runs never share one."""
+what is refused (anything else, with every difference named), a lock so two runs never make the same part of one,
+and which part a run makes when K separate runs (machines, a Slurm job array) share the work (`Task`)."""
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +70,39 @@ def keep_unused(new: dict, old: dict, keys: Sequence[str]) -> dict:
     return {**new, **{k: old[k] for k in keys if new.get(k) is None and old.get(k) is not None}}
 
 
+@dataclass(frozen=True)
+class Task:
+    """Which part of a job a run makes when `count` separate runs (machines, with no launcher and no communication)
+    share it: task `index` takes parts index, index + count, index + 2 count, ... (stage 2's shards, stage 5's global
+    batches); whatever the split, each part is made exactly as one run makes it."""
+
+    count: int = 1
+    index: int = 0
+
+    def share(self, items: Sequence) -> list:
+        """This task's round-robin share of `items`."""
+        return list(items[self.index::self.count])
+
+    def shards(self, total: int) -> list[int]:
+        return self.share(range(total))
+
+    @classmethod
+    def resolve(cls, num_shards: int | None, shard_index: int | None, environ=os.environ) -> "Task":
+        """--num_shards/--shard_index, defaulting to a Slurm job array's task count and id, else one task."""
+        count, index = num_shards, shard_index
+        slurm = environ.get("SLURM_ARRAY_TASK_COUNT")
+        if count is None and slurm:
+            count = int(slurm)
+        if index is None and environ.get("SLURM_ARRAY_TASK_ID") and (num_shards is None or slurm):
+            index = int(environ["SLURM_ARRAY_TASK_ID"]) - int(environ.get("SLURM_ARRAY_TASK_MIN") or 0)
+        if count is None and index is not None:
+            raise UserError(f"--shard_index {index} needs --num_shards K (the number of separate runs)")
+        count, index = count or 1, index or 0
+        if not 0 <= index < count:
+            raise UserError(f"--shard_index {index} must be in [0, {count}) for --num_shards {count}")
+        return cls(count, index)
+
+
 def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """Create `path` if needed and prove it writable (a probe file), before any work; a UserError otherwise."""
     path = Path(path)
@@ -88,11 +123,15 @@ class RunLock:
     With `ranges`, the lock covers only those parts of the folder's work (POSIX record locks on those bytes of the
     same file): runs that share a folder but own disjoint parts (stage 2's shards made on several machines) go
     together, a second run of any part is refused. The lock dies with its process (also on kill -9), so a stale
-    lock file never blocks a rerun."""
+    lock file never blocks a rerun.
+
+    With `wait` (and no ranges), a short exclusive section instead: acquire waits for the holder (runs that share a
+    folder take turns writing the files they all write, e.g. stage 5's manifest); `name` is then another lock file
+    than the runs' `.lock`."""
 
     def __init__(self, folder: str | os.PathLike, flag: str, ranges: Sequence[int] | None = None,
-                 what: str = "part"):
-        self.path, self.flag, self.fd = Path(folder) / ".lock", flag, None
+                 what: str = "part", name: str = ".lock", wait: bool = False):
+        self.path, self.flag, self.fd, self.wait = Path(folder) / name, flag, None, wait
         self.ranges, self.what = (sorted(set(ranges)) if ranges is not None else None), what
 
     def acquire(self) -> "RunLock":
@@ -112,7 +151,7 @@ class RunLock:
             self.fd = fd
             return self
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             holder = self.path.read_text(encoding="utf-8", errors="replace").strip() or "another process"

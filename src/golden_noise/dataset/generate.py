@@ -15,7 +15,6 @@ with the old one (a larger --max_prompts) adds its samples exactly (the old part
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..errors import UserError
 from ..golden import GoldenConfig, GoldenStep, golden_step
 from ..io import remove_stale_temps
 from ..prompts import Prompt, prompt_fingerprint, read_prompts
-from ..runs import RunLock, check_writable_dir, read_settings, refuse_mixed_rerun
+from ..runs import RunLock, Task, check_writable_dir, read_settings, refuse_mixed_rerun
 from ..runtime import (get_logger, global_batches, model_dtype, on_main, package_versions, resolve_device,
                        resolve_dtype)
 from ..scoring import SampleScorer, ScoringConfig
@@ -124,34 +123,6 @@ RECORDS = ("golden",)  # nested configs recorded as one dict under their field's
 EARLY_KEYS = ("format_version", *rerun_keys(GenerationSettings, "rerun", exclude=RECORDS), *RECORDS, "device_type",
               *PROMPT_KEYS)
 SIGNATURE_KEYS = (*EARLY_KEYS, *rerun_keys(GenerationSettings, "loaded", exclude=RECORDS), *MODEL_KEYS)
-
-
-@dataclass(frozen=True)
-class Task:
-    """Which shards a run makes: task `index` of `count` (separate runs, e.g. machines) takes shards index,
-    index + count, index + 2 count, ..."""
-
-    count: int = 1
-    index: int = 0
-
-    def shards(self, total: int) -> list[int]:
-        return list(range(self.index, total, self.count))
-
-    @classmethod
-    def resolve(cls, num_shards: int | None, shard_index: int | None, environ=os.environ) -> "Task":
-        """--num_shards/--shard_index, defaulting to a Slurm job array's task count and id, else one task."""
-        count, index = num_shards, shard_index
-        slurm = environ.get("SLURM_ARRAY_TASK_COUNT")
-        if count is None and slurm:
-            count = int(slurm)
-        if index is None and environ.get("SLURM_ARRAY_TASK_ID") and (num_shards is None or slurm):
-            index = int(environ["SLURM_ARRAY_TASK_ID"]) - int(environ.get("SLURM_ARRAY_TASK_MIN") or 0)
-        if count is None and index is not None:
-            raise UserError(f"--shard_index {index} needs --num_shards K (the number of separate runs)")
-        count, index = count or 1, index or 0
-        if not 0 <= index < count:
-            raise UserError(f"--shard_index {index} must be in [0, {count}) for --num_shards {count}")
-        return cls(count, index)
 
 
 def effective_guidance(config: GoldenConfig) -> dict:

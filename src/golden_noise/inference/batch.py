@@ -9,11 +9,16 @@ Layout of an output folder:
     summary.json                    the images of every method in the folder
     batch_settings.json             every input and setting that shaped the images, and what they resolved to
     timings.csv                     index, method, seconds, noise_seconds, sampling_seconds (as each image was made)
-    run.json                        this run: process count, device, output folder, RNN file path, what it made
-                                    and skipped, and the mean per-image noise / sampling times of the folder
+    run.json                        this run: process count, task, device, output folder, RNN file path, what it
+                                    made and skipped, and the mean per-image noise / sampling times of the folder
 The first five are the results: two uninterrupted runs of the same command (any process count, any output folder)
 write them byte-identical, and so does a run that resumed after a kill. The last two differ from run to run.
 A rerun with the same prompts and settings resumes (methods may be added); any other rerun is refused.
+
+Across machines: task i of K (`--num_shards K --shard_index i`, runs.Task; Slurm array defaults) makes global batches
+i, i + K, ..., its processes dealing those round-robin. K tasks share the folder: each locks its own batches (a second
+run of the same ones is refused), writes its own manifest parts, and writes the same batch_settings.json; the run
+that finds every image there merges manifest.csv, timings.csv and summary.json (`--finalize` does that alone).
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ from ..io import BackgroundWriter, atomic_save_image, atomic_torch_save, atomic_
 from ..io import tensor_file_intact
 from ..methods import LEARNED, METHODS, ONE_STEP, folder, order_key
 from ..prompts import Prompt
-from ..runtime import get_logger
+from ..runs import RunLock, Task
+from ..runtime import get_logger, global_batches
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
 from .config import PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig, learned_keys
 
@@ -49,7 +55,8 @@ TIMINGS_FILE = "timings.csv"
 RUN_FILE = "run.json"
 # what differs from run to run of the same command: kept out of batch_settings.json (recorded in run.json)
 RUN_KEYS = ("output_base_dir", "num_processes", "device", "device_used", "rnn_weights_file", "direct_weights_file",
-            "npnet_weights_file")
+            "npnet_weights_file", "num_shards", "shard_index")
+SHARED_LOCK = ".shared.lock"  # held (waiting) while a run writes the folder's shared files: settings, manifest, summary
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -93,6 +100,17 @@ class BatchJob:
     # fields given for the oracle (else the RNN's)
     sampling: SamplingConfig = setting(default_factory=SamplingConfig)
     pipeline: PipelineSpec = setting(default_factory=PipelineSpec)
+    num_shards: int | None = setting(None, "K: split the prompts' global batches among K separate runs (machines) "
+                                           "writing into one --output_base_dir; this run makes batches i, i + K, "
+                                           "i + 2K, ... (default: $SLURM_ARRAY_TASK_COUNT, else 1)",
+                                     group="shards and machines", min=1)
+    shard_index: int | None = setting(None, "i: which of the K runs this is, 0 <= i < K (default: "
+                                            "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
+                                      group="shards and machines", min=0)
+    finalize: bool = setting(False, "make nothing: merge manifest.csv and write summary.json of a folder whose "
+                                    "images are all there, given the job's --prompt_file (the run that finds them "
+                                    "all does this itself); name the missing images otherwise",
+                             group="shards and machines")
 
 
 # What a rerun into an existing folder must keep (batch_settings.json's keys; --methods may grow), derived from the
@@ -116,6 +134,7 @@ class BatchRun:
     others: dict = field(default_factory=dict)  # {direct / npnet: GoldenNoise} of the one-step methods asked for
     pipe: Any = None     # the base pipeline: the RNN's text embedding and the oracle
     sampler: Any = None  # the pipeline that samples the images (the base one unless a separate sampler is asked)
+    task: Task = Task()  # which global batches this run makes (all, unless K separate runs share the job)
 
 
 def check_batch(job: BatchJob) -> None:
@@ -140,17 +159,28 @@ def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNois
     Returns the summary on the main process (None elsewhere) after merging the manifest. `pipe`: a pipeline
     already loaded as `job.pipeline` says (the sweep runs many jobs on one), `sampler` the one built for
     `job.sampling` from it (None: built here), `gn` the RNN of `job.rnn_weights_path` and `others` the one-step
-    models of direct / npnet ({method: GoldenNoise}; None: loaded here)."""
-    from ..runs import RunLock
+    models of direct / npnet ({method: GoldenNoise}; None: loaded here).
+    `job.num_shards`/`shard_index` (runs.Task): this run makes only its task's batches; the summary is None-free only
+    once every image is there (else it says what is missing). `job.finalize`: `finalize_batch`."""
     from ..runtime import distributed_state, on_main
 
     state = state if state is not None else distributed_state()
+    task = Task.resolve(job.num_shards, job.shard_index)  # a bad --shard_index fails before anything loads
+    if job.finalize:
+        return finalize_batch(job) if state.is_main_process else None
     run = prepare_batch(job, state, gn, others)
-    lock = RunLock(run.out, "--output_base_dir")
+    run.task = task
+    run.settings.update(num_shards=task.count, shard_index=task.index)  # run keys (run.json), not the settings'
+    run.settings.pop("finalize", None)
+    lock = RunLock(run.out, "--output_base_dir", task.shards(len(global_batches(run.prompts, job.batch_size))),
+                   what="batch")  # this task's batches: the other tasks of the job run beside it
     on_main(state, lock.acquire)
     if state.is_main_process:
-        logger.info("Running batch inference: %d prompts x methods %s, batch %d, %d process(es), into %s",
-                    len(run.prompts), " ".join(job.methods), job.batch_size, state.num_processes, run.out)
+        logger.info("Running batch inference: %d prompts x methods %s, batch %d, %d process(es), into %s%s",
+                    len(run.prompts), " ".join(job.methods), job.batch_size, state.num_processes, run.out,
+                    f", task {task.index} of {task.count} (global batches {task.index}, {task.index + task.count}, "
+                    f"...)"
+                    if task.count > 1 else "")
     try:
         load_pipeline_for(run, pipe, sampler)
         stats = generate(run)
@@ -224,19 +254,34 @@ def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
     refuse_mixed_rerun(path, run.settings, LOADED_KEYS, "--output_base_dir", "images")
     run.state.wait_for_everyone()
     if run.state.is_main_process:
-        old = read_settings(path, "--output_base_dir") or {}
-        run.settings = keep_unused(run.settings, old, KEPT_WHEN_UNUSED)
-        run.settings["methods"] = sorted({*old.get("methods", []), *run.job.methods}, key=order_key)
-        remove_stale_temps(run.out)
-        atomic_write_json(path, {k: v for k, v in run.settings.items() if k not in RUN_KEYS})
+        with shared_files(run.out):  # the other tasks of the job write the same settings
+            old = read_settings(path, "--output_base_dir") or {}
+            run.settings = keep_unused(run.settings, old, KEPT_WHEN_UNUSED)
+            run.settings["methods"] = sorted({*old.get("methods", []), *run.job.methods}, key=order_key)
+            remove_stale_temps(run.out, task_indices(run))
+            atomic_write_json(path, {k: v for k, v in run.settings.items() if k not in RUN_KEYS})
     run.state.wait_for_everyone()
 
 
-def remove_stale_temps(out: Path) -> int:
-    """Delete the temporary files a killed run left in the output folders."""
+def shared_files(out: Path) -> RunLock:
+    """The lock a run holds (waiting its turn) while it writes the files every task of the folder writes."""
+    return RunLock(out, "--output_base_dir", name=SHARED_LOCK, wait=True)
+
+
+def task_indices(run: BatchRun) -> set[int]:
+    """The prompt indices of this run's task's global batches."""
+    return {p.index for batch in run.task.share(global_batches(run.prompts, run.job.batch_size)) for p in batch}
+
+
+def remove_stale_temps(out: Path, indices: set[int] | None = None) -> int:
+    """Delete the temporary files a killed run left in the output folders: with `indices`, only those of these
+    prompts' images and noises (other tasks may be writing theirs). Call it holding `shared_files(out)`: the
+    folder's own files are written under it, so a temporary one is a killed run's."""
     from ..io import remove_stale_temps as remove
 
-    stale = remove([out, *(out / folder(m) for m in METHODS), *(out / "noise" / m for m in METHODS)])
+    names = None if indices is None else {str(i) for i in indices}
+    mine = None if names is None else (lambda name: name.partition(".")[0] in names)
+    stale = remove([*(out / folder(m) for m in METHODS), *(out / "noise" / m for m in METHODS)], mine) + remove([out])
     if stale:
         logger.info("removed %d temporary file(s) an interrupted run left behind", stale)
     return stale
@@ -275,11 +320,12 @@ def generate(run: BatchRun) -> dict:
     """Make the missing images of this process's share of the global batches; returns its counts (made, skipped)."""
     from tqdm.auto import tqdm
 
-    from ..runtime import global_batches, shard
+    from ..runtime import shard
 
-    state = run.state
-    batches = shard(global_batches(run.prompts, run.job.batch_size), state.process_index, state.num_processes)
-    part = run.out / ".manifest_parts" / f"rank{state.process_index}-{os.getpid()}.jsonl"
+    state, task = run.state, run.task
+    batches = shard(task.share(global_batches(run.prompts, run.job.batch_size)), state.process_index,
+                    state.num_processes)  # the task's batches first (machines), then this process's
+    part = run.out / ".manifest_parts" / f"task{task.index}-rank{state.process_index}-{os.getpid()}.jsonl"
     part.parent.mkdir(parents=True, exist_ok=True)
     stats = {"generated": {}, "skipped": {}}
     recorded = recorded_images(run.out)
@@ -387,21 +433,75 @@ def method_latents(run: BatchRun, method: str, texts: list[str], x_T):
 
 
 def finish(run: BatchRun, stats: dict) -> dict | None:
-    """Gather every process's stats; on the main process merge the manifest and timings and write summary.json and
-    run.json. Returns (main process) the summary with this run's record merged into each method's entry."""
+    """Gather every process's stats; on the main process, once every image of the job is there (the other tasks'
+    too), merge the manifest and timings and write summary.json and run.json. Returns (main process) the summary
+    with this run's record merged into each method's entry; while other tasks' images are missing, this run's
+    record with `missing` (manifest parts stay for the run that completes the folder, or --finalize)."""
     from accelerate.utils import gather_object
 
     all_stats = gather_object([stats])
     run.state.wait_for_everyone()
     if not run.state.is_main_process:
         return None
-    rows, timings = merge_manifest(run.out)
-    summary = summarize(rows, len(run.prompts), run.job.batch_size, run.settings["num_gen_steps_used"])
-    record = run_record(timings, all_stats, list(summary["methods"]), run.settings)
-    atomic_write_json(run.out / "summary.json", summary)
-    atomic_write_json(run.out / RUN_FILE, record)
+    with shared_files(run.out):  # the job's last two tasks may finish at once: one merges after the other
+        missing = missing_images(run.out, run.prompts, run.job.batch_size, run.job.methods)
+        if missing:
+            record = run_record([], all_stats, run.job.methods, run.settings)
+            return {**{k: v for k, v in record.items() if k != "methods"}, "missing": missing,
+                    "num_prompts": len(run.prompts),
+                    "methods": {m: {"images": None, **record["methods"][m]} for m in run.job.methods}}
+        rows, timings = merge_manifest(run.out)
+        summary = summarize(rows, len(run.prompts), run.job.batch_size, run.settings["num_gen_steps_used"])
+        record = run_record(timings, all_stats, list(summary["methods"]), run.settings)
+        atomic_write_json(run.out / "summary.json", summary)
+        atomic_write_json(run.out / RUN_FILE, record)
     return {**summary, **{k: v for k, v in record.items() if k != "methods"},
             "methods": {m: {**summary["methods"][m], **record["methods"][m]} for m in summary["methods"]}}
+
+
+def missing_images(out: Path, prompts: Sequence[Prompt], batch_size: int, methods: Sequence[str]) -> list[dict]:
+    """{"batch", "index", "method"} of each image of `methods` that no manifest row (merged or a part) records with
+    its file there: the images a folder's tasks have yet to make."""
+    present = {_key(row) for row in _read_manifest_rows(out) if (out / row["file"]).is_file()}
+    return [{"batch": b, "index": p.index, "method": m}
+            for b, batch in enumerate(global_batches(prompts, batch_size)) for p in batch for m in methods
+            if (p.index, m) not in present]
+
+
+def describe_missing(missing: Sequence[dict], total: int) -> str:
+    """'N of M images (global batches b1, b2, ...; e.g. gnsnet_output/5.png)': what a folder's tasks have yet to
+    make, for one line."""
+    batches = sorted({m["batch"] for m in missing})
+    first = missing[0]
+    return (f"{len(missing)} of {total} images are missing (global batch(es) {', '.join(map(str, batches[:10]))}"
+            f"{', ...' if len(batches) > 10 else ''}; e.g. {folder(first['method'])}/{first['index']}.png)")
+
+
+def finalize_batch(job: BatchJob) -> dict:
+    """--finalize: merge manifest.csv and timings.csv and write summary.json of a folder whose images (of every
+    method its batch_settings.json lists) are all there; else a UserError naming the missing ones. `job`'s
+    prompt file must be the folder's."""
+    from ..prompts import prompt_fingerprint, read_prompts
+    from ..runs import read_settings
+
+    out = Path(job.output_base_dir)
+    settings = read_settings(out / SETTINGS_FILE, "--output_base_dir")
+    if settings is None:
+        raise UserError(f"--finalize: {out} holds no stage-5 images ({SETTINGS_FILE} missing): run the job first")
+    prompts = read_prompts(job.prompt_file, job.prompt_column)
+    if prompt_fingerprint(prompts) != settings.get("prompt_fingerprint"):
+        raise UserError(f"--finalize: --prompt_file {job.prompt_file} holds other prompts than those of {out}: give "
+                        "the job's own --prompt_file (and --prompt_column)")
+    methods, batch_size = settings["methods"], int(settings["batch_size"])
+    with shared_files(out):
+        missing = missing_images(out, prompts, batch_size, methods)
+        if missing:
+            raise UserError(f"--finalize: {describe_missing(missing, len(prompts) * len(methods))} in {out}: rerun "
+                            "the task(s) that make them (the same command), then --finalize again")
+        rows, _ = merge_manifest(out)
+        summary = summarize(rows, len(prompts), batch_size, settings.get("num_gen_steps_used"))
+        atomic_write_json(out / "summary.json", summary)
+    return {**summary, "finalized": True}
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -506,7 +606,22 @@ def run_record(timings: Sequence[dict], stats: Sequence[dict], methods: Sequence
 
 
 def log_summary(summary: dict, out: Path) -> None:
-    """One log line per method (images, new, already there, mean noise and sampling times), then the files."""
+    """One log line per method (images, new, already there, mean noise and sampling times), then the files; for a
+    task whose folder still misses other tasks' images, its own part and what is missing; after --finalize, the
+    files it wrote."""
+    if summary.get("finalized"):
+        logger.info("done: manifest %s and summary %s of %s", out / "manifest.csv", out / "summary.json",
+                    ", ".join(f"{s['images']} {m} images" for m, s in summary["methods"].items()))
+        return
+    if summary.get("missing") is not None:
+        task = f"task {summary['shard_index']} of {summary['num_shards']}"
+        for method, s in summary["methods"].items():
+            logger.info("%s: %s: %d new, %d already there", task, method, s["generated_this_run"],
+                        s["skipped_existing"])
+        logger.info("%s done; %s: the run that completes them writes manifest.csv and summary.json (or run the "
+                    "same command with --finalize once all tasks are done)", task,
+                    describe_missing(summary["missing"], summary["num_prompts"] * len(summary["methods"])))
+        return
     for method, s in summary["methods"].items():
         noise, sampling = s["mean_noise_seconds_per_image"], s["mean_sampling_seconds_per_image"]
         timing = "" if sampling is None else f"; mean per image: noise {noise:.4f}s, sampling {sampling:.4f}s"

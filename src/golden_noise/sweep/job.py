@@ -144,7 +144,8 @@ def unit_job(job: SweepJob, unit: Unit, prompt_file: Path, out: Path) -> BatchJo
                     start_seed=job.start_seed + unit.seed_offset, batch_size=job.batch_size,
                     rnn_weights_path=job.rnn_weights_path, direct_weights=job.direct_weights,
                     npnet_weights=job.npnet_weights, num_gen_steps=unit.num_gen_steps,
-                    golden_overrides=dict(job.golden_overrides), sampling=sampling, pipeline=job.pipeline)
+                    golden_overrides=dict(job.golden_overrides), sampling=sampling, pipeline=job.pipeline,
+                    num_shards=1, shard_index=0)  # each unit whole (never a Slurm array task's share)
 
 
 def uses_best_of(job: SweepJob) -> bool:
