@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import common  # noqa: E402  (bench/common.py; this script's folder is on sys.path)
 

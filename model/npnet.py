@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from golden_noise.export import ExportableModel
+from golden_noise.errors import UserError
+from golden_noise.export import Export, ExportableModel, ExportFiles
 
 MODEL_TYPE = "NPNet"
 SDXL_TEXT_DIM = 77 * 2048
@@ -280,11 +282,6 @@ def load_released(path: str | os.PathLike, device=None, dtype=None):
     Export (its identity: the file's sha256 and the config document's). Its sizes come from its tensors; the config
     document says what it was trained for: SDXL base's latents at 8 px per latent pixel, SDXL's prompt_embeds
     flattened as the text input, one golden step."""
-    from pathlib import Path
-
-    from golden_noise.errors import UserError
-    from golden_noise.export import Export, ExportFiles
-
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, or a pickle that needs code

@@ -27,11 +27,11 @@ from golden_noise.cli import (add_dataclass_arguments, add_list_argument, add_pi
 from golden_noise.cli import parser as make_parser
 from golden_noise.diffusion import DEFAULT_MODEL_ID
 from golden_noise.golden import GoldenConfig
-from golden_noise.inference.batch import BatchJob
+from golden_noise.inference.batch import BatchJob, log_summary, run_batch
 from golden_noise.inference.config import (PipelineSpec, add_golden_override_arguments, add_sampling_arguments,
                                           golden_overrides_from_args, sampling_from_args)
 from golden_noise.methods import METHODS
-from golden_noise.runtime import run_cli
+from golden_noise.runtime import distributed_state, end_distributed, run_cli, setup_logging
 
 
 def golden_flag_helps() -> dict[str, str]:
@@ -76,9 +76,6 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
 
 def main(args: argparse.Namespace) -> dict | None:
     from pathlib import Path
-
-    from golden_noise.inference.batch import log_summary, run_batch
-    from golden_noise.runtime import distributed_state, end_distributed, setup_logging
 
     state = distributed_state()
     setup_logging(state.is_main_process)

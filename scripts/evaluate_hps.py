@@ -1,4 +1,5 @@
-"""Stage 6: score the images of each method (standard / gnsnet / oracle) with reward models and compare them.
+"""Stage 6: score the images of each method (standard, gnsnet, direct, npnet, oracle, best_of_K) with reward models
+and compare them.
 
     python scripts/evaluate_hps.py --prompt_file ./data/test_prompts.txt --image_base_dir ./inference_output/ \
         --results_dir ./results/ --hps_version v2.1

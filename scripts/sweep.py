@@ -32,8 +32,11 @@ from golden_noise.inference.config import (PipelineSpec, SamplingConfig, add_gol
                                           golden_overrides_from_args)
 from golden_noise.methods import METHOD_HELP, is_method
 from golden_noise.rewards.base import PLUGIN_HELP, available_rewards, is_reward_name
-from golden_noise.runtime import run_cli
+from golden_noise.runtime import distributed_state, end_distributed, resolve_device, run_cli, setup_logging
 from golden_noise.sweep.job import GRID_FIELDS, SweepJob
+from golden_noise.evaluation import build_metrics
+from golden_noise.sweep.report import findings
+from golden_noise.sweep.run import run_sweep
 
 QUICK_PROMPTS, QUICK_BOOTSTRAP = 48, 2000
 
@@ -86,9 +89,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def job_from_args(args: argparse.Namespace) -> SweepJob:
     """The sweep the flags describe (flag errors are UserErrors)."""
-    from golden_noise.evaluation import build_metrics
-    from golden_noise.runtime import resolve_device
-
     metrics = build_metrics(args.metrics, args.reward_path, resolve_device(args.device), None,
                             args.reward_batch_size)
     return dataclass_from_args(SweepJob, args, metrics=metrics, golden_overrides=golden_overrides_from_args(args),
@@ -99,10 +99,6 @@ def job_from_args(args: argparse.Namespace) -> SweepJob:
 
 
 def main(args: argparse.Namespace) -> dict | None:
-    from golden_noise.runtime import distributed_state, end_distributed, setup_logging
-    from golden_noise.sweep.report import findings
-    from golden_noise.sweep.run import run_sweep
-
     state = distributed_state()
     setup_logging(state.is_main_process)
     result = run_sweep(job_from_args(args), state)

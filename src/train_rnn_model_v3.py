@@ -22,6 +22,7 @@ from golden_noise.model.rnn_seq_model_v3 import DATA_FIELDS, NoiseSequenceRNNCon
 from golden_noise.runtime import exit_cli, gloo_launch, run_cli
 from golden_noise.model.npnet import NPNetConfig
 from golden_noise.training.config import ARCH_FIELDS, TrainingConfig, arch_fields, architecture, field_groups
+from golden_noise.training.trainer import Trainer, done_message
 
 GROUP_TITLES = {"data": "data", "model": "model (shape flags must agree with the dataset's run_config.json)",
                 "optimisation": "optimisation", "checkpoints and logging": "checkpoints and logging",
@@ -53,8 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from golden_noise.training.trainer import Trainer, done_message
-
     trainer = Trainer(dataclass_from_args(TrainingConfig, args), args.arch)
     summary = trainer.run()
     if trainer.export_paths is not None:  # the main process

@@ -179,7 +179,7 @@ def test_one_step_models_train_export_and_load(model_type, npd_dataset, tmp_path
     assert summary["model_type"] == model_type and summary["train_samples"] == 36  # 75% of the 48 training ids
     assert report["num_steps"] == 4 and report["final_step"]["step"] == 4 and len(report["rollout"]["per_step"]) == 1
     assert report["final_step"]["explained_fraction"] > 0.05, stdout
-    assert f"one-step prediction of x'_4 explains" in stdout
+    assert "one-step prediction of x'_4 explains" in stdout
 
     meta = json.loads((out / f"{FINAL_STEM}.json").read_text())
     assert meta["model_type"] == model_type and meta["run_config"]["num_steps"] == 4
@@ -197,7 +197,7 @@ def test_one_step_models_train_export_and_load(model_type, npd_dataset, tmp_path
     gn = GoldenNoise.from_pretrained(out, model_type=model_type)
     assert (gn.model_type, gn.predicts_step, gn.num_steps) == (model_type, 4, 4)
     torch.testing.assert_close(gn.rollout(batch["source"], batch["text"])[:, -1], pred[:, 0])
-    with pytest.raises(UserError, match=f"predicts x'_4 in one forward .*pass --num_gen_steps 4"):
+    with pytest.raises(UserError, match="predicts x'_4 in one forward .*pass --num_gen_steps 4"):
         gn.rollout(batch["source"], batch["text"], 2)
     with pytest.raises(UserError, match=f"--rnn_weights_path {out} is a {model_type} export, not NoiseSequenceRNN_v3"):
         GoldenNoise.from_pretrained(out, model_type="NoiseSequenceRNN_v3")

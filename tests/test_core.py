@@ -308,20 +308,6 @@ def test_no_import_runs_back_up_the_layers():
         names = {n.strip(" ,/") for n in row[15:].split("(")[0].split() if n.strip(" ,/")}
         assert {n for n in layer if n != "model.*"} <= names | {"model"}, (row, layer)
 
-# Files another branch (baselines) is editing while the in-function imports of the rest of the tree moved to the
-# module top; their in-function imports of the project's modules are allowed until the lead clears this set after
-# the baselines merge (then every file follows the rule below).
-PENDING_IMPORT_CLEANUP = {
-    "src/golden_noise/training/trainer.py", "src/golden_noise/training/config.py", "src/golden_noise/training/core.py",
-    "src/golden_noise/inference/api.py", "src/golden_noise/inference/batch.py", "src/golden_noise/inference/config.py",
-    "src/golden_noise/sweep/__init__.py", "src/golden_noise/sweep/cost.py", "src/golden_noise/sweep/grid.py",
-    "src/golden_noise/sweep/job.py", "src/golden_noise/sweep/plots.py", "src/golden_noise/sweep/report.py",
-    "src/golden_noise/sweep/run.py", "src/golden_noise/sweep/scores.py", "src/golden_noise/sweep/table.py",
-    "src/golden_noise/methods.py", "src/golden_noise/tables.py",
-    "src/golden_noise_toy/baselines.py", "src/golden_noise_toy/probe.py", "src/golden_noise_toy/quickstart.py",
-    "src/train_rnn_model_v3.py", "scripts/batch_inference.py", "scripts/sweep.py", "scripts/baselines_summary.py",
-    "model/__init__.py", "model/direct.py", "model/npnet.py",
-}
 IMPORT_REASON = re.compile(r"#\s*(heavy|optional|lazy):\s*\S")
 
 
@@ -361,8 +347,6 @@ def test_project_imports_sit_at_the_module_top():
     for folder in ("src", "model", "scripts"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if rel in PENDING_IMPORT_CLEANUP:
-                continue
             checked += 1
             unexplained += [f"{rel}:{line}: {stmt}" for line, stmt, comment in _in_function_project_imports(path)
                             if not IMPORT_REASON.search(comment)]

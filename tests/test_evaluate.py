@@ -414,7 +414,7 @@ def test_help_lists_the_registries_and_imports_no_scorer(tmp_path):
     assert out["code"] == 0 and out["heavy"] == []
     text = " ".join(out["help"].split())
     assert "aesthetic, clipscore, hpsv2, pickscore, toy_attributes or FILE.py:NAME" in text
-    assert "standard, gnsnet, oracle or best_of_K" in text and "(default: hpsv2)" in text
+    assert "standard, gnsnet, direct, npnet, oracle or best_of_K" in text and "(default: hpsv2)" in text
     assert "(default: None)" not in text and "(default: [])" not in text
     for flag_help in text.split(" --")[1:]:
         assert flag_help.count("(default") <= 1, flag_help

@@ -593,7 +593,7 @@ def test_share_of_oracle_gain_is_a_dash_where_the_oracle_gain_is_nothing(tmp_pat
                                                                                      "", "", "", ""]
     write_report(tmp_path / "report.html", rows, [], [], {}, "t", "s")
     page = (tmp_path / "report.html").read_text()
-    assert "<td class='num'>91%</td>" in page and f"<td class='num'>—</td>" in page and "-2800%" not in page
+    assert "<td class='num'>91%</td>" in page and "<td class='num'>—</td>" in page and "-2800%" not in page
     assert "where the oracle's own gain CI contains 0: w=5.5, 4 steps, n=2" in page
 
 

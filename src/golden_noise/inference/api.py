@@ -12,6 +12,9 @@ from ..diffusion import encode_prompts, family_of, latent_shape, resolve_text_em
 from ..errors import UserError
 from ..golden import GoldenConfig, golden_step
 from ..runtime import get_logger
+from ..export import load_export, push_export
+from ..model import model_type_of
+from ..model.npnet import load_released
 
 logger = get_logger(__name__)
 
@@ -27,14 +30,9 @@ def load_rnn_export(path: str | os.PathLike, device=None, dtype=None, predict_va
     registry; None: any), else a UserError naming `flag`; for NPNet, a `.pth` without a safetensors export beside it
     is NPNet's released checkpoint (read with weights_only=True). `predict_variance=True` (the seed's flag) requires
     an export trained with the variance head."""
-    from ..export import load_export
-    from ..model import model_type_of
-
     released = (model_type == "NPNet" and Path(path).suffix == ".pth"
                 and not Path(path).with_suffix(".safetensors").is_file())
     if released:
-        from ..model.npnet import load_released
-
         export = load_released(path, device=device, dtype=dtype)
     else:
         if Path(path).suffix == ".pth":
@@ -150,8 +148,6 @@ class GoldenNoise:
         """Upload this export to the hub repo `repo_id` ("owner/name"; created, `private` if asked, when new):
         model.safetensors, config.json and a generated model card README.md. `evaluation`: a stage-6 results folder
         (or its summary.json) or a sweep folder (or its sweep.csv) to summarise in the card. Returns the commit URL."""
-        from ..export import push_export
-
         if self.export is None:
             raise UserError("push_to_hub needs a GoldenNoise loaded with from_pretrained (it pushes that export)")
         return push_export(self.export, repo_id, token=token, private=private, evaluation=evaluation,
@@ -175,8 +171,6 @@ class GoldenNoise:
     @property
     def model_type(self) -> str:
         """NoiseSequenceRNN_v3 (rolled out n steps), DirectNoiseModel or NPNet (x'_n in one forward)."""
-        from ..model import model_type_of
-
         return model_type_of(self.meta)
 
     @property

@@ -37,14 +37,18 @@ from ..diffusion import family_of, sample_images
 from ..diffusion.base import ModelRows
 from ..errors import UserError
 from ..golden import GoldenConfig
-from ..io import BackgroundWriter, atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text
+from ..io import (BackgroundWriter, atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text,
+                  remove_stale_temps as remove)
 from ..io import tensor_file_intact
 from ..methods import LEARNED, METHODS, ONE_STEP, folder, order_key
-from ..prompts import Prompt
-from ..runs import RunLock, Task
-from ..runtime import get_logger, global_batches
+from ..prompts import Prompt, prompt_fingerprint, read_prompts
+from ..runs import RunLock, Task, check_writable_dir, keep_unused, read_settings, refuse_mixed_rerun
+from ..runtime import distributed_state, get_logger, global_batches, on_main, package_versions, resolve_device, shard
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
-from .config import PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig, learned_keys
+from .config import (PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig, flat_record, learned_keys, learned_record,
+                     load_golden_noise, load_job_pipelines, load_one_step_models, pipeline_record,
+                     resolve_num_gen_steps, rnn_record, sampling_record)
+from .sampler import build_sampler
 
 logger = get_logger(__name__)
 
@@ -162,8 +166,6 @@ def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNois
     models of direct / npnet ({method: GoldenNoise}; None: loaded here).
     `job.num_shards`/`shard_index` (runs.Task): this run makes only its task's batches; the summary is None-free only
     once every image is there (else it says what is missing). `job.finalize`: `finalize_batch`."""
-    from ..runtime import distributed_state, on_main
-
     state = state if state is not None else distributed_state()
     task = Task.resolve(job.num_shards, job.shard_index)  # a bad --shard_index fails before anything loads
     if job.finalize:
@@ -192,12 +194,6 @@ def run_batch(job: BatchJob, state=None, pipe=None, sampler=None, gn: GoldenNois
 def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None, others: dict | None = None) -> BatchRun:
     """Check the job, read the prompts, load the RNN (unless given) and refuse a rerun with other inputs, before any
     pipeline."""
-    from ..prompts import prompt_fingerprint, read_prompts
-    from ..runs import check_writable_dir, refuse_mixed_rerun
-    from ..runtime import resolve_device
-    from .config import (flat_record, learned_record, load_golden_noise, load_one_step_models, pipeline_record,
-                         resolve_num_gen_steps, rnn_record)
-
     job.methods = list(dict.fromkeys(job.methods))
     check_batch(job)
     prompts = read_prompts(job.prompt_file, job.prompt_column)
@@ -232,11 +228,6 @@ def prepare_batch(job: BatchJob, state, gn: GoldenNoise | None = None, others: d
 def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
     """Load the pipeline and its sampler (or take `pipe` and `sampler`, loaded from the same spec), refuse a rerun
     whose resolved sizes differ, then (main process) remove stale temporary files and record the settings."""
-    from ..runtime import package_versions
-    from ..runs import keep_unused, read_settings, refuse_mixed_rerun
-    from .config import load_job_pipelines, sampling_record
-    from .sampler import build_sampler
-
     device = run.settings["device_used"]
     if pipe is not None:  # the sweep's pipeline, loaded once from the same spec
         run.pipe, spec = pipe, run.job.pipeline
@@ -277,8 +268,6 @@ def remove_stale_temps(out: Path, indices: set[int] | None = None) -> int:
     """Delete the temporary files a killed run left in the output folders: with `indices`, only those of these
     prompts' images and noises (other tasks may be writing theirs). Call it holding `shared_files(out)`: the
     folder's own files are written under it, so a temporary one is a killed run's."""
-    from ..io import remove_stale_temps as remove
-
     names = None if indices is None else {str(i) for i in indices}
     mine = None if names is None else (lambda name: name.partition(".")[0] in names)
     stale = remove([*(out / folder(m) for m in METHODS), *(out / "noise" / m for m in METHODS)], mine) + remove([out])
@@ -319,8 +308,6 @@ def intact_png(path: Path) -> bool:
 def generate(run: BatchRun) -> dict:
     """Make the missing images of this process's share of the global batches; returns its counts (made, skipped)."""
     from tqdm.auto import tqdm
-
-    from ..runtime import shard
 
     state, task = run.state, run.task
     batches = shard(task.share(global_batches(run.prompts, run.job.batch_size)), state.process_index,
@@ -481,9 +468,6 @@ def finalize_batch(job: BatchJob) -> dict:
     """--finalize: merge manifest.csv and timings.csv and write summary.json of a folder whose images (of every
     method its batch_settings.json lists) are all there; else a UserError naming the missing ones. `job`'s
     prompt file must be the folder's."""
-    from ..prompts import prompt_fingerprint, read_prompts
-    from ..runs import read_settings
-
     out = Path(job.output_base_dir)
     settings = read_settings(out / SETTINGS_FILE, "--output_base_dir")
     if settings is None:

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from ..cli import add_dataclass_arguments, check_fields, dataclass_from_args, setting
-from ..diffusion import SCHEDULERS, TIMESTEP_SPACINGS
+from ..diffusion import (DEFAULT_MODEL_ID, SCHEDULERS, TIMESTEP_SPACINGS, family_of, image_size, latent_shape,
+                         load_pipeline)
 from ..errors import UserError
 from ..runtime import get_logger, model_dtype
 from .api import DEFAULT_NUM_GEN_STEPS, GoldenNoise
+from ..golden import GoldenConfig
+from ..methods import LEARNED, ONE_STEP
+from .sampler import build_sampler
 
 logger = get_logger(__name__)
 
@@ -107,16 +111,12 @@ def sampling_from_args(args) -> SamplingConfig:
 def add_golden_override_arguments(group, helps: dict[str, str] | None = None) -> list[str]:
     """The oracle's GoldenConfig flags (stage 5, the sweep), each defaulting to None: the RNN's training data
     decides, else GoldenConfig's own default; read the given ones back with `golden_overrides_from_args`."""
-    from ..golden import GoldenConfig
-
     none = {f.name: None for f in dataclasses.fields(GoldenConfig)}
     return add_dataclass_arguments(group, GoldenConfig, defaults=none, helps=helps)
 
 
 def golden_overrides_from_args(args) -> dict:
     """{GoldenConfig field: value} of the flags `add_golden_override_arguments` added that were given."""
-    from ..golden import GoldenConfig
-
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(GoldenConfig)
             if getattr(args, f.name) is not None}
 
@@ -148,8 +148,6 @@ def load_golden_noise(path: str | None, device, predict_variance: bool = False,
 def load_one_step_models(methods, paths: dict[str, str | None], device, loaded: dict | None = None) -> dict:
     """{method: GoldenNoise} of the one-step learned methods (direct, npnet) among `methods`, from their export
     flags (`paths`: {method: path}); `loaded` ones are taken as they are (the sweep loads each once)."""
-    from ..methods import LEARNED, ONE_STEP
-
     out = {}
     for method in ONE_STEP:
         if method in methods:
@@ -185,8 +183,6 @@ def rnn_record(gn: GoldenNoise | None) -> dict:
 
 def resolve_model_id(spec: PipelineSpec, gn: GoldenNoise | None) -> str:
     """--base_model_id, else the pipeline the RNN was trained with, else DEFAULT_MODEL_ID (warns on a mismatch)."""
-    from ..diffusion import DEFAULT_MODEL_ID
-
     trained = gn.run_config.get("base_model_id") if gn is not None else None
     if spec.base_model_id and trained and spec.base_model_id != trained:
         logger.warning("--base_model_id %s differs from %s, which the RNN was trained with", spec.base_model_id,
@@ -212,9 +208,6 @@ def pipeline_record(spec: PipelineSpec, gn: GoldenNoise | None, device: torch.de
 def load_job_pipelines(spec: PipelineSpec, sampling: SamplingConfig, record: dict, device: torch.device):
     """(base pipeline, sampler): the pipeline `record` (from `pipeline_record`) names, which makes the golden noise,
     and the one that samples the images with `sampling`'s scheduler (the same object unless `sampling.separate`)."""
-    from ..diffusion import load_pipeline
-    from .sampler import build_sampler
-
     pipe = load_pipeline(record["base_model_id_used"], revision=spec.revision, variant=spec.variant,
                          dtype=record["dtype_used"], device=device, cpu_offload=spec.enable_model_cpu_offload,
                          vae_slicing=spec.enable_vae_slicing, vae_tiling=spec.enable_vae_tiling)
@@ -227,8 +220,6 @@ def sampling_record(pipe, sampling: SamplingConfig, gn: GoldenNoise | None, samp
     """The image size and latent shape used (--height/--width, else the RNN's (or the first of `others`'), else the
     model's default size), checked against the RNN and the one-step models `others` (and the sampler's latent
     space), the family, the sampling scheduler's class and the guidance the sampler really applies."""
-    from ..diffusion import family_of, image_size, latent_shape
-
     sampler = sampler if sampler is not None else pipe
     models = [m for m in (gn, *others) if m is not None]
     ref = models[0] if models else None

@@ -8,13 +8,13 @@ with both singular-vector sets, Golub & Van Loan, Matrix Computations, table 5.5
 from __future__ import annotations
 
 import torch
+from ..diffusion import encode_prompts, family_of
+from ..model import model_class
 
 
 
 def denoiser(pipe):
     """The pipeline's denoising network: its UNet, else its transformer (SD3 / FLUX)."""
-    from ..diffusion import family_of
-
     return family_of(pipe).denoiser
 
 
@@ -50,8 +50,6 @@ def _to_meta(value):
 def denoiser_forward_flops(pipe, latent_shape, height: int, width: int) -> int:
     """FLOPs of one conditional denoiser forward at batch 1 for latents (C, H, W), on a meta copy of its
     architecture (the conditioning comes from encoding an empty prompt with the real text encoders)."""
-    from ..diffusion import encode_prompts
-
     net = denoiser(pipe)
     cond = encode_prompts(pipe, [""], height=height, width=width, with_uncond=False)
     with torch.device("meta"):
@@ -64,8 +62,6 @@ def denoiser_forward_flops(pipe, latent_shape, height: int, width: int) -> int:
 def rollout_flops(gn, num_steps: int) -> int:
     """FLOPs of a learned noise for one sample (the RNN's rollout of `num_steps` steps; a one-step model's single
     forward), on a meta copy of the export's architecture (`gn`: a GoldenNoise)."""
-    from ..model import model_class
-
     cls = model_class(gn.model_type)
     config = cls.config_class.from_dict(gn.model_config)
     with torch.device("meta"):

@@ -10,9 +10,11 @@ from ..cli import SEED_RULES, check_fields, rerun_fields, rerun_keys, setting
 from ..errors import UserError
 from ..evaluation import Metric
 from ..inference.batch import BatchJob
-from ..inference.config import PipelineSpec, SamplingConfig
+from ..inference.config import PipelineSpec, SamplingConfig, resolve_num_gen_steps
 from ..methods import LEARNED, METHOD_HELP, best_of_k, is_method
 from .grid import GOLDEN, SEED_STRIDE, Unit
+from ..inference.api import golden_config_from
+from ..rewards.base import reward_factory
 
 SETTINGS_FILE = "sweep_settings.json"
 PROMPTS_FILE = "prompts.txt"  # the prompts the sweep uses (after --max_prompts), one per line, by index
@@ -84,9 +86,6 @@ SAMPLER_FIELDS = rerun_fields(SamplingConfig, exclude=GRID_FIELDS)  # recorded a
 
 def check_job(job: SweepJob) -> None:
     """Flag errors that need no file or model, each a UserError naming the flag."""
-    from ..inference.api import golden_config_from
-    from ..rewards.base import reward_factory
-
     bad = [m for m in job.methods if not is_method(m)]
     if bad:
         raise UserError(f"unknown --methods {', '.join(bad)}: choose from {METHOD_HELP}")
@@ -111,8 +110,6 @@ def check_job(job: SweepJob) -> None:
 def rollout_lengths(job: SweepJob, gn) -> list[int]:
     """n values of the gnsnet and oracle cells: --num_gen_steps, else the n of `gn`'s training data (the RNN's, else
     a one-step model's), else 10."""
-    from ..inference.config import resolve_num_gen_steps
-
     if not any(m in GOLDEN for m in job.methods):
         return []
     return list(dict.fromkeys(job.num_gen_steps or [resolve_num_gen_steps(None, gn)]))

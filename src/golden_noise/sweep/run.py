@@ -15,12 +15,22 @@ from pathlib import Path
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text
 from ..cli import check_seeds
-from ..methods import best_of_k, folder
-from ..prompts import Prompt
-from ..runtime import get_logger, on_main
+from ..methods import LEARNED, ONE_STEP, best_of_k, folder
+from ..prompts import Prompt, prompt_fingerprint, read_prompts
+from ..runtime import distributed_state, each_message_once, get_logger, on_main, resolve_device
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
 from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_FIELDS, SETTINGS_FILE, SweepJob,
                   check_job, metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
+from ..inference.api import golden_config_from
+from ..inference.batch import SETTINGS_FILE as BATCH_SETTINGS, intact_png, run_batch
+from ..inference.config import (learned_record, load_golden_noise, load_job_pipelines, load_one_step_models,
+                                pipeline_record, rnn_record, sampling_record)
+from ..runs import RunLock, check_writable_dir, keep_unused, read_settings, refuse_mixed_rerun
+from .cost import rollout_unet_fractions
+from .plots import write_plots
+from .report import ImageRows, write_report
+from .scores import best_of_choice, cell_scores, check_rewards, image_files, score_units, unit_cost
+from .table import TableInputs, table_rows, text_table, write_csv
 
 logger = get_logger(__name__)
 
@@ -50,14 +60,6 @@ class SweepPlan:
 def prepare_sweep(job: SweepJob, state) -> SweepPlan:
     """Check the flags, read the prompts, resolve the settings and refuse a rerun with other ones, all before
     any pipeline loads."""
-    from ..inference.api import golden_config_from
-    from ..inference.config import learned_record, load_golden_noise, load_one_step_models, pipeline_record, rnn_record
-    from ..methods import LEARNED, ONE_STEP
-    from ..prompts import prompt_fingerprint, read_prompts
-    from ..runs import check_writable_dir, read_settings, refuse_mixed_rerun
-    from ..runtime import resolve_device
-    from .scores import check_rewards
-
     check_job(job)
     prompts = read_prompts(job.prompt_file, job.prompt_column)[: job.max_prompts]
     if uses_best_of(job) and prompts[-1].index >= SEED_STRIDE:
@@ -102,8 +104,6 @@ def prepare_sweep(job: SweepJob, state) -> SweepPlan:
 def record_settings(plan: SweepPlan) -> None:
     """(Main process) write the prompts the units read and sweep_settings.json; the grid, methods and metrics
     recorded are everything this folder holds (a rerun may add to them)."""
-    from ..runs import keep_unused, read_settings
-
     lines = {p.index: p.text for p in plan.prompts}
     text = "".join(lines.get(i, "") + "\n" for i in range(plan.prompts[-1].index + 1))
     path = plan.out / PROMPTS_FILE
@@ -119,8 +119,6 @@ def record_settings(plan: SweepPlan) -> None:
 
 def load_models(plan: SweepPlan) -> None:
     """Load the pipeline and its sampler once (as stage 5 would for every unit)."""
-    from ..inference.config import load_job_pipelines
-
     device = plan.settings["device_used"]
     if plan.state.is_main_process:
         logger.info("loading %s (%s on %s)", plan.settings["base_model_id_used"], plan.settings["dtype_used"], device)
@@ -130,8 +128,6 @@ def load_models(plan: SweepPlan) -> None:
 def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
     """Nothing for the batch runner to do: every image of the unit is intact and its merged manifest lists it."""
     import csv
-
-    from ..inference.batch import SETTINGS_FILE as BATCH_SETTINGS, intact_png
 
     base = unit.folder(plan.out)
     if not (base / "manifest.csv").is_file() or not (base / BATCH_SETTINGS).is_file():
@@ -146,8 +142,6 @@ def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
 
 def make_images(plan: SweepPlan) -> None:
     """Run the batch runner on every incomplete unit (every process takes its share of the unit's batches)."""
-    from ..inference.batch import run_batch
-
     state = plan.state
     state.wait_for_everyone()
     todo = on_main(state, lambda: [i for i, u in enumerate(plan.units) if not unit_complete(plan, u)])
@@ -166,9 +160,6 @@ def make_images(plan: SweepPlan) -> None:
 
 def image_rows(plan: SweepPlan, scores, metric: str) -> list:
     """The report's image rows: the first --image_rows prompts at each (guidance, steps), every cell a column."""
-    from .report import ImageRows
-    from .scores import best_of_choice, cell_scores, image_files
-
     indices = plan.indices[: plan.job.image_rows]
     if not indices:
         return []
@@ -192,12 +183,6 @@ def image_rows(plan: SweepPlan, scores, metric: str) -> list:
 
 def analyse(plan: SweepPlan) -> dict:
     """(Main process) score every unit, count the costs, and write sweep.csv, the plots and report.html."""
-    from .cost import rollout_unet_fractions
-    from .plots import write_plots
-    from .report import write_report
-    from .scores import score_units, unit_cost
-    from .table import TableInputs, table_rows, text_table, write_csv
-
     job, out = plan.job, plan.out
     texts = [p.text for p in plan.prompts]
     started = time.perf_counter()
@@ -229,9 +214,6 @@ def analyse(plan: SweepPlan) -> dict:
 def resolved_sizes(plan: SweepPlan) -> None:
     """Image size and latent shape every unit uses (as stage 5 resolves them); a rerun whose sizes differ from the
     folder's is refused, so no cell of another size joins it."""
-    from ..inference.config import sampling_record
-    from ..runs import refuse_mixed_rerun
-
     plan.settings.update(sampling_record(plan.pipe, plan.job.sampling, plan.gn, others=plan.others.values()))
     refuse_mixed_rerun(plan.out / SETTINGS_FILE, plan.settings, LOADED_KEYS, "--output_dir", "a sweep")
 
@@ -240,9 +222,6 @@ def run_sweep(job: SweepJob, state=None) -> dict | None:
     """Make, score and tabulate every cell of `job`'s grid; returns the results on the main process. Every unit runs
     stage 5's checks, so a warning or note about a flag (e.g. an n the RNN was not trained on) is said once, by the
     main process, not once per cell and process."""
-    from ..runs import RunLock
-    from ..runtime import distributed_state, each_message_once
-
     state = state if state is not None else distributed_state()
     with each_message_once(state.is_main_process):
         plan = prepare_sweep(job, state)

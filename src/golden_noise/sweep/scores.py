@@ -17,6 +17,8 @@ from ..io import atomic_write_json
 from ..methods import folder
 from ..runtime import get_logger
 from .grid import Cell, Unit
+from ..inference.batch import image_seconds
+from ..rewards.base import load_reward
 
 logger = get_logger(__name__)
 
@@ -54,8 +56,6 @@ def check_rewards(metrics: Sequence[Metric]) -> None:
     recorded would refuse the corrected rerun."""
     import gc
 
-    from ..rewards.base import load_reward
-
     for metric in metrics:
         reward = load_reward(metric.reward, **metric.options)
         del reward
@@ -66,8 +66,6 @@ def score_units(units: Sequence[Unit], metrics: Sequence[Metric], out: Path, ind
                 texts: Sequence[str], progress: bool = True) -> dict[tuple[Unit, str], UnitScores]:
     """{(unit, metric name): scores} for every unit and metric; each metric's reward is loaded once, and only
     when some unit still lacks its scores (evaluation.score_images does the scoring)."""
-    from ..rewards.base import load_reward
-
     result: dict[tuple[Unit, str], UnitScores] = {}
     for metric in metrics:
         todo = []
@@ -107,8 +105,6 @@ class UnitCost:
 def unit_cost(unit: Unit, out: Path) -> UnitCost:
     """Mean denoiser rows (manifest.csv) and seconds (timings.csv) per image of the unit's method, recorded when
     each image was made, so a resumed unit reports what its images cost."""
-    from ..inference.batch import image_seconds
-
     path = unit.folder(out) / "manifest.csv"
     try:
         with open(path, encoding="utf-8", newline="") as f:

@@ -35,6 +35,8 @@ from ..runtime import get_logger, on_main, setup_logging
 from . import checkpoints as C
 from . import core as T
 from .config import TrainingConfig, architecture, resume_keys
+from ..export import push_export
+from ..hub import check_can_push
 
 logger = get_logger("train_rnn_model_v3")
 
@@ -168,7 +170,6 @@ class Trainer:
         from accelerate.utils import set_seed
 
         if self.config.push_to_hub:  # a push that cannot happen fails now, not after the training
-            from ..hub import check_can_push
 
             check_can_push(self.config.push_to_hub, "--push_to_hub", self.config.hub_token)
         self._start_accelerator()
@@ -541,8 +542,6 @@ class Trainer:
 
     def push(self) -> str:
         """(Main process) upload the final export to --push_to_hub with its model card; returns the commit URL."""
-        from ..export import push_export
-
         cfg = self.config
         try:
             url = push_export(self.export_paths[0], cfg.push_to_hub, token=cfg.hub_token,
