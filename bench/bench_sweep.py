@@ -115,10 +115,9 @@ def timing_loader(totals: dict):
 def run_one(args, export: str, batch_size: int, out: Path) -> dict:
     """One fresh sweep at `batch_size`, timed."""
     from golden_noise.evaluation import Metric
-    from golden_noise.inference import config
     from golden_noise.inference.config import PipelineSpec
+    from golden_noise.sweep import run as sweep_run
     from golden_noise.sweep.job import SweepJob
-    from golden_noise.sweep.run import run_sweep
 
     job = SweepJob(prompt_file=str(Path(args.world) / "prompts.txt"), output_dir=str(out),
                    guidance_scales=args.guidance_scales, num_inference_steps=args.num_inference_steps,
@@ -128,14 +127,14 @@ def run_one(args, export: str, batch_size: int, out: Path) -> dict:
                    pipeline=PipelineSpec(base_model_id=args.world, device="cpu"), bootstrap_samples=2000,
                    progress=False)
     seconds = {"unet": 0.0, "vae": 0.0, "text": 0.0}
-    real = config.load_job_pipelines
-    config.load_job_pipelines = timing_loader(seconds)
+    real = sweep_run.load_job_pipelines  # the name the sweep calls (inference.config's function)
+    sweep_run.load_job_pipelines = timing_loader(seconds)
     try:
         t0 = time.perf_counter()
-        result = run_sweep(job)
+        result = sweep_run.run_sweep(job)
         wall = time.perf_counter() - t0
     finally:
-        config.load_job_pipelines = real
+        sweep_run.load_job_pipelines = real
     t = result["timings"]
     inside = seconds["unet"] + seconds["vae"]
     return {"batch": batch_size, "wall_s": wall, "unet_s": seconds["unet"], "vae_s": seconds["vae"],
