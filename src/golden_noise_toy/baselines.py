@@ -14,6 +14,8 @@ from golden_noise.errors import UserError
 from golden_noise.inference import GoldenNoise
 from golden_noise.stats import paired_comparison, share_of_gain
 from golden_noise.sweep.cost import rollout_flops
+from golden_noise.sweep.grid import Unit
+from golden_noise.sweep.scores import scores_path
 from golden_noise.tables import markdown_table
 
 METHOD_OF = {"rnn_v3": "gnsnet", "direct": "direct", "npnet": "npnet"}
@@ -82,8 +84,8 @@ def gains_table(rows: Sequence[dict], n: int) -> str:
 
 
 def cell_scores(results: Path, method: str, w: float, steps: int, n: int, metric: str = "toy_attributes"):
-    """The per-pair scores a sweep stored for one cell (cells/w{w}_s{steps}_n{n}/scores/{method}/{metric}.json)."""
-    path = results / "cells" / f"w{float(w)!r}_s{steps}_n{n}" / "scores" / method / f"{metric}.json"
+    """The per-pair scores a sweep stored for one cell (its unit's sweep.scores.scores_path)."""
+    path = scores_path(Unit(float(w), int(steps), method, int(n)), results, metric)
     try:
         return np.asarray(json.loads(path.read_text(encoding="utf-8"))["scores"], dtype=np.float64)
     except (OSError, ValueError, KeyError) as e:

@@ -95,17 +95,24 @@ def batch_bytes(ids: Sequence[int], arrays: dict) -> bytes:
     return save(tensors, metadata={"format": STAGING_FORMAT, "sha256": digest})  # the same tensor bytes
 
 
+def _read_bytes(path: Path) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None), or (None, why): missing, or unreadable (with the OS's reason)."""
+    try:
+        return path.read_bytes(), None
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+
+
 def read_batch(path: Path, ids: Sequence[int], spec: SampleSpec) -> tuple[dict | None, str | None]:
     """({shard column: (B, ...) array}, None) for an intact staging file holding the samples `ids`, else
     (None, why): its sha256, ids, shapes, dtypes and values are checked (every byte read)."""
     from safetensors.torch import load
 
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        return None, "missing"
-    except OSError as e:
-        return None, f"cannot be read ({e.strerror or e})"
+    blob, why = _read_bytes(path)
+    if blob is None:
+        return None, why
     try:
         header, start = _header(blob)
         meta = header.get("__metadata__") or {}
@@ -151,12 +158,9 @@ LOOSE_COLUMN = {"source_noise_file": "source", "golden_sequence_file": "golden",
 def load_checked(path: Path, column: str, spec: SampleSpec) -> tuple[torch.Tensor | None, str | None]:
     """(tensor, None) for an intact format-1 sample file of shard column `column`, else (None, why): its
     checksums and pickle (io.tensor_file_problem), then its shape, dtype and values once loaded weights-only."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None, "missing"
-    except OSError as e:
-        return None, f"cannot be read ({e.strerror or e})"
+    data, why = _read_bytes(path)
+    if data is None:
+        return None, why
     problem = tensor_file_problem(data)
     if problem:
         return None, problem

@@ -38,8 +38,7 @@ from ..diffusion.base import ModelRows
 from ..errors import UserError
 from ..golden import GoldenConfig
 from ..io import (BackgroundWriter, atomic_save_image, atomic_torch_save, atomic_write_json, atomic_write_text,
-                  remove_stale_temps as remove)
-from ..io import tensor_file_intact
+                  remove_stale_temps as remove_temp_files, tensor_file_intact)
 from ..methods import LEARNED, METHODS, ONE_STEP, folder, order_key
 from ..prompts import Prompt, prompt_fingerprint, read_prompts
 from ..runs import RunLock, Task, check_writable_dir, keep_unused, read_settings, refuse_mixed_rerun
@@ -270,7 +269,8 @@ def remove_stale_temps(out: Path, indices: set[int] | None = None) -> int:
     folder's own files are written under it, so a temporary one is a killed run's."""
     names = None if indices is None else {str(i) for i in indices}
     mine = None if names is None else (lambda name: name.partition(".")[0] in names)
-    stale = remove([*(out / folder(m) for m in METHODS), *(out / "noise" / m for m in METHODS)], mine) + remove([out])
+    stale = (remove_temp_files([*(out / folder(m) for m in METHODS), *(out / "noise" / m for m in METHODS)], mine)
+             + remove_temp_files([out]))
     if stale:
         logger.info("removed %d temporary file(s) an interrupted run left behind", stale)
     return stale
