@@ -140,14 +140,12 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if self.ranges is not None:
-            for k in self.ranges:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, k)
-                except OSError:  # EAGAIN / EACCES: another process holds it
-                    holder = _record_lock_holder(fd, k)
-                    os.close(fd)  # releases the record locks taken so far
-                    raise UserError(f"{self.path.parent} is in use by a running job ({holder}, {self.what} {k}): "
-                                    f"wait for it to finish or choose another {self.flag}") from None
+            try:
+                for k in self.ranges:
+                    self._lock_record(fd, k)
+            except UserError:
+                os.close(fd)  # releases the record locks taken so far
+                raise
             self.fd = fd
             return self
         try:
@@ -165,15 +163,19 @@ class RunLock:
     def add(self, ranges: Sequence[int]) -> None:
         """Also lock `ranges` (a held range lock; the same file descriptor: closing another one on this file would
         drop every record lock of the process)."""
+        for k in sorted(set(ranges) - set(self.ranges or ())):
+            self._lock_record(self.fd, k)
+            self.ranges.append(k)
+
+    def _lock_record(self, fd: int, k: int) -> None:
+        """Lock byte k of the lock file (part k of the work), or a UserError naming the process that holds it."""
         import fcntl
 
-        for k in sorted(set(ranges) - set(self.ranges or ())):
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, k)
-            except OSError:
-                raise UserError(f"{self.path.parent} is in use by a running job ({_record_lock_holder(self.fd, k)}, "
-                                f"{self.what} {k}): wait for it to finish or choose another {self.flag}") from None
-            self.ranges.append(k)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, k)
+        except OSError:  # EAGAIN / EACCES: another process holds it
+            raise UserError(f"{self.path.parent} is in use by a running job ({_record_lock_holder(fd, k)}, "
+                            f"{self.what} {k}): wait for it to finish or choose another {self.flag}") from None
 
     def release(self) -> None:
         if self.fd is not None:
