@@ -94,11 +94,14 @@ def test_npnet_forward_equals_the_public_code(case):
         out, logvar = model(*inputs)
     expected = tensors[f"{case}.output"]
     assert logvar is None and out.shape == expected.shape
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # float32 at SDXL size: CPUs' kernels (AVX2, AVX-512, thread counts) differ in their last bits, up to 4.3e-4 on
+    # an output of std 2.2 on the machines seen; 2e-3 is 0.1% of that std, 10x below the change one weight makes
+    tol = 2e-3 if case == "sdxl" else 1e-5
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=tol)
     # the test can fail: one weight changed by a little changes the output
     with torch.no_grad():
         model.alpha.add_(0.01)
-        assert not torch.allclose(model(*inputs)[0], expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(*inputs)[0], expected, rtol=1e-5, atol=tol)
 
 
 def released_checkpoint(model: NPNet) -> dict:
