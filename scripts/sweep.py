@@ -8,6 +8,7 @@ the real golden step (oracle) and best_of_K seeds picked by a reward, at their c
         --num_inference_steps 4 20 --num_gen_steps 1 2 3 --methods standard gnsnet oracle best_of_4 \
         --metrics hpsv2 --start_seed 1000000
     accelerate launch --num_processes 8 scripts/sweep.py ...   # same files; every process shares every cell
+    ... --num_shards K --shard_index i      # run i of K separate runs (machines) into one folder: same files
 
 Writes {output_dir}/sweep.csv (one row per cell and metric: mean, paired diff vs standard at the same guidance and
 steps, vs the grid's best standard guidance and vs standard noise at matched compute (--standard_steps adds
@@ -19,6 +20,10 @@ Rerun the same command to resume: complete cells are skipped, interrupted ones f
 ADD guidance scales, step counts, rollout lengths, methods or metrics (existing cells are reused; the table covers
 the grid asked for); one with other prompts, seeds, batch size, model, dtype, sampling scheduler, negative prompt,
 image size, RNN or oracle settings is refused, naming each difference, and changes no file.
+
+K separate runs (--num_shards K --shard_index i, defaults from a Slurm job array) each make global batches i, i + K,
+... of every cell; the one that finds every image there scores the cells and writes sweep.csv, the plots and
+report.html (or --finalize, the same command).
 """
 from __future__ import annotations
 
@@ -79,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                             exclude=GRID_FIELDS)
     g = p.add_argument_group("oracle's golden step (default: the RNN's training data, else NPNet's)")
     add_golden_override_arguments(g)
+    add_dataclass_arguments(p.add_argument_group("shards and machines"), SweepJob,
+                            include=("num_shards", "shard_index", "finalize"))
     args = p.parse_args(argv)  # the flags' ranges are their fields' (SweepJob, SamplingConfig, GoldenConfig)
     if args.quick:
         args.max_prompts = args.max_prompts or QUICK_PROMPTS
@@ -102,7 +109,7 @@ def main(args: argparse.Namespace) -> dict | None:
     state = distributed_state()
     setup_logging(state.is_main_process)
     result = run_sweep(job_from_args(args), state)
-    if result is not None:
+    if result is not None and "table" in result:  # (a task whose folder misses other tasks' images: logged)
         print(result["table"])
         print("\n\n".join(f.text() for f in findings(result["rows"])))
         print(f"wrote {result['csv']}, {len(result['plots'])} plots and {result['report']}")

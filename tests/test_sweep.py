@@ -660,3 +660,128 @@ def test_one_guidance_scale_plots_reward_against_steps(tmp_path, monkeypatch):
     xs = [tuple(bars.lines[0].get_xdata()) for bars in top.containers]  # each series' points (errorbar data line)
     assert len(xs) == 4 and len(set(xs)) == 4  # four series, none drawn over another
     assert all(-0.5 < x[0] < 0.5 and 0.5 < x[1] < 1.5 for x in xs)
+
+
+# ---------------------------------------------------------------- K separate runs (machines) into one folder
+def test_three_tasks_in_turn_equal_one_sweep(reference, setup, tmp_path, capsys, monkeypatch):
+    """--num_shards 3 (2 global batches of 2 prompts): task 2 has no batch and task 0 makes batch 0 of every unit;
+    neither writes sweep.csv, and --finalize names the missing batch in one line (exit 2); task 1, placed by Slurm's
+    array variables, completes every unit, scores the cells and writes the same sweep.csv and images as one run.
+    --finalize then makes no image and writes the same sweep.csv again."""
+    from tests.test_inference import run_in_process
+
+    cli = load_cli(SCRIPT)
+    out = tmp_path / "tasks"
+    args = [str(a) for a in sweep_args(setup, out)]
+    with UNetRows() as counted:
+        for i in (2, 0):
+            result = cli.main(cli.parse_args([*args, "--num_shards", "3", "--shard_index", str(i)]))
+            assert (result["num_shards"], result["shard_index"]) == (3, i) and "table" not in result
+            assert len(result["missing"]) == 12 and not (out / "sweep.csv").exists()
+    assert 0 < counted.rows < reference["rows"]
+    made = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/**/*.png"))
+    assert made and {Path(p).stem for p in made} == {"0", "1"}  # global batch 0 of every unit
+    code, err = run_in_process(cli, [*args, "--finalize"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --finalize: 24 of 48 images of 12 of 12 units are missing (global batch(es) 1; "
+                          f"e.g. cells/w1.0_s{STEPS}/standard_output/3.png) in {out}: rerun the task(s)"), err
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    result = cli.main(cli.parse_args(args))  # task 1 of 3, from the Slurm array's variables
+    assert "missing" not in result and "best_of_2" in result["table"]
+    drop = ("seconds_per_image",)
+    assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop)
+    images = {k: v for k, v in tree(reference["out"]).items() if k.endswith(".png") and k.startswith("cells/")}
+    assert {k: v for k, v in tree(out).items() if k in images} == images
+    for name in ("sweep_settings.json", "prompts.txt"):
+        assert (out / name).read_bytes() == (reference["out"] / name).read_bytes(), name
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    (out / "sweep.csv").unlink()
+    with UNetRows() as finalized:
+        code, err = run_in_process(cli, [*args, "--finalize"], capsys)
+    assert code == 0 and finalized.rows == 0, err
+    assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop)
+
+
+def test_a_task_stopped_before_merging_a_unit_is_finalized(reference, setup, tmp_path, capsys):
+    """Every image there, one unit's manifest never merged (its last run was stopped between its images and the
+    merge): --finalize merges it and writes the table."""
+    import shutil
+
+    from tests.test_inference import run_in_process
+
+    out = tmp_path / "sweep"
+    shutil.copytree(reference["out"], out)
+    unit = out / "cells" / f"w3.0_s{STEPS}"
+    rows = (unit / "manifest.csv").read_text(encoding="utf-8").splitlines()
+    parts = unit / ".manifest_parts"
+    parts.mkdir()
+    listed = read_csv(unit / "manifest.csv")
+    (parts / "task0-rank0-1.jsonl").write_text("".join(json.dumps({**r, "index": int(r["index"]), "seconds": 0.1,
+                                                                   "noise_seconds": 0.0, "sampling_seconds": 0.1,
+                                                                   "unet_evals": float(r["unet_evals"])}) + "\n"
+                                                       for r in listed), encoding="utf-8")
+    (unit / "manifest.csv").unlink()
+    (out / "sweep.csv").unlink()
+    cli = load_cli(SCRIPT)
+    code, err = run_in_process(cli, [*map(str, sweep_args(setup, out)), "--finalize"], capsys)
+    assert code == 0, err
+    assert (unit / "manifest.csv").read_text(encoding="utf-8").splitlines() == rows
+    drop = ("seconds_per_image",)
+    assert read_csv(out / "sweep.csv", drop) == read_csv(reference["out"] / "sweep.csv", drop)
+
+
+@pytest.mark.slow  # three sweeps at once, a kill and a rerun, as separate processes: about a minute on 2 busy cores
+def test_three_machines_one_killed_equal_one_sweep(setup, tmp_path, capsys):
+    """K = 3 sweeps as separate processes (no launcher, no communication) into one folder, task 1 killed with -9
+    mid-run: the others finish, say what is missing and write no table; --finalize names the missing batch; task 1
+    rerun alone completes every unit and writes the same sweep.csv and images as one single run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    from tests.test_inference import run_in_process
+
+    prompts = setup["root"] / "eleven.txt"  # 11 lines, line 2 blank: global batches of 4 hold 0-4, 5-8, 9-10
+    prompts.write_text("\n".join([*PROMPTS, "a fox", "an owl", "a boat", "a map", "a cup", "a key"]) + "\n",
+                       encoding="utf-8")
+    single, out = tmp_path / "single", tmp_path / "machines"
+
+    def args(folder: Path) -> list[str]:
+        return [str(a) for a in sweep_args({**setup, "prompt_file": prompts}, folder, scales=(1.0, 3.0),
+                                           methods=("standard", "gnsnet", "oracle"), batch_size=4)]
+
+    cli = load_cli(SCRIPT)
+    cli.main(cli.parse_args(args(single)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    procs = {i: subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *args(out), "--num_shards", "3",
+                                  "--shard_index", str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, env=env, cwd=str(ROOT)) for i in range(3)}
+    deadline = time.monotonic() + 300  # task 1 (prompts 5-8) is killed once its first image is there
+    while procs[1].poll() is None and not any(out.glob("cells/*/*_output/[5678].png")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    procs[1].kill()
+    errs = {i: procs[i].communicate(timeout=600)[1] for i in (0, 2)}
+    procs[1].wait(timeout=60)
+    assert procs[1].returncode == -signal.SIGKILL
+    for i in (0, 2):
+        assert procs[i].returncode == 0, errs[i][-3000:]
+        assert f"task {i} of 3 done; " in errs[i] and "units are missing (global batch(es) " in errs[i], errs[i][-3000:]
+    assert not (out / "sweep.csv").exists()
+    made = [p for p in out.glob("cells/**/*.png") if int(p.stem) in (5, 6, 7, 8)]
+    assert 1 <= len(made) < 40  # mid-run: 4 prompts of batch 1 in each of 10 units
+    code, err = run_in_process(cli, [*args(out), "--finalize"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "(global batch(es) 1;" in err, err
+    rerun = subprocess.run([sys.executable, str(ROOT / SCRIPT), *args(out), "--num_shards", "3", "--shard_index",
+                            "1"], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    drop = ("seconds_per_image",)
+    assert read_csv(out / "sweep.csv", drop) == read_csv(single / "sweep.csv", drop)
+    images = {k: v for k, v in tree(single).items() if k.endswith(".png") and k.startswith("cells/")}
+    assert len(images) == 10 * 10 and {k: v for k, v in tree(out).items() if k in images} == images
+    assert not list(out.rglob(".*.tmp"))

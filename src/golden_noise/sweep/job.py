@@ -15,6 +15,7 @@ from ..methods import LEARNED, METHOD_HELP, best_of_k, is_method
 from .grid import GOLDEN, SEED_STRIDE, Unit
 from ..inference.api import golden_config_from
 from ..rewards.base import reward_factory
+from ..runs import Task
 
 SETTINGS_FILE = "sweep_settings.json"
 PROMPTS_FILE = "prompts.txt"  # the prompts the sweep uses (after --max_prompts), one per line, by index
@@ -68,6 +69,16 @@ class SweepJob:
     bootstrap_samples: int = setting(10000, "bootstrap resamples of each 95%% CI", min=1)
     seed: int = setting(0, "seed of the bootstrap", **SEED_RULES)
     image_rows: int = setting(4, "prompts shown as image rows per (guidance, steps) in report.html", min=0)
+    num_shards: int | None = setting(None, "K: split every cell's global batches among K separate runs (machines) "
+                                           "writing into one --output_dir; this run makes batches i, i + K, i + 2K, "
+                                           "... of every cell (default: $SLURM_ARRAY_TASK_COUNT, else 1)",
+                                     group="shards and machines", min=1)
+    shard_index: int | None = setting(None, "i: which of the K runs this is, 0 <= i < K (default: "
+                                            "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
+                                      group="shards and machines", min=0)
+    finalize: bool = setting(False, "make no image: score the cells and write sweep.csv, the plots and report.html "
+                                    "once every cell's images are there (the run that finds them all does this "
+                                    "itself); name the missing images otherwise", group="shards and machines")
     progress: bool = True
 
     @property
@@ -133,8 +144,9 @@ def refuse_changed_metrics(path: Path, old: dict | None, metrics) -> None:
                         "--output_dir")
 
 
-def unit_job(job: SweepJob, unit: Unit, prompt_file: Path, out: Path) -> BatchJob:
-    """The stage-5 job that makes a unit's images: the one place where a cell's sampling settings are set."""
+def unit_job(job: SweepJob, unit: Unit, prompt_file: Path, out: Path, task: Task = Task()) -> BatchJob:
+    """The stage-5 job that makes a unit's images (`task`'s share of its global batches): the one place where a
+    cell's sampling settings are set."""
     sampling = dataclasses.replace(job.sampling, guidance_scale=unit.guidance_scale,
                                    num_inference_steps=unit.num_inference_steps)
     return BatchJob(prompt_file=str(prompt_file), output_base_dir=str(unit.folder(out)), methods=[unit.method],
@@ -142,7 +154,7 @@ def unit_job(job: SweepJob, unit: Unit, prompt_file: Path, out: Path) -> BatchJo
                     rnn_weights_path=job.rnn_weights_path, direct_weights=job.direct_weights,
                     npnet_weights=job.npnet_weights, num_gen_steps=unit.num_gen_steps,
                     golden_overrides=dict(job.golden_overrides), sampling=sampling, pipeline=job.pipeline,
-                    num_shards=1, shard_index=0)  # each unit whole (never a Slurm array task's share)
+                    num_shards=task.count, shard_index=task.index)  # the sweep's task, resolved once
 
 
 def uses_best_of(job: SweepJob) -> bool:

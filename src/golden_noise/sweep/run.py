@@ -4,7 +4,11 @@ stage 5), score them with stage 6's scoring, and write sweep.csv, the plots and 
 Resumable: a unit (a batch-runner folder and method) whose images and manifest are complete is skipped, one with
 some images missing is finished by the batch runner (same batches, same pixels), and scores are kept per unit and
 metric, so a killed sweep rerun with the same command ends with the same results. Only the main process scores
-and writes the sweep's own files; every process takes its share of every unit's global batches."""
+and writes the sweep's own files; every process takes its share of every unit's global batches.
+
+Across machines (as stage 5): task i of K (`num_shards`/`shard_index`, runs.Task; Slurm array defaults) makes global
+batches i, i + K, ... of every unit and locks those batches of the sweep's folder; the run that finds every unit
+complete scores the cells and writes the table (`finalize`: that alone, making no image)."""
 from __future__ import annotations
 
 import time
@@ -17,15 +21,16 @@ from ..io import atomic_write_json, atomic_write_text
 from ..cli import check_seeds
 from ..methods import LEARNED, ONE_STEP, best_of_k, folder
 from ..prompts import Prompt, prompt_fingerprint, read_prompts
-from ..runtime import distributed_state, each_message_once, get_logger, on_main, resolve_device
+from ..runtime import distributed_state, each_message_once, get_logger, global_batches, on_main, resolve_device
 from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
 from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_FIELDS, SETTINGS_FILE, SweepJob,
                   check_job, metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
 from ..inference.api import golden_config_from
-from ..inference.batch import SETTINGS_FILE as BATCH_SETTINGS, intact_png, run_batch
+from ..inference.batch import (SETTINGS_FILE as BATCH_SETTINGS, SHARED_LOCK, finalize_batch, intact_png,
+                               missing_images, run_batch)
 from ..inference.config import (learned_record, load_golden_noise, load_job_pipelines, load_one_step_models,
                                 pipeline_record, rnn_record, sampling_record)
-from ..runs import RunLock, check_writable_dir, keep_unused, read_settings, refuse_mixed_rerun
+from ..runs import RunLock, Task, check_writable_dir, keep_unused, read_settings, refuse_mixed_rerun
 from .cost import rollout_unet_fractions
 from .plots import write_plots
 from .report import ImageRows, write_report
@@ -51,6 +56,7 @@ class SweepPlan:
     pipe: object = None
     sampler: object = None  # the pipeline that samples the images: `pipe` itself unless a separate sampler is asked
     timings: dict = field(default_factory=dict)
+    task: Task = Task()  # which of the K separate runs sharing the folder this is
 
     @property
     def indices(self) -> list[int]:
@@ -140,8 +146,14 @@ def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
     return listed >= set(plan.indices)
 
 
+def shared_files(out: Path) -> RunLock:
+    """The lock a run holds (waiting its turn) while it writes the files every task of the sweep writes."""
+    return RunLock(out, "--output_dir", name=SHARED_LOCK, wait=True)
+
+
 def make_images(plan: SweepPlan) -> None:
-    """Run the batch runner on every incomplete unit (every process takes its share of the unit's batches)."""
+    """Run the batch runner on every incomplete unit: this task's share of its global batches, every process of
+    the task taking its share of those."""
     state = plan.state
     state.wait_for_everyone()
     todo = on_main(state, lambda: [i for i, u in enumerate(plan.units) if not unit_complete(plan, u)])
@@ -153,7 +165,7 @@ def make_images(plan: SweepPlan) -> None:
         unit = plan.units[i]
         if state.is_main_process:
             logger.info("unit %d/%d: %s", number, len(todo), unit.label())
-        run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out), state, pipe=plan.pipe,
+        run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out, plan.task), state, pipe=plan.pipe,
                   sampler=plan.sampler, gn=plan.gn, others=plan.others)
     plan.timings["images_seconds"] = time.perf_counter() - started
 
@@ -211,6 +223,62 @@ def analyse(plan: SweepPlan) -> dict:
             "csv": str(out / "sweep.csv"), "report": str(out / "report.html"), "timings": plan.timings}
 
 
+def missing_images_of(plan: SweepPlan) -> list[tuple[Unit, list[dict]]]:
+    """(unit, its missing images: {"batch", "index"}) of each incomplete unit: no manifest row, no file or a damaged
+    one. A unit whose images are all there but whose manifest the run that made the last of them did not merge (it
+    was stopped first) is merged here (stage 5's finalize)."""
+    missing = []
+    for unit in plan.units:
+        if unit_complete(plan, unit):
+            continue
+        base = unit.folder(plan.out)
+        unlisted = missing_images(base, plan.prompts, plan.job.batch_size, [unit.method])
+        if not unlisted and (base / BATCH_SETTINGS).is_file():
+            finalize_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out))
+            if unit_complete(plan, unit):
+                continue
+        damaged = [{"batch": b, "index": p.index} for b, batch in
+                   enumerate(global_batches(plan.prompts, plan.job.batch_size)) for p in batch
+                   if not intact_png(base / folder(unit.method) / f"{p.index}.png")]
+        missing.append((unit, unlisted or damaged))
+    return missing
+
+
+def describe_missing(plan: SweepPlan, missing: list[tuple[Unit, list[dict]]]) -> str:
+    """'N of M images of U of V units are missing (global batch(es) ...; e.g. cells/.../3.png)', for one line."""
+    images = [m for _, found in missing for m in found]
+    batches = sorted({m["batch"] for m in images})
+    unit, found = next((u, found) for u, found in missing if found) if images else (missing[0][0], [])
+    example = unit.folder(plan.out) / folder(unit.method) / (f"{found[0]['index']}.png" if found else "")
+    return (f"{len(images)} of {len(plan.units) * len(plan.prompts)} images of {len(missing)} of {len(plan.units)} "
+            f"units are missing (global batch(es) {', '.join(map(str, batches[:10]))}"
+            f"{', ...' if len(batches) > 10 else ''}; e.g. {example.relative_to(plan.out)})")
+
+
+def refuse_missing(plan: SweepPlan, missing: list[tuple[Unit, list[dict]]]) -> None:
+    """--finalize of a sweep whose tasks have not made every image: a UserError naming what is missing."""
+    if missing:
+        raise UserError(f"--finalize: {describe_missing(plan, missing)} in {plan.out}: rerun the task(s) that make "
+                        "them (the same command), then --finalize again")
+
+
+def conclude(plan: SweepPlan) -> dict:
+    """(Main process) once every unit of the grid is complete (the other tasks' batches too), score the cells and
+    write the table (`analyse`); else what is still missing (with --finalize a UserError). Under the folder's shared
+    lock: the sweep's last two tasks may finish at once, and one analyses after the other."""
+    with shared_files(plan.out):
+        missing = missing_images_of(plan)
+        if plan.job.finalize:
+            refuse_missing(plan, missing)
+        if missing:
+            logger.info("task %d of %d done; %s: the run that completes them scores the cells and writes sweep.csv, "
+                        "the plots and report.html (or run the same command with --finalize once all tasks are "
+                        "done)", plan.task.index, plan.task.count, describe_missing(plan, missing))
+            return {"missing": {u.label(): len(images) for u, images in missing}, "num_shards": plan.task.count,
+                    "shard_index": plan.task.index, "timings": plan.timings}
+        return analyse(plan)
+
+
 def resolved_sizes(plan: SweepPlan) -> None:
     """Image size and latent shape every unit uses (as stage 5 resolves them); a rerun whose sizes differ from the
     folder's is refused, so no cell of another size joins it."""
@@ -219,24 +287,36 @@ def resolved_sizes(plan: SweepPlan) -> None:
 
 
 def run_sweep(job: SweepJob, state=None) -> dict | None:
-    """Make, score and tabulate every cell of `job`'s grid; returns the results on the main process. Every unit runs
+    """Make, score and tabulate every cell of `job`'s grid; returns the results on the main process (a task of K whose
+    folder still misses other tasks' images: what is missing, `missing`, and no table). Every unit runs
     stage 5's checks, so a warning or note about a flag (e.g. an n the RNN was not trained on) is said once, by the
     main process, not once per cell and process."""
     state = state if state is not None else distributed_state()
+    task = Task.resolve(job.num_shards, job.shard_index)  # a bad --shard_index fails before anything loads
     with each_message_once(state.is_main_process):
         plan = prepare_sweep(job, state)
-        lock = RunLock(plan.out, "--output_dir")
+        plan.task = task
+        batches = [] if job.finalize else task.shards(len(global_batches(plan.prompts, job.batch_size)))
+        lock = RunLock(plan.out, "--output_dir", batches, what="batch")  # the other tasks run beside this one
         on_main(state, lock.acquire)
         result: dict = {}
         try:
+            if job.finalize:  # before any pipeline: nothing to finalize while images are missing
+                on_main(state, lambda: refuse_missing(plan, missing_images_of(plan)))
             started = time.perf_counter()
             load_models(plan)
             plan.timings["load_seconds"] = time.perf_counter() - started
             resolved_sizes(plan)
-            on_main(state, lambda: record_settings(plan))
-            make_images(plan)
+
+            def record() -> None:
+                with shared_files(plan.out):  # every task writes the same settings
+                    record_settings(plan)
+
+            on_main(state, record)
+            if not job.finalize:
+                make_images(plan)
             state.wait_for_everyone()
-            on_main(state, lambda: result.update(analyse(plan)))
+            on_main(state, lambda: result.update(conclude(plan)))
             state.wait_for_everyone()
         finally:
             lock.release()
