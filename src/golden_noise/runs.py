@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .cli import setting
 from .errors import UserError
 
 
@@ -68,6 +69,26 @@ def keep_unused(new: dict, old: dict, keys: Sequence[str]) -> dict:
     """The settings to record after a rerun that `lenient` let through: each of `keys` this run left None (its
     methods do not use it) keeps the earlier run's value, so the record still names what made the older outputs."""
     return {**new, **{k: old[k] for k in keys if new.get(k) is None and old.get(k) is not None}}
+
+
+SHARDS_GROUP = "shards and machines"  # the --help group of the three fields below
+
+
+def num_shards_setting(split: str, makes: str) -> int | None:
+    """A job's --num_shards field: K separate runs share `split`; run i makes `makes` (e.g. 'shards i, i + K, ...')."""
+    return setting(None, f"K: split {split} among K separate runs (machines); this run makes {makes} (default: "
+                         "$SLURM_ARRAY_TASK_COUNT, else 1)", group=SHARDS_GROUP, min=1)
+
+
+def shard_index_setting() -> int | None:
+    """A job's --shard_index field (which of the K runs; Slurm array default)."""
+    return setting(None, "i: which of the K runs this is, 0 <= i < K (default: $SLURM_ARRAY_TASK_ID - "
+                         "$SLURM_ARRAY_TASK_MIN, else 0)", group=SHARDS_GROUP, min=0)
+
+
+def finalize_setting(help: str) -> bool:
+    """A job's --finalize field: what the run that completes the job writes, alone."""
+    return setting(False, help, group=SHARDS_GROUP)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from ..errors import UserError
 from ..golden import GoldenConfig, GoldenStep, golden_step
 from ..io import remove_stale_temps
 from ..prompts import Prompt, prompt_fingerprint, read_prompts
-from ..runs import RunLock, Task, check_writable_dir, read_settings, refuse_mixed_rerun
+from ..runs import (RunLock, Task, check_writable_dir, finalize_setting, num_shards_setting, read_settings,
+                    refuse_mixed_rerun, shard_index_setting)
 from ..runtime import (get_logger, global_batches, model_dtype, on_main, package_versions, resolve_device,
                        resolve_dtype)
 from ..scoring import SampleScorer, ScoringConfig
@@ -102,15 +103,11 @@ class GenerationJob:
                                          "on recent GPUs)", group="model")
     compile: bool = setting(False, "torch.compile the denoiser (UNet or transformer): minutes of compilation up "
                                    "front, then faster steps on large runs", group="model")
-    num_shards: int | None = setting(None, "K: split the dataset's shards among K separate runs (machines); this run "
-                                           "makes shards i, i + K, i + 2K, ... (default: $SLURM_ARRAY_TASK_COUNT, "
-                                           "else 1)", group="shards and machines", min=1)
-    shard_index: int | None = setting(None, "i: which of the K runs this is, 0 <= i < K (default: "
-                                            "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
-                                      group="shards and machines", min=0)
-    finalize: bool = setting(False, "only write index.json (and the dataset card) of a dataset whose shards are all "
-                                    "sealed (the run that seals the last one does this itself); name the missing "
-                                    "shards otherwise", group="shards and machines")
+    num_shards: int | None = num_shards_setting("the dataset's shards", "shards i, i + K, i + 2K, ...")
+    shard_index: int | None = shard_index_setting()
+    finalize: bool = finalize_setting("only write index.json (and the dataset card) of a dataset whose shards are all "
+                                      "sealed (the run that seals the last one does this itself); name the missing "
+                                      "shards otherwise")
     progress: bool = True
 
 

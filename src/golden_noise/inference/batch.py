@@ -41,7 +41,8 @@ from ..io import (BackgroundWriter, atomic_save_image, atomic_torch_save, atomic
                   remove_stale_temps as remove_temp_files, tensor_file_intact)
 from ..methods import LEARNED, METHODS, ONE_STEP, folder, order_key
 from ..prompts import Prompt, prompt_fingerprint, read_prompts
-from ..runs import RunLock, Task, check_writable_dir, keep_unused, read_settings, refuse_mixed_rerun
+from ..runs import (RunLock, Task, check_writable_dir, finalize_setting, keep_unused, num_shards_setting, read_settings,
+                    refuse_mixed_rerun, shard_index_setting)
 from ..runtime import distributed_state, get_logger, global_batches, on_main, package_versions, resolve_device, shard
 from .api import GoldenNoise, _sync, golden_config_from, oracle_noise
 from .config import (PREDICT_VARIANCE_HELP, PipelineSpec, SamplingConfig, flat_record, learned_keys, learned_record,
@@ -103,17 +104,12 @@ class BatchJob:
     # fields given for the oracle (else the RNN's)
     sampling: SamplingConfig = setting(default_factory=SamplingConfig)
     pipeline: PipelineSpec = setting(default_factory=PipelineSpec)
-    num_shards: int | None = setting(None, "K: split the prompts' global batches among K separate runs (machines) "
-                                           "writing into one --output_base_dir; this run makes batches i, i + K, "
-                                           "i + 2K, ... (default: $SLURM_ARRAY_TASK_COUNT, else 1)",
-                                     group="shards and machines", min=1)
-    shard_index: int | None = setting(None, "i: which of the K runs this is, 0 <= i < K (default: "
-                                            "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
-                                      group="shards and machines", min=0)
-    finalize: bool = setting(False, "make nothing: merge manifest.csv and write summary.json of a folder whose "
-                                    "images are all there, given the job's --prompt_file (the run that finds them "
-                                    "all does this itself); name the missing images otherwise",
-                             group="shards and machines")
+    num_shards: int | None = num_shards_setting("the prompts' global batches (into one --output_base_dir)",
+                                                "batches i, i + K, i + 2K, ...")
+    shard_index: int | None = shard_index_setting()
+    finalize: bool = finalize_setting("make nothing: merge manifest.csv and write summary.json of a folder whose "
+                                      "images are all there, given the job's --prompt_file (the run that finds them "
+                                      "all does this itself); name the missing images otherwise")
 
 
 # What a rerun into an existing folder must keep (batch_settings.json's keys; --methods may grow), derived from the

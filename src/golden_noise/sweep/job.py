@@ -15,7 +15,7 @@ from ..methods import LEARNED, METHOD_HELP, best_of_k, is_method
 from .grid import GOLDEN, SEED_STRIDE, Unit
 from ..inference.api import golden_config_from
 from ..rewards.base import reward_factory
-from ..runs import Task
+from ..runs import Task, finalize_setting, num_shards_setting, shard_index_setting
 
 SETTINGS_FILE = "sweep_settings.json"
 PROMPTS_FILE = "prompts.txt"  # the prompts the sweep uses (after --max_prompts), one per line, by index
@@ -69,16 +69,12 @@ class SweepJob:
     bootstrap_samples: int = setting(10000, "bootstrap resamples of each 95%% CI", min=1)
     seed: int = setting(0, "seed of the bootstrap", **SEED_RULES)
     image_rows: int = setting(4, "prompts shown as image rows per (guidance, steps) in report.html", min=0)
-    num_shards: int | None = setting(None, "K: split every cell's global batches among K separate runs (machines) "
-                                           "writing into one --output_dir; this run makes batches i, i + K, i + 2K, "
-                                           "... of every cell (default: $SLURM_ARRAY_TASK_COUNT, else 1)",
-                                     group="shards and machines", min=1)
-    shard_index: int | None = setting(None, "i: which of the K runs this is, 0 <= i < K (default: "
-                                            "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
-                                      group="shards and machines", min=0)
-    finalize: bool = setting(False, "make no image: score the cells and write sweep.csv, the plots and report.html "
-                                    "once every cell's images are there (the run that finds them all does this "
-                                    "itself); name the missing images otherwise", group="shards and machines")
+    num_shards: int | None = num_shards_setting("every cell's global batches (into one --output_dir)",
+                                                "batches i, i + K, i + 2K, ... of every cell")
+    shard_index: int | None = shard_index_setting()
+    finalize: bool = finalize_setting("make no image: score the cells and write sweep.csv, the plots and report.html "
+                                      "once every cell's images are there (the run that finds them all does this "
+                                      "itself); name the missing images otherwise")
     progress: bool = True
 
     @property
