@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # README command 2: install what the tests need, then run them (CPU, offline).
 # Usage:
-#   bash scripts/test.sh                     # the fast tests: every test but the 26 marked slow
-#                                            # (389 tests: 275 s on 2 cores at a load average of about 1)
+#   bash scripts/test.sh                     # the fast tests: every test but the 27 marked slow
+#                                            # (391 tests; 389 of them: 230–275 s on 2 cores at a load average of about 1)
 #   bash scripts/test.sh --all               # CI mode (.ci/run): every test, also the slow end-to-end runs (toy-world
 #                                            # and student builds, the quickstart, the benches, multi-process, kill
 #                                            # and training runs; see the README for their times); the world build and
