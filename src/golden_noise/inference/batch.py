@@ -249,9 +249,10 @@ def load_pipeline_for(run: BatchRun, pipe=None, sampler=None) -> None:
     run.state.wait_for_everyone()
 
 
-def shared_files(out: Path) -> RunLock:
-    """The lock a run holds (waiting its turn) while it writes the files every task of the folder writes."""
-    return RunLock(out, "--output_base_dir", name=SHARED_LOCK, wait=True)
+def shared_files(out: Path, flag: str = "--output_base_dir") -> RunLock:
+    """The lock a run holds (waiting its turn) while it writes the files every task of the folder writes (stage 5's
+    folder, or the sweep's: `flag` names its folder)."""
+    return RunLock(out, flag, name=SHARED_LOCK, wait=True)
 
 
 def task_indices(run: BatchRun) -> set[int]:

@@ -26,8 +26,8 @@ from .grid import SEED_STRIDE, Cell, Unit, grid_cells, grid_units
 from .job import (EARLY_KEYS, KEPT_WHEN_UNUSED, LOADED_KEYS, PROMPTS_FILE, SAMPLER_FIELDS, SETTINGS_FILE, SweepJob,
                   check_job, metric_record, refuse_changed_metrics, rollout_lengths, unit_job, uses_best_of)
 from ..inference.api import golden_config_from
-from ..inference.batch import (SETTINGS_FILE as BATCH_SETTINGS, SHARED_LOCK, finalize_batch, intact_png,
-                               missing_images, run_batch)
+from ..inference.batch import (SETTINGS_FILE as BATCH_SETTINGS, finalize_batch, intact_png, missing_images,
+                               run_batch, shared_files)
 from ..inference.config import (learned_record, load_golden_noise, load_job_pipelines, load_one_step_models,
                                 pipeline_record, rnn_record, sampling_record)
 from ..runs import RunLock, Task, check_writable_dir, keep_unused, read_settings, refuse_mixed_rerun
@@ -57,6 +57,7 @@ class SweepPlan:
     sampler: object = None  # the pipeline that samples the images: `pipe` itself unless a separate sampler is asked
     timings: dict = field(default_factory=dict)
     task: Task = Task()  # which of the K separate runs sharing the folder this is
+    complete: set = field(default_factory=set)  # (main process) indices of the units found complete: images stay
 
     @property
     def indices(self) -> list[int]:
@@ -146,9 +147,12 @@ def unit_complete(plan: SweepPlan, unit: Unit) -> bool:
     return listed >= set(plan.indices)
 
 
-def shared_files(out: Path) -> RunLock:
-    """The lock a run holds (waiting its turn) while it writes the files every task of the sweep writes."""
-    return RunLock(out, "--output_dir", name=SHARED_LOCK, wait=True)
+def known_complete(plan: SweepPlan, i: int) -> bool:
+    """(Main process) unit i is complete: known so (a unit's images never go away), else checked (`unit_complete`
+    decodes every image) and remembered."""
+    if i not in plan.complete and unit_complete(plan, plan.units[i]):
+        plan.complete.add(i)
+    return i in plan.complete
 
 
 def make_images(plan: SweepPlan) -> None:
@@ -156,7 +160,7 @@ def make_images(plan: SweepPlan) -> None:
     the task taking its share of those."""
     state = plan.state
     state.wait_for_everyone()
-    todo = on_main(state, lambda: [i for i, u in enumerate(plan.units) if not unit_complete(plan, u)])
+    todo = on_main(state, lambda: [i for i in range(len(plan.units)) if not known_complete(plan, i)])
     if state.is_main_process:
         logger.info("sweep: %d cells need %d units of %d prompts; %d complete, %d to make", len(plan.cells),
                     len(plan.units), len(plan.prompts), len(plan.units) - len(todo), len(todo))
@@ -165,8 +169,10 @@ def make_images(plan: SweepPlan) -> None:
         unit = plan.units[i]
         if state.is_main_process:
             logger.info("unit %d/%d: %s", number, len(todo), unit.label())
-        run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out, plan.task), state, pipe=plan.pipe,
-                  sampler=plan.sampler, gn=plan.gn, others=plan.others)
+        summary = run_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out, plan.task), state,
+                            pipe=plan.pipe, sampler=plan.sampler, gn=plan.gn, others=plan.others)
+        if summary is not None and "missing" not in summary:  # (main process) the batch runner merged it whole
+            plan.complete.add(i)
     plan.timings["images_seconds"] = time.perf_counter() - started
 
 
@@ -228,19 +234,19 @@ def missing_images_of(plan: SweepPlan) -> list[tuple[Unit, list[dict]]]:
     one. A unit whose images are all there but whose manifest the run that made the last of them did not merge (it
     was stopped first) is merged here (stage 5's finalize)."""
     missing = []
-    for unit in plan.units:
-        if unit_complete(plan, unit):
+    for i, unit in enumerate(plan.units):
+        if known_complete(plan, i):
             continue
         base = unit.folder(plan.out)
-        unlisted = missing_images(base, plan.prompts, plan.job.batch_size, [unit.method])
-        if not unlisted and (base / BATCH_SETTINGS).is_file():
+        found = missing_images(base, plan.prompts, plan.job.batch_size, [unit.method])
+        if not found and (base / BATCH_SETTINGS).is_file():
             finalize_batch(unit_job(plan.job, unit, plan.out / PROMPTS_FILE, plan.out))
-            if unit_complete(plan, unit):
+            if known_complete(plan, i):
                 continue
-        damaged = [{"batch": b, "index": p.index} for b, batch in
-                   enumerate(global_batches(plan.prompts, plan.job.batch_size)) for p in batch
-                   if not intact_png(base / folder(unit.method) / f"{p.index}.png")]
-        missing.append((unit, unlisted or damaged))
+            found = [{"batch": b, "index": p.index} for b, batch in  # listed and there, but damaged
+                     enumerate(global_batches(plan.prompts, plan.job.batch_size)) for p in batch
+                     if not intact_png(base / folder(unit.method) / f"{p.index}.png")]
+        missing.append((unit, found))
     return missing
 
 
@@ -266,7 +272,7 @@ def conclude(plan: SweepPlan) -> dict:
     """(Main process) once every unit of the grid is complete (the other tasks' batches too), score the cells and
     write the table (`analyse`); else what is still missing (with --finalize a UserError). Under the folder's shared
     lock: the sweep's last two tasks may finish at once, and one analyses after the other."""
-    with shared_files(plan.out):
+    with shared_files(plan.out, "--output_dir"):
         missing = missing_images_of(plan)
         if plan.job.finalize:
             refuse_missing(plan, missing)
@@ -309,7 +315,7 @@ def run_sweep(job: SweepJob, state=None) -> dict | None:
             resolved_sizes(plan)
 
             def record() -> None:
-                with shared_files(plan.out):  # every task writes the same settings
+                with shared_files(plan.out, "--output_dir"):  # every task writes the same settings
                     record_settings(plan)
 
             on_main(state, record)
