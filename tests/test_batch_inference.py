@@ -551,6 +551,22 @@ def test_three_tasks_in_turn_equal_one_run(reference, setup, tmp_path, capsys, m
     assert results(out) == results(reference)
 
 
+def three_tasks_one_killed(cmd: list, env: dict, started, timeout: int = 300) -> tuple[dict, dict]:
+    """`cmd --num_shards 3 --shard_index i` for i = 0, 1, 2 as separate processes, task 1 killed with -9 once
+    `started()` is true (its first image is there, within 300 s): the exit codes and stderr of tasks 0 and 2 (each
+    given `timeout` seconds to finish)."""
+    procs = {i: subprocess.Popen([*cmd, "--num_shards", "3", "--shard_index", str(i)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT)) for i in range(3)}
+    deadline = time.monotonic() + 300
+    while procs[1].poll() is None and not started() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    procs[1].kill()
+    errs = {i: procs[i].communicate(timeout=timeout)[1] for i in (0, 2)}
+    procs[1].wait(timeout=60)
+    assert procs[1].returncode == -signal.SIGKILL
+    return {i: procs[i].returncode for i in (0, 2)}, errs
+
+
 @pytest.mark.slow  # three runs at once, a kill and a rerun, as separate processes: about a minute on 2 busy cores
 def test_three_machines_one_killed_equal_one_run(setup, tmp_path, capsys):
     """K = 3 runs as separate processes (no launcher, no communication) into one folder under the default flags,
@@ -567,20 +583,12 @@ def test_three_machines_one_killed_equal_one_run(setup, tmp_path, capsys):
     single, out = tmp_path / "single", tmp_path / "machines"
     cli.main(cli.parse_args([*required, "--output_base_dir", str(single)]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **ONE_THREAD}
-    procs = {i: subprocess.Popen([sys.executable, str(ROOT / "scripts" / "batch_inference.py"), *required,
-                                  "--output_base_dir", str(out), "--num_shards", "3", "--shard_index", str(i)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
-             for i in range(3)}
-    deadline = time.monotonic() + 300  # task 1 (prompts 5-8) is killed once its first image is there
-    while procs[1].poll() is None and not any((out / "standard_output").glob("[5678].png")) \
-            and time.monotonic() < deadline:
-        time.sleep(0.005)
-    procs[1].kill()
-    errs = {i: procs[i].communicate(timeout=300)[1] for i in (0, 2)}
-    procs[1].wait(timeout=60)
-    assert procs[1].returncode == -signal.SIGKILL
+    # task 1 (prompts 5-8) is killed once its first image is there
+    codes, errs = three_tasks_one_killed([sys.executable, str(ROOT / "scripts" / "batch_inference.py"), *required,
+                                          "--output_base_dir", str(out)], env,
+                                         lambda: any((out / "standard_output").glob("[5678].png")))
     for i in (0, 2):
-        assert procs[i].returncode == 0, errs[i][-3000:]
+        assert codes[i] == 0, errs[i][-3000:]
         assert f"task {i} of 3: gnsnet: {4 if i == 0 else 3} new, 0 already there" in errs[i]
     assert "global batch(es) 1;" in errs[0] + errs[2] and not (out / "summary.json").exists()
     made = [p for p in out.glob("*_output/*.png") if int(p.stem) in (5, 6, 7, 8)]
@@ -593,3 +601,4 @@ def test_three_machines_one_killed_equal_one_run(setup, tmp_path, capsys):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert results(out) == results(single)
     assert not list(out.rglob(".*.tmp")) and not (out / ".manifest_parts").exists()
+

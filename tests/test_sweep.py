@@ -738,12 +738,11 @@ def test_three_machines_one_killed_equal_one_sweep(setup, tmp_path, capsys):
     mid-run: the others finish, say what is missing and write no table; --finalize names the missing batch; task 1
     rerun alone completes every unit and writes the same sweep.csv and images as one single run."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from tests.conftest import ROOT
+    from tests.test_batch_inference import three_tasks_one_killed
     from tests.test_inference import run_in_process
 
     prompts = setup["root"] / "eleven.txt"  # 11 lines, line 2 blank: global batches of 4 hold 0-4, 5-8, 9-10
@@ -759,18 +758,11 @@ def test_three_machines_one_killed_equal_one_sweep(setup, tmp_path, capsys):
     cli.main(cli.parse_args(args(single)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
-    procs = {i: subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *args(out), "--num_shards", "3",
-                                  "--shard_index", str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True, env=env, cwd=str(ROOT)) for i in range(3)}
-    deadline = time.monotonic() + 300  # task 1 (prompts 5-8) is killed once its first image is there
-    while procs[1].poll() is None and not any(out.glob("cells/*/*_output/[5678].png")) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    procs[1].kill()
-    errs = {i: procs[i].communicate(timeout=600)[1] for i in (0, 2)}
-    procs[1].wait(timeout=60)
-    assert procs[1].returncode == -signal.SIGKILL
+    # task 1 (prompts 5-8) is killed once its first image is there
+    codes, errs = three_tasks_one_killed([sys.executable, str(ROOT / SCRIPT), *args(out)], env,
+                                         lambda: any(out.glob("cells/*/*_output/[5678].png")), timeout=600)
     for i in (0, 2):
-        assert procs[i].returncode == 0, errs[i][-3000:]
+        assert codes[i] == 0, errs[i][-3000:]
         assert f"task {i} of 3 done; " in errs[i] and "units are missing (global batch(es) " in errs[i], errs[i][-3000:]
     assert not (out / "sweep.csv").exists()
     made = [p for p in out.glob("cells/**/*.png") if int(p.stem) in (5, 6, 7, 8)]
