@@ -602,3 +602,24 @@ def test_three_machines_one_killed_equal_one_run(setup, tmp_path, capsys):
     assert results(out) == results(single)
     assert not list(out.rglob(".*.tmp")) and not (out / ".manifest_parts").exists()
 
+
+def test_manifest_parts_another_task_merges_away_meanwhile_are_skipped(tmp_path, monkeypatch):
+    """K tasks share a folder: while one lists the manifest parts, another may merge them into manifest.csv and drop
+    them (the sweep's tasks pass through every unit). A part gone between the listing and its reading, or the whole
+    folder of parts gone while it is listed, is skipped: no FileNotFoundError, the rows still there are read."""
+    import pathlib
+
+    parts = tmp_path / ".manifest_parts"
+    parts.mkdir()
+    (parts / "task0-rank0-1.jsonl").write_text(json.dumps({"index": 0, "method": "standard"}) + "\n",
+                                                encoding="utf-8")
+    real_glob = pathlib.Path.glob
+    monkeypatch.setattr(pathlib.Path, "glob", lambda self, pattern: [*real_glob(self, pattern),
+                                                                     parts / "task1-rank0-2.jsonl"])  # merged away
+    assert recorded_images(tmp_path) == {(0, "standard")}
+
+    def vanished(self, pattern):
+        raise FileNotFoundError(self)
+
+    monkeypatch.setattr(pathlib.Path, "glob", vanished)
+    assert recorded_images(tmp_path) == set()

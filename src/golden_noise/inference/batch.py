@@ -494,15 +494,22 @@ def _read_csv(path: Path) -> list[dict]:
 
 def _read_parts(out: Path) -> list[dict]:
     """The rows of every per-process part a run is writing (or a killed run left), oldest part first."""
+    found = []  # (mtime, text) of each part still there: another task of the folder may merge and drop them meanwhile
+    try:
+        for part in (out / ".manifest_parts").glob("*.jsonl"):
+            try:
+                found.append((part.stat().st_mtime, part.read_text(encoding="utf-8")))
+            except FileNotFoundError:  # merged into manifest.csv and dropped since the listing
+                continue
+    except FileNotFoundError:  # no parts, or the folder of parts dropped while being listed
+        pass
     rows = []
-    parts = out / ".manifest_parts"
-    if parts.is_dir():
-        for part in sorted(parts.glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
-            for line in part.read_text(encoding="utf-8").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line torn by an interrupt
-                    continue
+    for _, text in sorted(found, key=lambda f: f[0]):
+        for line in text.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by an interrupt
+                continue
     return rows
 
 
